@@ -1,0 +1,40 @@
+# make run   : set everything up (venv, data, stores) and run one whole retraining
+# make test  : the whole test suite
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+PIP_FILTER := grep -v -e 'is ignored: it is neither a file nor a directory' || true
+
+.PHONY: run test venv data mlflow score clean-outputs help
+
+help:
+	@echo "make run | make test | make mlflow | make score FOLDER=... | make clean-outputs"
+
+$(BIN)/.installed: requirements.txt requirements.lock pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	set -o pipefail; $(BIN)/python -m pip install --quiet -r requirements.txt -c requirements.lock 2>&1 | $(PIP_FILTER)
+	set -o pipefail; $(BIN)/python -m pip install --quiet --no-deps -e . 2>&1 | $(PIP_FILTER)
+	touch $@
+
+venv: $(BIN)/.installed
+
+data: venv
+	$(BIN)/python -m pipeline generate-data --if-empty
+
+run: venv data
+	$(BIN)/python -m pipeline run
+
+test: venv
+	$(BIN)/python -m pytest
+
+mlflow: venv
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+score: venv
+	$(BIN)/python -m pipeline score $(FOLDER) --out scores.csv
+
+clean-outputs:
+	rm -rf data/raw data/manifest.parquet data/processed models reports dvc.lock

@@ -1,0 +1,138 @@
+"""Finding, decoding and preparing images.
+
+One decode path serves preprocess, validation and the served model, so that what
+the model sees in service is byte for byte what it saw in training.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+NORMAL_LABEL = "good"
+_EXT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+
+
+class ImageDecodeError(ValueError):
+    """An image that cannot be used; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    path: Path          # absolute or relative path on disk
+    relpath: str        # path inside the snapshot, with forward slashes: <batch>/<label>/<name>
+    batch: str
+    label: str
+
+    @property
+    def is_anomaly(self) -> bool:
+        return self.label != NORMAL_LABEL
+
+
+def _label_dirs(batch_dir: Path) -> list[tuple[str, Path]]:
+    """(label, folder) pairs of one batch: plain layout or MVTec AD layout."""
+    if (batch_dir / "train" / NORMAL_LABEL).is_dir() and (batch_dir / "test").is_dir():
+        # MVTec AD: train/good, test/good, test/<defect>; ground_truth/ masks are not used
+        pairs = [(NORMAL_LABEL, batch_dir / "train" / NORMAL_LABEL)]
+        pairs += [(p.name, p) for p in sorted((batch_dir / "test").iterdir()) if p.is_dir()]
+        return pairs
+    return [(p.name, p) for p in sorted(batch_dir.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+
+
+def discover(root: Path, extensions: tuple[str, ...] | list[str] = (".png", ".jpg", ".jpeg"),
+             include_all_files: bool = False) -> list[ImageFile]:
+    """Every labelled file under root, in a stable order.
+
+    root holds batch folders (``<batch>/<label>/*``). A root that is itself one batch
+    (it has a ``good/`` folder, or MVTec's ``train/good``) is read as a batch named after it.
+    With include_all_files, files with other extensions are listed too, so that
+    validation can name them instead of silently skipping them.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder does not exist: {root}")
+    single = (root / NORMAL_LABEL).is_dir() or (root / "train" / NORMAL_LABEL).is_dir()
+    batches = [root] if single else [p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+    wanted = {e.lower() for e in extensions}
+    files: list[ImageFile] = []
+    for batch_dir in batches:
+        for label, folder in _label_dirs(batch_dir):
+            for path in sorted(folder.rglob("*")):
+                if not path.is_file() or path.name.startswith("."):
+                    continue
+                if not include_all_files and path.suffix.lower() not in wanted:
+                    continue
+                rel = path.relative_to(root).as_posix()
+                files.append(ImageFile(path=path, relpath=rel, batch=batch_dir.name, label=label))
+    return files
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Decode fully (not just the header) so truncated files fail here, not in training.
+
+    Pillow's decompression-bomb limit stays on, and truncated images are never accepted.
+    """
+    if not data:
+        raise ImageDecodeError("empty file (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            probe.verify()
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Image.DecompressionBombError as error:
+        raise ImageDecodeError(f"decompression bomb refused: {error}") from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not an image Pillow can identify") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageDecodeError(f"corrupt or truncated image: {error}") from None
+    return image
+
+
+def to_array(image: Image.Image, size: int, channels: int) -> np.ndarray:
+    """Convert mode, resize (bilinear, antialiased) and return uint8 CHW."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array16 = np.asarray(image, dtype=np.float32)
+        peak = max(float(array16.max()), 1.0)
+        image = Image.fromarray((array16 / (65535.0 if peak > 255 else 255.0) * 255).astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, image)
+    image = image.convert("L" if channels == 1 else "RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
+    array = np.asarray(image, dtype=np.uint8)
+    if channels == 1:
+        return array[None, :, :]
+    return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def decode_to_array(data: bytes, size: int, channels: int) -> np.ndarray:
+    return to_array(open_image(data), size, channels)
+
+
+def format_for_extension(suffix: str) -> str | None:
+    return _EXT_FORMATS.get(suffix.lower())
+
+
+def split_of(digest: str, fractions: tuple[float, float, float]) -> str:
+    """train | calibration | test, a pure function of the content hash.
+
+    A file keeps its split forever as new batches arrive, and identical content
+    can never sit in two splits, so the test set never leaks into training.
+    """
+    position = int(digest[:12], 16) / float(16**12)
+    train, calibration, _ = fractions
+    if position < train:
+        return "train"
+    if position < train + calibration:
+        return "calibration"
+    return "test"

@@ -1,0 +1,158 @@
+"""MLflow: the tracking store, the registered detector, and the champion alias.
+
+The ``champion`` alias only ever moves through ``promote``, which re-reads the
+current champion right before moving it, checks the candidate is READY and loads,
+and keeps the old one as ``previous``. ``rollback`` is the way back.
+"""
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+log = logging.getLogger(__name__)
+CHAMPION, PREVIOUS = "champion", "previous"
+
+
+class PromotionError(RuntimeError):
+    """The alias cannot move; the champion is left where it was."""
+
+
+@dataclass(frozen=True)
+class Store:
+    tracking_uri: str
+    artifact_root: str | None = None
+
+
+def connect(store: Store) -> MlflowClient:
+    mlflow.set_tracking_uri(store.tracking_uri)
+    mlflow.set_registry_uri(store.tracking_uri)
+    return MlflowClient(tracking_uri=store.tracking_uri, registry_uri=store.tracking_uri)
+
+
+def ensure_experiment(client: MlflowClient, name: str, artifact_root: str | None) -> str:
+    existing = client.get_experiment_by_name(name)
+    if existing is not None:
+        return existing.experiment_id
+    location = f"{artifact_root.rstrip('/')}/{name}" if artifact_root else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:  # created concurrently by another run
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def model_signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec(DataType.binary, "image")]),
+        outputs=Schema([ColSpec(DataType.double, "anomaly_score"), ColSpec(DataType.boolean, "is_anomaly")]),
+    )
+
+
+def log_detector(weights: Path, spec: dict[str, Any], threshold: float, example_image: bytes, model_name: str,
+                 pip_requirements: list[str], code_dir: Path) -> tuple[str, str]:
+    """Log the pyfunc in the active run and register it; returns (model_uri, version)."""
+    import tempfile
+
+    from components.serving import AnomalyDetector
+
+    with tempfile.TemporaryDirectory() as scratch:
+        spec_path = Path(scratch) / "spec.json"
+        spec_path.write_text(json.dumps({"spec": spec["spec"], "image_size": spec["image_size"],
+                                         "channels": spec["channels"], "threshold": threshold}, indent=2))
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=AnomalyDetector(),
+            artifacts={"weights": str(weights), "spec": str(spec_path)},
+            code_paths=[str(code_dir)],
+            signature=model_signature(),
+            input_example=pd.DataFrame({"image": [example_image]}),
+            pip_requirements=pip_requirements,
+            registered_model_name=model_name,
+        )
+    return info.model_uri, str(info.registered_model_version)
+
+
+def wait_until_ready(client: MlflowClient, name: str, version: str, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = client.get_model_version(name, version).status
+        if status == "READY":
+            return
+        if status == "FAILED_REGISTRATION" or time.monotonic() > deadline:
+            raise PromotionError(f"model version {name} v{version} is {status}, not READY")
+        time.sleep(0.5)
+
+
+def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def tag_version(client: MlflowClient, name: str, version: str, tags: dict[str, Any]) -> None:
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, "" if value is None else str(value))
+
+
+def promote(client: MlflowClient, name: str, version: str, *, reason: str, forced: bool = False,
+            actor: str | None = None) -> dict[str, Any]:
+    """Move champion to version; the replaced champion becomes previous.
+
+    Checks first that the version is READY and that its model loads, so a version
+    whose upload did not finish can never serve.
+    """
+    version = str(version)
+    wait_until_ready(client, name, version, timeout=60)
+    try:
+        mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+    except Exception as error:
+        raise PromotionError(f"{name} v{version} does not load, not promoted: {error}") from None
+    current = alias_version(client, name, CHAMPION)  # re-read right before the move
+    if current == version:
+        return {"promoted": False, "champion": version, "previous": alias_version(client, name, PREVIOUS),
+                "note": f"v{version} is already the champion"}
+    if current is not None:
+        client.set_registered_model_alias(name, PREVIOUS, current)
+    client.set_registered_model_alias(name, CHAMPION, version)
+    tag_version(client, name, version, {
+        "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "promoted_by": actor or getpass.getuser(), "promoted_over": current or "",
+        "promotion_reason": reason, "forced_promotion": str(forced).lower(),
+    })
+    log.info("%s: champion v%s -> v%s (%s)", name, current, version, reason)
+    return {"promoted": True, "champion": version, "previous": current, "forced": forced}
+
+
+def rollback(client: MlflowClient, name: str, *, reason: str, actor: str | None = None) -> dict[str, Any]:
+    """champion <- previous; previous <- the version that one had replaced (if any)."""
+    if not reason.strip():
+        raise PromotionError("rollback needs a reason")
+    current, target = alias_version(client, name, CHAMPION), alias_version(client, name, PREVIOUS)
+    if target is None:
+        raise PromotionError(f"{name} has no '{PREVIOUS}' alias: nothing to roll back to")
+    client.set_registered_model_alias(name, CHAMPION, target)
+    before_target = client.get_model_version(name, target).tags.get("promoted_over") or None
+    if before_target and before_target != target:
+        client.set_registered_model_alias(name, PREVIOUS, before_target)
+    else:
+        client.delete_registered_model_alias(name, PREVIOUS)
+    who = actor or getpass.getuser()
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    if current is not None:
+        tag_version(client, name, current, {"rolled_back_at": when, "rolled_back_by": who,
+                                            "rollback_reason": reason})
+    tag_version(client, name, target, {"restored_at": when, "restored_by": who, "restore_reason": reason})
+    return {"champion": target, "previous": before_target, "rolled_back_from": current, "by": who, "reason": reason}

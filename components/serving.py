@@ -1,0 +1,71 @@
+"""The served model: an MLflow pyfunc that takes encoded images and returns scores and flags.
+
+Contract (ARCHITECTURE.md): input DataFrame with column ``image`` holding PNG/JPEG
+bytes (base64 text is accepted too, as JSON clients send it); output DataFrame with
+``anomaly_score`` (float, higher = more anomalous) and ``is_anomaly`` (bool, score >
+the calibrated threshold). The ``components`` package travels with the model as
+code, so a consumer needs neither this repository nor its params.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+
+INPUT_COLUMN = "image"
+SCORE_BATCH = 128
+
+
+def _as_bytes(value: Any, row: int) -> bytes:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError(f"row {row}: column '{INPUT_COLUMN}' holds text that is not base64") from None
+    raise ValueError(f"row {row}: column '{INPUT_COLUMN}' must hold encoded image bytes, got {type(value).__name__}")
+
+
+class AnomalyDetector(mlflow.pyfunc.PythonModel):
+    """Loads weights + spec from the model's artifacts; scores in batches."""
+
+    def load_context(self, context) -> None:
+        import torch
+
+        from components.models import build
+
+        meta = json.loads(Path(context.artifacts["spec"]).read_text())
+        self.spec = meta["spec"]
+        self.threshold = float(meta["threshold"])
+        self.image_size = int(meta["image_size"])
+        self.channels = int(meta["channels"])
+        self.model = build(self.spec)
+        state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
+        self.model.load_state_dict(state)
+        self.model.eval()
+
+    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        from components.images import ImageDecodeError, decode_to_array
+        from components.training import score
+
+        if not isinstance(model_input, pd.DataFrame) or INPUT_COLUMN not in model_input.columns:
+            raise ValueError(f"input must be a DataFrame with a column '{INPUT_COLUMN}' of encoded PNG/JPEG bytes")
+        arrays = []
+        for row, value in enumerate(model_input[INPUT_COLUMN].tolist()):
+            try:
+                arrays.append(decode_to_array(_as_bytes(value, row), self.image_size, self.channels))
+            except ImageDecodeError as error:
+                raise ValueError(f"row {row}: {error}") from None
+        if arrays:
+            scores = score(self.model, np.stack(arrays), batch_size=SCORE_BATCH, device="cpu")
+        else:
+            scores = np.zeros(0)
+        return pd.DataFrame({"anomaly_score": scores.astype(np.float64), "is_anomaly": scores > self.threshold},
+                            index=model_input.index)

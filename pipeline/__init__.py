@@ -1,0 +1,1 @@
+"""Glue between params.yaml, the files DVC tracks, and the components library."""

@@ -1,0 +1,114 @@
+"""python -m pipeline <command>: every stage, the whole run, the champion, scoring, data.
+
+Stages are what dvc.yaml calls; ``run`` is what people and schedulers call.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+STAGES = ("ingest", "validate", "preprocess", "train", "calibrate", "evaluate")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml", type=Path,
+                        help="params file; its folder is the project root (default: params.yaml)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    run = sub.add_parser("run", help="whole retraining: dvc repro, register, gates, promote; prints a summary")
+    run.add_argument("--force", action="store_true", help="promote even if gates fail (needs --reason)")
+    run.add_argument("--reason", default="", help="why a promotion is forced (recorded on the version)")
+
+    for stage in STAGES:
+        sub.add_parser(stage, help=f"run the {stage} stage only (what dvc.yaml calls)")
+    sub.add_parser("register", help="log the run and model to MLflow, register a version, evaluate the gates")
+
+    promote = sub.add_parser("promote", help="move the champion alias to a version whose gates passed")
+    promote.add_argument("--version", default=None, help="model version (default: the one register just gated)")
+    promote.add_argument("--force", action="store_true", help="promote even if gates failed (needs --reason)")
+    promote.add_argument("--reason", default="", help="why (required with --force)")
+
+    rollback = sub.add_parser("rollback", help="champion <- previous; records who and why")
+    rollback.add_argument("--reason", required=True, help="why the champion is rolled back")
+
+    score = sub.add_parser("score", help="score a folder of PNG/JPEG images with the champion")
+    score.add_argument("folder", type=Path)
+    score.add_argument("--out", type=Path, default=None, help="CSV to write (file, anomaly_score, is_anomaly, ...)")
+    score.add_argument("--model-uri", default=None, help="default: models:/<registry.model_name>@champion")
+
+    data = sub.add_parser("generate-data", help="write a synthetic batch of surface images into data.landing")
+    data.add_argument("--batch", default=None, help="batch folder name (default: the next batch-NNNN)")
+    data.add_argument("--seed", type=int, default=None, help="default: base.seed + batch number")
+    data.add_argument("--good", type=int, default=500, help="normal images")
+    data.add_argument("--per-defect", type=int, default=40, help="images of each defect kind")
+    data.add_argument("--size", type=int, default=128, help="side in pixels")
+    data.add_argument("--if-empty", action="store_true", help="do nothing if the landing folder has a batch already")
+    return parser
+
+
+def _generate(layout, args) -> int:
+    from components.synthetic import BatchSpec, next_batch_name, write_batch
+
+    landing = layout.landing
+    if args.if_empty and landing.is_dir() and any(p.is_dir() for p in landing.iterdir()):
+        print(f"generate-data: {landing} already holds data; nothing written")
+        return 0
+    landing.mkdir(parents=True, exist_ok=True)
+    name, number = next_batch_name(landing)
+    batch = args.batch or name
+    seed = args.seed if args.seed is not None else layout.config.base.seed + number
+    folder = write_batch(landing, batch, seed, BatchSpec(args.good, args.per_defect, args.size))
+    print(f"generate-data: wrote {folder} (seed {seed}: {args.good} good, {args.per_defect} per defect kind)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("alembic", "mlflow.store.db.utils", "urllib3", "git", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    from pipeline.config import ConfigError, load
+    from pipeline.io import StageError
+    from pipeline.layout import Layout
+
+    try:
+        config = load(args.params, check_landing=args.command in ("run", "ingest"))
+        layout = Layout(root=args.params.resolve().parent, config=config)
+        command = args.command
+        if command == "generate-data":
+            return _generate(layout, args)
+        if command == "run":
+            from pipeline import runner
+
+            if args.force and not args.reason.strip():
+                raise StageError("--force needs --reason: a forced promotion must say why")
+            return runner.run(layout, force=args.force, reason=args.reason)
+        if command in STAGES or command == "register":
+            import importlib
+
+            importlib.import_module(f"pipeline.stages.{command}").run(layout)
+            return 0
+        if command == "promote":
+            from pipeline.stages import promote
+
+            outcome = promote.run(layout, version=args.version, force=args.force, reason=args.reason)
+            return 0 if outcome.get("promoted") or outcome.get("note") else 3
+        if command == "rollback":
+            from pipeline.stages import promote
+
+            promote.rollback(layout, args.reason)
+            return 0
+        if command == "score":
+            from pipeline import score
+
+            score.run(layout, args.folder, args.out, args.model_uri)
+            return 0
+    except (ConfigError, StageError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2 if isinstance(error, ConfigError) else 1
+    raise AssertionError(f"unhandled command {args.command}")

@@ -1,0 +1,239 @@
+"""params.yaml -> one typed, validated config.
+
+Parsed once per process. Every section refuses unknown keys, so a typo such as
+``train.epoch`` is an error naming the key instead of a silently ignored setting.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A params file that cannot be used; the message names every bad key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Base(_Section):
+    seed: int = Field(42, ge=0)
+
+
+class Paths(_Section):
+    raw: str = "data/raw"
+    manifest: str = "data/manifest.parquet"
+    reports: str = "reports"
+    processed: str = "data/processed"
+    models: str = "models"
+
+
+class Data(_Section):
+    landing: str = "data/landing"
+    extensions: list[str] = [".png", ".jpg", ".jpeg"]
+
+    @field_validator("extensions")
+    @classmethod
+    def _dotted_lowercase(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("needs at least one file extension")
+        return [v.lower() if v.startswith(".") else "." + v.lower() for v in value]
+
+
+class Validate(_Section):
+    min_good: int = Field(10, ge=1)
+    min_anomalies: int = Field(10, ge=0)
+    anomaly_ratio: tuple[float, float] = (0.02, 0.6)
+    allowed_labels: list[str] | None = None
+    allowed_modes: list[str] = ["L", "RGB", "RGBA", "LA", "P", "I;16"]
+    allowed_formats: list[str] = ["PNG", "JPEG"]
+    min_side: int = Field(16, ge=1)
+    max_side: int = Field(4096, ge=1)
+    min_std: float = Field(1.0, ge=0)
+    uniform_geometry: bool = True
+
+    @field_validator("anomaly_ratio")
+    @classmethod
+    def _ratio_bounds(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0 <= low <= high <= 1:
+            raise ValueError("must be [low, high] with 0 <= low <= high <= 1")
+        return value
+
+    @field_validator("allowed_labels")
+    @classmethod
+    def _good_allowed(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and "good" not in value:
+            raise ValueError("must include 'good' (the normal class)")
+        return value
+
+    @model_validator(mode="after")
+    def _sides(self) -> "Validate":
+        if self.min_side > self.max_side:
+            raise ValueError("min_side must not exceed max_side")
+        return self
+
+
+class Split(_Section):
+    train: float = Field(0.6, gt=0, lt=1)
+    calibration: float = Field(0.2, gt=0, lt=1)
+    test: float = Field(0.2, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> "Split":
+        if abs(self.train + self.calibration + self.test - 1.0) > 1e-6:
+            raise ValueError("train + calibration + test must sum to 1")
+        return self
+
+
+class Preprocess(_Section):
+    image_size: int = Field(64, ge=16, le=1024)
+    channels: Literal[1, 3] = 3
+    split: Split = Split()
+
+    @field_validator("image_size")
+    @classmethod
+    def _multiple_of_eight(cls, value: int) -> int:
+        # three stride-2 convolutions down and up must give back the same size
+        if value % 8:
+            raise ValueError("must be a multiple of 8")
+        return value
+
+
+class Model(_Section):
+    type: Literal["autoencoder", "deep_sad", "classifier"] = "deep_sad"
+    width: int = Field(32, ge=4, le=512)
+    latent_dim: int = Field(64, ge=2, le=4096)
+
+
+class Train(_Section):
+    epochs: int = Field(20, ge=1, le=10_000)
+    batch_size: int = Field(64, ge=1, le=65_536)
+    learning_rate: float = Field(3e-3, gt=0, le=10)
+    weight_decay: float = Field(1e-6, ge=0, le=1)
+    num_threads: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    eta: float = Field(1.0, gt=0)
+
+
+class Calibration(_Section):
+    method: Literal["fpr", "f1", "recall"] = "fpr"
+    target_fpr: float = Field(0.05, gt=0, lt=1)
+    target_recall: float = Field(0.95, gt=0, le=1)
+
+
+class Evaluate(_Section):
+    plots: bool = True
+
+
+class ChampionBound(_Section):
+    direction: Literal["higher", "lower"]
+    tolerance: float = Field(0.0, ge=0)
+
+
+class Gates(_Section):
+    min_auroc: float = Field(0.9, ge=0, le=1)
+    min_average_precision: float = Field(0.0, ge=0, le=1)
+    max_fpr: float = Field(0.1, ge=0, le=1)
+    vs_champion: dict[Literal["auroc", "average_precision", "fpr", "recall", "precision", "f1"], ChampionBound] = {}
+
+
+class Registry(_Section):
+    model_name: str = Field("anomaly-detector", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    experiment: str = Field("anomaly-detector", min_length=1)
+    tracking_uri: str | None = None
+
+
+class Schedule(_Section):
+    cron: str = "0 2 * * *"
+
+    @field_validator("cron")
+    @classmethod
+    def _five_fields(cls, value: str) -> str:
+        if not value.startswith("@") and len(value.split()) != 5:
+            raise ValueError("must be a five-field cron expression or a preset such as @daily")
+        return value
+
+
+class Config(_Section):
+    base: Base = Base()
+    paths: Paths = Paths()
+    data: Data = Data()
+    validate_: Validate = Field(Validate(), alias="validate")
+    preprocess: Preprocess = Preprocess()
+    model: Model = Model()
+    train: Train = Train()
+    calibration: Calibration = Calibration()
+    evaluate: Evaluate = Evaluate()
+    gates: Gates = Gates()
+    registry: Registry = Registry()
+    schedule: Schedule = Schedule()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @property
+    def validation(self) -> Validate:
+        return self.validate_
+
+    @model_validator(mode="after")
+    def _method_needs_anomalies(self) -> "Config":
+        if self.model.type == "classifier" and self.validate_.min_anomalies < 1:
+            raise ValueError(
+                "validate.min_anomalies must be >= 1 when model.type is 'classifier' "
+                "(a supervised classifier needs labelled anomalies)"
+            )
+        return self
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, the shape MLflow params and DVC's params use."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for key, sub in value.items():
+                    walk(f"{prefix}.{key}" if prefix else str(key), sub)
+            else:
+                out[prefix] = value
+
+        walk("", self.model_dump(mode="json", by_alias=True))
+        return out
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"] if p != "__root__") or "(top level)"
+        lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
+    return "invalid params:\n" + "\n".join(lines)
+
+
+def parse(raw: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(raw or {})
+    except ValidationError as error:
+        raise ConfigError(_describe(error)) from None
+
+
+def load(path: str | Path = "params.yaml", *, check_landing: bool = False) -> Config:
+    """Read and validate params; with check_landing the landing folder must exist."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"params file {path} is not valid YAML: {error}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"params file {path} must hold a mapping of sections")
+    config = parse(raw)
+    if check_landing:
+        landing = Path(config.data.landing)
+        if not landing.is_absolute():
+            landing = path.parent / landing
+        if not landing.is_dir():
+            raise ConfigError(f"invalid params:\n  data.landing: folder does not exist (got {config.data.landing!r})")
+    return config

@@ -1,0 +1,123 @@
+"""Every file the stages read and write, derived from ``paths`` in params.yaml.
+
+dvc.yaml declares the same files (a test keeps them equal); nothing else in the
+project spells a path out.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import Config
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+    config: Config
+
+    def _p(self, *parts: str) -> Path:
+        return self.root.joinpath(*parts)
+
+    # ingest
+    @property
+    def landing(self) -> Path:
+        landing = Path(self.config.data.landing)
+        return landing if landing.is_absolute() else self.root / landing
+
+    @property
+    def raw(self) -> Path:
+        return self._p(self.config.paths.raw)
+
+    # validate
+    @property
+    def validation_dir(self) -> Path:
+        return self._p(self.config.paths.reports, "validation")
+
+    @property
+    def manifest(self) -> Path:
+        return self._p(self.config.paths.manifest)
+
+    @property
+    def validation_summary(self) -> Path:
+        return self.validation_dir / "summary.json"
+
+    @property
+    def validation_html(self) -> Path:
+        return self.validation_dir / "report.html"
+
+    @property
+    def validation_gx(self) -> Path:
+        return self.validation_dir / "gx_result.json"
+
+    # preprocess
+    @property
+    def processed(self) -> Path:
+        return self._p(self.config.paths.processed)
+
+    def split_images(self, split: str) -> Path:
+        return self.processed / f"{split}_images.npy"
+
+    @property
+    def index(self) -> Path:
+        return self.processed / "index.parquet"
+
+    # train
+    @property
+    def models(self) -> Path:
+        return self._p(self.config.paths.models)
+
+    @property
+    def weights(self) -> Path:
+        return self.models / "model.pt"
+
+    @property
+    def spec(self) -> Path:
+        return self.models / "spec.json"
+
+    @property
+    def scores(self) -> Path:
+        return self.models / "scores.parquet"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.models / "checkpoints"
+
+    @property
+    def train_metrics(self) -> Path:
+        return self._p(self.config.paths.reports, "train.json")
+
+    @property
+    def train_history(self) -> Path:
+        return self._p(self.config.paths.reports, "train_history.csv")
+
+    # calibrate
+    @property
+    def threshold(self) -> Path:
+        return self.models / "threshold.json"
+
+    # evaluate
+    @property
+    def metrics(self) -> Path:
+        return self._p(self.config.paths.reports, "metrics.json")
+
+    @property
+    def plots(self) -> Path:
+        return self._p(self.config.paths.reports, "plots")
+
+    @property
+    def roc_points(self) -> Path:
+        return self._p(self.config.paths.reports, "roc.csv")
+
+    # register / promote (not DVC stages)
+    @property
+    def gates(self) -> Path:
+        return self._p(self.config.paths.reports, "gates.json")
+
+    @property
+    def run_summary(self) -> Path:
+        return self._p(self.config.paths.reports, "run_summary.json")
+
+    @property
+    def dvc_lock(self) -> Path:
+        return self.root / "dvc.lock"

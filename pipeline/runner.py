@@ -1,0 +1,123 @@
+"""One whole retraining: dvc repro (ingest .. evaluate), then register and promote.
+
+One MLflow run covers it all: it is created first, so the train stage can log its
+per-epoch loss into it live, and it ends FAILED with the validation report attached
+when the data is refused.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pipeline.io import read_json, write_json
+from pipeline.layout import Layout
+
+
+def _dvc(args: list[str], root: Path, env: dict[str, str]) -> int:
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=env).returncode
+
+
+def run(layout: Layout, force: bool = False, reason: str = "") -> int:
+    from components.registry import connect, ensure_experiment
+    from pipeline import tracking
+    from pipeline.stages import promote, register
+
+    config = layout.config
+    store = tracking.store(layout)
+    client = connect(store)
+    experiment_id = ensure_experiment(client, config.registry.experiment, store.artifact_root)
+    started = time.time()
+    ml_run = client.create_run(experiment_id, run_name=time.strftime("retrain-%Y%m%d-%H%M%S"),
+                               tags={"pipeline": "retrain", "trigger": os.environ.get("PIPELINE_TRIGGER", "cli")})
+    run_id = ml_run.info.run_id
+    env = {**os.environ, "MLFLOW_RUN_ID": run_id, "MLFLOW_TRACKING_URI": store.tracking_uri,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    print(f"run: MLflow run {run_id} in experiment '{config.registry.experiment}' at {store.tracking_uri}")
+
+    code = _dvc(["repro"], layout.root, env)
+    if code != 0:
+        if layout.validation_dir.is_dir():
+            client.log_artifacts(run_id, str(layout.validation_dir), "validation")
+        client.set_tag(run_id, "failed_stage", "dvc repro")
+        client.set_terminated(run_id, "FAILED")
+        summary = {"status": "failed", "run_id": run_id, "validation": _validation(layout),
+                   "message": "the pipeline stopped before register; nothing was registered or promoted"}
+        write_json(layout.run_summary, summary)
+        _print_summary(layout, summary, store.tracking_uri)
+        return 1
+    if _has_remote(layout.root) and _dvc(["push", "--quiet"], layout.root, env) != 0:
+        print("run: WARNING dvc push to the remote failed; the data is still in the local DVC cache")
+
+    report = register.run(layout, run_id=run_id)
+    promotion = promote.run(layout, version=report["version"], force=force, reason=reason)
+    summary = {"status": "finished", "run_id": run_id, "seconds": round(time.time() - started, 1),
+               "validation": _validation(layout), "train": read_json(layout.train_metrics),
+               "calibration": read_json(layout.threshold), "metrics": read_json(layout.metrics),
+               "gates": {k: report[k] for k in ("passed", "failed", "reasons")},
+               "version": report["version"], "promotion": promotion}
+    write_json(layout.run_summary, summary)
+    _print_summary(layout, summary, store.tracking_uri)
+    return 0
+
+
+def _has_remote(root: Path) -> bool:
+    config = root / ".dvc" / "config"
+    return config.is_file() and "remote" in config.read_text()
+
+
+def _validation(layout: Layout) -> dict:
+    return read_json(layout.validation_summary) if layout.validation_summary.is_file() else {}
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _print_summary(layout: Layout, summary: dict, tracking_uri: str) -> None:
+    name = layout.config.registry.model_name
+    validation = summary.get("validation") or {}
+    lines = ["", "=" * 27 + " retraining summary " + "=" * 27]
+    if validation:
+        counts = ", ".join(f"{k} {v}" for k, v in validation.get("label_counts", {}).items())
+        verdict = "passed" if validation.get("success") else "FAILED"
+        lines.append(f"validation   {verdict}: {validation.get('n_files', 0)} files ({counts})")
+        for failure in validation.get("failures", []):
+            lines.append(f"               - {failure['description']}")
+        if not validation.get("success"):
+            lines.append(f"             report: {layout.validation_html}")
+    if summary["status"] != "finished":
+        lines += [f"result       {summary['message']}", f"MLflow run   {summary['run_id']} (FAILED)"]
+    else:
+        train, calibration, metrics = summary["train"], summary["calibration"], summary["metrics"]
+        bound = calibration.get("fpr_bound")
+        lines += [
+            f"training     {train['family']} on {train['device']}, {train['epochs']} epochs, "
+            f"{train['train_images']} images, {train['seconds']:.1f} s",
+            f"threshold    {calibration['threshold']:.6g} (method {calibration['method']}"
+            + (f", FPR guarantee <= {bound:.4f}" if bound is not None else "") + ")"
+            + (f"  NOTE: {calibration['note']}" if calibration.get("note") else ""),
+            f"test         AUROC {_fmt(metrics['auroc'])}  AP {_fmt(metrics['average_precision'])}  "
+            f"precision {_fmt(metrics['precision'])}  recall {_fmt(metrics['recall'])}  F1 {_fmt(metrics['f1'])}  "
+            f"FPR {_fmt(metrics['fpr'])}  ({metrics['n']} images, {metrics['n_anomalous']} anomalous)",
+            f"registered   {name} v{summary['version']} (MLflow run {summary['run_id']})",
+        ]
+        promotion = summary["promotion"]
+        if promotion.get("promoted"):
+            lines.append(f"champion     v{promotion['champion']} is now the champion"
+                         + (f" (previous: v{promotion['previous']})" if promotion.get("previous") else "")
+                         + (" [FORCED]" if promotion.get("forced") else ""))
+        else:
+            lines.append(f"champion     unchanged; v{summary['version']} not promoted:")
+            lines += [f"               - {r}" for r in promotion.get("reasons", [])] or \
+                     [f"               - {promotion.get('note', '')}"]
+        lines.append(f"took         {summary['seconds']:.0f} s")
+    lines += [
+        "next         MLflow UI:  make mlflow   (MLFLOW_TRACKING_URI=" + tracking_uri + ")",
+        f"             score:      .venv/bin/python -m pipeline score <folder of images> --out scores.csv",
+        f"             in Python:  mlflow.pyfunc.load_model('models:/{name}@champion')",
+        "=" * 74,
+    ]
+    print("\n".join(lines))

@@ -1,0 +1,60 @@
+"""promote / rollback: the only ways the champion alias moves."""
+from __future__ import annotations
+
+import os
+
+from pipeline.io import StageError, read_json
+from pipeline.layout import Layout
+
+
+def _client(layout: Layout):
+    from components.registry import connect
+    from pipeline import tracking
+
+    return connect(tracking.store(layout))
+
+
+def run(layout: Layout, version: str | None = None, force: bool = False, reason: str = "") -> dict:
+    """Promote the version that register just gated (or an explicit one).
+
+    Without force, only a version whose gates all passed moves; with force a reason is
+    required, and the version records that it was forced and why.
+    """
+    from components.registry import PromotionError, promote
+
+    name = layout.config.registry.model_name
+    if force and not reason.strip():
+        raise StageError("--force needs --reason: a forced promotion must say why")
+    gates = read_json(layout.gates) if layout.gates.is_file() else None
+    if version is None:
+        if gates is None:
+            raise StageError(f"no gate report at {layout.gates}: run register first, or name --version")
+        version = gates["version"]
+    passed = bool(gates and str(gates.get("version")) == str(version) and gates["passed"])
+    if not passed and not force:
+        reasons = gates["reasons"] if gates and str(gates.get("version")) == str(version) else \
+            [f"no gate report for v{version}"]
+        print(f"promote: {name} v{version} NOT promoted; the champion stays. Failed gates:")
+        for line in reasons:
+            print(f"  - {line}")
+        return {"promoted": False, "version": str(version), "reasons": reasons}
+    actor = os.environ.get("AIRFLOW_CTX_DAG_OWNER") or None
+    why = reason or "all gates passed"
+    try:
+        outcome = promote(_client(layout), name, str(version), reason=why, forced=force and not passed, actor=actor)
+    except PromotionError as error:
+        raise StageError(f"promote: {error}") from None
+    print(f"promote: {name} champion -> v{outcome['champion']} (previous: {outcome.get('previous')})"
+          + (" [FORCED: " + reason + "]" if force and not passed else ""))
+    return {**outcome, "version": str(version)}
+
+
+def rollback(layout: Layout, reason: str) -> dict:
+    from components.registry import PromotionError, rollback as do_rollback
+
+    try:
+        outcome = do_rollback(_client(layout), layout.config.registry.model_name, reason=reason)
+    except PromotionError as error:
+        raise StageError(f"rollback: {error}") from None
+    print(f"rollback: champion v{outcome['rolled_back_from']} -> v{outcome['champion']} by {outcome['by']}: {reason}")
+    return outcome

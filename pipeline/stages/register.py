@@ -1,0 +1,158 @@
+"""register (not a DVC stage: it has side effects): one MLflow run with everything
+needed to understand and rebuild the model, a new registered version, and the
+gates. It never moves the champion itself; ``promote`` does, from the gate report.
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.io import read_json, write_json
+from pipeline.layout import Layout
+
+CODE_DIR = Path(__file__).resolve().parents[2] / "components"
+SCORE_CHUNK = 256
+
+
+def score_bytes(model, images: list[bytes]) -> pd.DataFrame:
+    parts = [model.predict(pd.DataFrame({"image": images[i:i + SCORE_CHUNK]}))
+             for i in range(0, len(images), SCORE_CHUNK)]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["anomaly_score", "is_anomaly"])
+
+
+def _metrics_of(predictions: pd.DataFrame, labels: np.ndarray) -> dict:
+    """Metrics from a served model's own scores and flags (so its own threshold applies)."""
+    from components.metrics import evaluate
+
+    scores = predictions["anomaly_score"].to_numpy(np.float64)
+    flags = predictions["is_anomaly"].to_numpy(bool)
+    metrics = evaluate(scores, labels, threshold=np.inf)  # ranking metrics only
+    tp, fp = int((flags & (labels == 1)).sum()), int((flags & (labels == 0)).sum())
+    fn, tn = int((~flags & (labels == 1)).sum()), int((~flags & (labels == 0)).sum())
+    metrics.update(
+        tp=tp, fp=fp, fn=fn, tn=tn, threshold=None,
+        precision=tp / (tp + fp) if tp + fp else 0.0, recall=tp / (tp + fn) if tp + fn else None,
+        f1=2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None, fpr=fp / (fp + tn) if fp + tn else None)
+    return metrics
+
+
+def _example_png(data: bytes, size: int) -> bytes:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        small = image.convert("RGB").resize((size, size))
+        buffer = io.BytesIO()
+        small.save(buffer, format="PNG")
+        return buffer.getvalue()
+
+
+def _log_run_record(layout: Layout, client, run_id: str, metrics: dict, calibration: dict) -> None:
+    import mlflow
+
+    from pipeline import tracking
+
+    config = layout.config
+    flat = config.flat()
+    for start in range(0, len(flat), 90):
+        mlflow.log_params({k: str(v)[:500] for k, v in list(flat.items())[start:start + 90]})
+    numeric = {f"test_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
+    numeric.update({f"calibration_{k}": float(v) for k, v in calibration.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None})
+    if layout.train_metrics.is_file():
+        train = read_json(layout.train_metrics)
+        numeric.update({f"train_{k}": float(v) for k, v in train.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None})
+    if layout.validation_summary.is_file():
+        summary = read_json(layout.validation_summary)
+        numeric["validation_files"] = float(summary["n_files"])
+        numeric.update({f"validation_count_{k}": float(v) for k, v in summary["label_counts"].items()})
+    mlflow.log_metrics(numeric)
+    if not client.get_metric_history(run_id, "train_loss") and layout.train_history.is_file():
+        history = pd.read_csv(layout.train_history)
+        for row in history.itertuples():
+            client.log_metric(run_id, "train_loss", float(row.train_loss), step=int(row.epoch))
+    for path, folder in ((layout.plots, "plots"), (layout.validation_dir, "validation")):
+        if path.is_dir():
+            mlflow.log_artifacts(str(path), folder)
+    for path in (layout.metrics, layout.threshold, layout.train_metrics, layout.dvc_lock, layout.root / "params.yaml",
+                 layout.roc_points, layout.train_history):
+        if path.is_file():
+            mlflow.log_artifact(str(path), "pipeline")
+    env = tracking.environment()
+    mlflow.log_text(env.pop("packages"), "environment/requirements.txt")
+    mlflow.log_dict(env, "environment/python.json")
+
+
+def run(layout: Layout, run_id: str | None = None) -> dict:
+    import mlflow
+
+    from components import gates as gate_rules
+    from components.registry import alias_version, connect, ensure_experiment, log_detector, tag_version, \
+        wait_until_ready
+    from pipeline import tracking
+
+    config = layout.config
+    store = tracking.store(layout)
+    client = connect(store)
+    name = config.registry.model_name
+    experiment_id = ensure_experiment(client, config.registry.experiment, store.artifact_root)
+    run_id = run_id or os.environ.get("MLFLOW_RUN_ID")
+    metrics, calibration = read_json(layout.metrics), read_json(layout.threshold)
+    spec = read_json(layout.spec)
+    origin = {**tracking.git_info(layout.root), "data_version": tracking.data_version(layout),
+              "airflow_run_id": os.environ.get("AIRFLOW_CTX_DAG_RUN_ID", ""), "model_type": config.model.type}
+
+    index = pd.read_parquet(layout.index)
+    test = index[index["split"] == "test"].sort_values("row")
+    test_bytes = [(layout.raw / p).read_bytes() for p in test["path"]]
+    labels = test["is_anomaly"].to_numpy(np.int64)
+
+    with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id) as active:
+        run_id = active.info.run_id
+        mlflow.set_tags(origin)
+        _log_run_record(layout, client, run_id, metrics, calibration)
+        model_uri, version = log_detector(
+            layout.weights, spec, calibration["threshold"], _example_png(test_bytes[0], spec["image_size"]),
+            name, tracking.model_requirements(), CODE_DIR)
+        wait_until_ready(client, name, version)
+
+        candidate_model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+        candidate_pred = score_bytes(candidate_model, test_bytes)
+        candidate = _metrics_of(candidate_pred, labels)
+        stage_scores = pd.read_parquet(layout.scores).query("split == 'test'").sort_values("row")["score"]
+        parity = float(np.max(np.abs(candidate_pred["anomaly_score"].to_numpy() - stage_scores.to_numpy())))
+
+        champion_version, champion, champion_note = alias_version(client, name, "champion"), None, ""
+        if champion_version is not None:
+            try:
+                champion_model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+                champion = _metrics_of(score_bytes(champion_model, test_bytes), labels)
+            except Exception as error:  # a champion that cannot score is no bar to clear
+                champion_note = f"champion v{champion_version} could not be scored on this test split: {error}"
+                champion_version = None
+        results = gate_rules.absolute_gates(candidate, config.gates.min_auroc, config.gates.min_average_precision,
+                                            config.gates.max_fpr)
+        results += gate_rules.champion_gates(
+            candidate, champion, {k: v.model_dump() for k, v in config.gates.vs_champion.items()}, champion_version)
+        report = gate_rules.summarise(results)
+        report.update(model_name=name, version=version, model_uri=model_uri, run_id=run_id,
+                      champion_version=champion_version, champion_note=champion_note,
+                      candidate_metrics=candidate, champion_metrics=champion, serving_parity_max_abs_diff=parity,
+                      threshold=calibration["threshold"], tracking_uri=store.tracking_uri)
+        mlflow.log_metric("serving_parity_max_abs_diff", parity)
+        mlflow.log_dict(report, "gates/gates.json")
+        tag_version(client, name, version, {
+            **origin, "run_id": run_id, "threshold": calibration["threshold"],
+            "calibration_method": calibration["method"], "fpr_bound": calibration.get("fpr_bound"),
+            "gate_status": "passed" if report["passed"] else "failed",
+            "gates_failed": ",".join(report["failed"]), "gate_reasons": "; ".join(report["reasons"])[:4900],
+        })
+        mlflow.set_tag("gate_status", "passed" if report["passed"] else "failed")
+    write_json(layout.gates, report)
+    verdict = "all gates passed" if report["passed"] else "gates FAILED: " + "; ".join(report["reasons"])
+    print(f"register: {name} v{version} (run {run_id}); {verdict}")
+    return report

@@ -1,0 +1,103 @@
+"""train: fit the detector on the train split, checkpoint every epoch, and score the
+held-out splits once, so calibrate and evaluate need no torch and no second model load.
+
+When the pipeline runner sets MLFLOW_RUN_ID, per-epoch losses go to that MLflow run live.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import time
+
+import numpy as np
+import pandas as pd
+
+from pipeline.io import StageError, atomic_path, write_json
+from pipeline.layout import Layout
+
+
+def model_spec(layout: Layout) -> dict:
+    config = layout.config
+    return {"family": config.model.type, "channels": config.preprocess.channels,
+            "image_size": config.preprocess.image_size, "width": config.model.width,
+            "latent_dim": config.model.latent_dim, "eta": config.train.eta}
+
+
+def _fingerprint(layout: Layout, spec: dict, settings) -> str:
+    """Checkpoints are resumed only by a run with this exact model, settings and data."""
+    digest = hashlib.sha256(json.dumps([spec, settings.__dict__], sort_keys=True).encode())
+    digest.update(layout.index.read_bytes())
+    return digest.hexdigest()
+
+
+def _epoch_logger():
+    if not os.environ.get("MLFLOW_RUN_ID"):
+        return None
+    import mlflow
+
+    run_id = os.environ["MLFLOW_RUN_ID"]
+    client = mlflow.MlflowClient()
+
+    def log(epoch: int, record: dict) -> None:
+        client.log_metric(run_id, "train_loss", record["train_loss"], step=epoch)
+
+    return log
+
+
+def run(layout: Layout) -> dict:
+    import torch
+
+    from components.training import TrainingDivergedError, TrainSettings, score, train
+
+    config = layout.config
+    index = pd.read_parquet(layout.index)
+    train_rows = index[index["split"] == "train"].sort_values("row")
+    images = np.load(layout.split_images("train"), mmap_mode="r")
+    settings = TrainSettings(
+        epochs=config.train.epochs, batch_size=config.train.batch_size, learning_rate=config.train.learning_rate,
+        weight_decay=config.train.weight_decay, seed=config.base.seed, device=config.train.device,
+        num_threads=config.train.num_threads)
+    spec = model_spec(layout)
+    started = time.perf_counter()
+    try:
+        result = train(spec, images, train_rows["is_anomaly"].to_numpy(np.float32), settings,
+                       checkpoint_dir=layout.checkpoints, fingerprint=_fingerprint(layout, spec, settings),
+                       on_epoch=_epoch_logger())
+    except (TrainingDivergedError, ValueError) as error:
+        raise StageError(f"train: {error}") from None
+    seconds = time.perf_counter() - started
+
+    layout.models.mkdir(parents=True, exist_ok=True)
+    with atomic_path(layout.weights) as tmp:
+        torch.save({k: v.cpu() for k, v in result.model.state_dict().items()}, tmp)
+    write_json(layout.spec, {"spec": result.spec, "image_size": spec["image_size"], "channels": spec["channels"]})
+
+    parts = []
+    for split in ("calibration", "test"):
+        rows = index[index["split"] == split].sort_values("row").copy()
+        rows["score"] = score(result.model, np.load(layout.split_images(split), mmap_mode="r"))
+        parts.append(rows)
+    scores = pd.concat(parts, ignore_index=True)
+    if not np.isfinite(scores["score"]).all():
+        raise RuntimeError("the trained model gives NaN or infinite scores; nothing downstream may use it")
+    with atomic_path(layout.scores) as tmp:
+        scores.to_parquet(tmp, index=False)
+
+    with atomic_path(layout.train_history) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["epoch", "train_loss"])
+        writer.writeheader()
+        writer.writerows({"epoch": int(h["epoch"]), "train_loss": h["train_loss"]} for h in result.history)
+    trained_epochs = len(result.history) - result.resumed_from_epoch
+    metrics = {
+        "family": spec["family"], "device": result.device, "epochs": config.train.epochs,
+        "resumed_from_epoch": result.resumed_from_epoch, "final_train_loss": result.history[-1]["train_loss"],
+        "train_images": int(len(train_rows)), "train_anomalies": int(train_rows["is_anomaly"].sum()),
+        "seconds": round(seconds, 3),
+        "samples_per_second": round(len(train_rows) * trained_epochs / seconds, 1) if seconds > 0 else None,
+    }
+    write_json(layout.train_metrics, metrics)
+    print(f"train: {spec['family']} on {result.device}, {len(train_rows)} images x {config.train.epochs} epochs "
+          f"in {seconds:.1f}s, final loss {metrics['final_train_loss']:.5f}")
+    return metrics

@@ -1,0 +1,71 @@
+"""Where MLflow lives for this project, and what a run records about its origins."""
+from __future__ import annotations
+
+import os
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import yaml
+
+from pipeline.layout import Layout
+
+MODEL_REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "pillow")
+
+
+def tracking_uri(layout: Layout) -> str:
+    """MLFLOW_TRACKING_URI, else registry.tracking_uri, else a SQLite file in the project."""
+    return (os.environ.get("MLFLOW_TRACKING_URI") or layout.config.registry.tracking_uri
+            or f"sqlite:///{(layout.root / 'mlflow.db').resolve()}")
+
+
+def artifact_root(layout: Layout) -> str | None:
+    """Artifacts beside the SQLite file by default; a server decides its own."""
+    uri = tracking_uri(layout)
+    if os.environ.get("MLFLOW_ARTIFACT_ROOT"):
+        return os.environ["MLFLOW_ARTIFACT_ROOT"]
+    if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
+        return (layout.root / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def store(layout: Layout):
+    from components.registry import Store
+
+    return Store(tracking_uri=tracking_uri(layout), artifact_root=artifact_root(layout))
+
+
+def git_info(root: Path) -> dict[str, str]:
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True,
+                                  timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "HEAD")
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": commit or "unknown", "git_dirty": str(bool(dirty)).lower() if commit else "unknown"}
+
+
+def data_version(layout: Layout) -> str:
+    """The DVC hash of the raw snapshot, as dvc.lock records it."""
+    if not layout.dvc_lock.is_file():
+        return "unknown"
+    lock = yaml.safe_load(layout.dvc_lock.read_text()) or {}
+    raw = layout.config.paths.raw
+    for out in lock.get("stages", {}).get("ingest", {}).get("outs", []):
+        if out.get("path") == raw:
+            return str(out.get("md5", "unknown"))
+    return "unknown"
+
+
+def environment() -> dict[str, str]:
+    import platform
+
+    packages = sorted(f"{d.metadata['Name']}=={d.version}" for d in metadata.distributions() if d.metadata["Name"])
+    return {"python": platform.python_version(), "platform": platform.platform(), "packages": "\n".join(packages)}
+
+
+def model_requirements() -> list[str]:
+    return [f"{name}=={metadata.version(name)}" for name in MODEL_REQUIREMENTS]

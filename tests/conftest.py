@@ -1,0 +1,97 @@
+"""Shared fixtures: small generated data and scratch project workspaces.
+
+Nothing is downloaded: images come from components.synthetic. A workspace is a
+copy of the project's code, dvc.yaml and params.yaml in a temporary git + DVC
+repository, with params shrunk so a whole run takes seconds of training.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.synthetic import BatchSpec, write_batch
+
+PROJECT = Path(__file__).resolve().parents[1]
+TINY_SPEC = BatchSpec(n_good=150, n_per_defect=15, size=64)
+
+# params for a run that trains in seconds; everything else is the project's params.yaml
+TINY_PARAMS = {
+    "preprocess": {"image_size": 32},
+    "model": {"type": "deep_sad", "width": 8, "latent_dim": 16},
+    "train": {"epochs": 8, "batch_size": 32, "learning_rate": 0.003, "num_threads": 1},
+    "validate": {"min_good": 10, "min_anomalies": 5},
+    "calibration": {"target_fpr": 0.1},
+}
+
+
+def deep_update(base: dict, extra: dict) -> dict:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def set_params(root: Path, **sections) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    deep_update(params, sections)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def run_cli(root: Path, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    """python -m pipeline in the workspace, as a user would, with the venv's bin on PATH."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("MLFLOW_RUN_ID", None)
+    result = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=root, env=env, capture_output=True,
+                            text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"pipeline {' '.join(args)} exited {result.returncode}\n"
+                             f"--- stdout ---\n{result.stdout[-6000:]}\n--- stderr ---\n{result.stderr[-6000:]}")
+    return result
+
+
+def make_workspace(root: Path, params: dict | None = None, with_data: bool = True) -> Path:
+    """A self-contained project copy: code, dvc.yaml, params, git, DVC with a local remote."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("components", "pipeline"):
+        shutil.copytree(PROJECT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy2(PROJECT / name, root / name)
+    deep_update_params = deep_update(yaml.safe_load((PROJECT / "params.yaml").read_text()),
+                                     deep_update(yaml.safe_load(yaml.safe_dump(TINY_PARAMS)), params or {}))
+    (root / "params.yaml").write_text(yaml.safe_dump(deep_update_params, sort_keys=False))
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run([*dvc, "init", "-q"], cwd=root, check=True)
+    subprocess.run([*dvc, "config", "core.analytics", "false"], cwd=root, check=True)
+    subprocess.run([*dvc, "remote", "add", "-d", "local", str(root / "dvc-remote")], cwd=root, check=True,
+                   capture_output=True)
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "workspace"], cwd=root, check=True)
+    if with_data:
+        write_batch(root / "data" / "landing", "batch-0001", seed=7, spec=TINY_SPEC)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_landing(tmp_path_factory) -> Path:
+    """A small valid batch; read-only by convention (copy it before changing it)."""
+    landing = tmp_path_factory.mktemp("landing")
+    write_batch(landing, "batch-0001", seed=3, spec=BatchSpec(n_good=40, n_per_defect=5, size=64))
+    return landing
+
+
+@pytest.fixture
+def landing_copy(tiny_landing, tmp_path) -> Path:
+    target = tmp_path / "landing"
+    shutil.copytree(tiny_landing, target)
+    return target

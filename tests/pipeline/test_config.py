@@ -1,0 +1,61 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, load, parse
+
+PROJECT = Path(__file__).resolve().parents[2]
+
+
+def test_project_params_parse_and_cover_every_section():
+    raw = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    config = parse(raw)
+    assert set(raw) == {"base", "paths", "data", "validate", "preprocess", "model", "train", "calibration",
+                        "evaluate", "gates", "registry", "schedule"}
+    assert config.flat()["model.type"] in ("autoencoder", "deep_sad", "classifier")
+
+
+@pytest.mark.parametrize("section,values,key", [
+    ("model", {"type": "transformer"}, "model.type"),
+    ("train", {"epochs": -1}, "train.epochs"),
+    ("train", {"learning_rate": 0}, "train.learning_rate"),
+    ("calibration", {"target_fpr": 1.5}, "calibration.target_fpr"),
+    ("calibration", {"target_fpr": 0}, "calibration.target_fpr"),
+    ("calibration", {"method": "magic"}, "calibration.method"),
+    ("preprocess", {"image_size": 60}, "preprocess.image_size"),
+    ("preprocess", {"split": {"train": 0.9, "calibration": 0.2, "test": 0.2}}, "preprocess.split"),
+    ("train", {"epoch": 3}, "train.epoch"),
+    ("validate", {"anomaly_ratio": [0.5, 0.1]}, "validate.anomaly_ratio"),
+    ("registry", {"model_name": "bad name!"}, "registry.model_name"),
+])
+def test_bad_values_are_refused_with_the_key(section, values, key):
+    with pytest.raises(ConfigError) as error:
+        parse({section: values})
+    assert key in str(error.value)
+
+
+def test_unknown_section_is_refused():
+    with pytest.raises(ConfigError, match="trian"):
+        parse({"trian": {"epochs": 3}})
+
+
+def test_classifier_needs_labelled_anomalies():
+    with pytest.raises(ConfigError, match="validate.min_anomalies"):
+        parse({"model": {"type": "classifier"}, "validate": {"min_anomalies": 0}})
+
+
+def test_missing_landing_folder_is_refused_before_any_work(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"data": {"landing": "no/such/folder"}}))
+    with pytest.raises(ConfigError, match="data.landing"):
+        load(params, check_landing=True)
+
+
+def test_missing_or_malformed_params_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load(tmp_path / "absent.yaml")
+    bad = tmp_path / "params.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load(bad)

@@ -1,0 +1,56 @@
+"""dvc.yaml and pipeline/layout.py must name the same files."""
+from pathlib import Path
+
+import yaml
+
+from pipeline.config import parse
+from pipeline.layout import Layout
+
+PROJECT = Path(__file__).resolve().parents[2]
+
+
+def _resolve(text: str, params: dict) -> str:
+    import re
+
+    def lookup(match):
+        node = params
+        for part in match.group(1).split("."):
+            node = node[part]
+        return str(node)
+
+    return re.sub(r"\$\{([^}]+)\}", lookup, text)
+
+
+def _names(items) -> list[str]:
+    return [next(iter(i)) if isinstance(i, dict) else i for i in items or []]
+
+
+def test_stage_order_and_outputs_match_the_layout():
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    graph = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
+    assert list(graph) == ["ingest", "validate", "preprocess", "train", "calibrate", "evaluate"]
+    layout = Layout(PROJECT, parse(params))
+    declared = {stage: {_resolve(p, params) for p in _names(body.get("outs")) + _names(body.get("metrics"))}
+                for stage, body in graph.items()}
+
+    def rel(path: Path) -> str:
+        return path.relative_to(PROJECT).as_posix()
+
+    expected = {
+        "ingest": {rel(layout.raw)},
+        "validate": {rel(layout.manifest), rel(layout.validation_html), rel(layout.validation_gx),
+                     rel(layout.validation_summary)},
+        "preprocess": {rel(layout.processed)},
+        "train": {rel(layout.weights), rel(layout.spec), rel(layout.scores), rel(layout.checkpoints),
+                  rel(layout.train_history), rel(layout.train_metrics)},
+        "calibrate": {rel(layout.threshold)},
+        "evaluate": {rel(layout.plots), rel(layout.roc_points), rel(layout.metrics)},
+    }
+    assert declared == expected
+
+
+def test_every_stage_depends_on_its_own_module_and_runs_it():
+    graph = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
+    for stage, body in graph.items():
+        assert body["cmd"] == f"python -m pipeline {stage}"
+        assert f"pipeline/stages/{stage}.py" in body["deps"]

@@ -1,0 +1,106 @@
+"""Training: deterministic on the CPU, resumable to the same weights, loud on a NaN loss,
+and each family ranks defects above normal surfaces (behaviour, not just shapes)."""
+import numpy as np
+import pytest
+import torch
+
+from components.images import decode_to_array, discover
+from components.metrics import evaluate
+from components.models import DeepSAD
+from components.training import TrainingDivergedError, TrainSettings, load_latest_checkpoint, score, train
+
+SETTINGS = TrainSettings(epochs=4, batch_size=32, learning_rate=0.003, seed=5, device="cpu", num_threads=1)
+
+
+def _spec(family):
+    return {"family": family, "channels": 3, "image_size": 32, "width": 8, "latent_dim": 16, "eta": 1.0}
+
+
+@pytest.fixture(scope="module")
+def arrays(tmp_path_factory):
+    from components.synthetic import BatchSpec, write_batch
+
+    landing = tmp_path_factory.mktemp("train-data")
+    write_batch(landing, "b", seed=11, spec=BatchSpec(n_good=120, n_per_defect=15, size=64))
+    files = discover(landing)
+    images = np.stack([decode_to_array(f.path.read_bytes(), 32, 3) for f in files])
+    labels = np.array([float(f.is_anomaly) for f in files], dtype=np.float32)
+    order = np.random.default_rng(0).permutation(len(files))
+    return images[order], labels[order]
+
+
+def _state(result):
+    return {k: v.clone() for k, v in result.model.state_dict().items()}
+
+
+def test_same_seed_and_data_give_identical_weights_and_scores(arrays):
+    images, labels = arrays
+    first = train(_spec("deep_sad"), images, labels, SETTINGS, progress=False)
+    second = train(_spec("deep_sad"), images, labels, SETTINGS, progress=False)
+    for key, value in _state(first).items():
+        assert torch.equal(value, second.model.state_dict()[key]), key
+    assert np.array_equal(score(first.model, images), score(second.model, images))
+
+
+def test_resuming_from_a_checkpoint_reaches_the_uninterrupted_weights(arrays, tmp_path):
+    images, labels = arrays
+    straight = train(_spec("autoencoder"), images, labels, SETTINGS, progress=False)
+    interrupted = TrainSettings(**{**SETTINGS.__dict__, "epochs": 2})
+    train(_spec("autoencoder"), images, labels, interrupted, checkpoint_dir=tmp_path, fingerprint="run", progress=False)
+    resumed = train(_spec("autoencoder"), images, labels, SETTINGS, checkpoint_dir=tmp_path, fingerprint="run",
+                    progress=False)
+    assert resumed.resumed_from_epoch == 2
+    for key, value in _state(straight).items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+
+
+def test_a_truncated_checkpoint_falls_back_to_the_previous_one(arrays, tmp_path):
+    images, labels = arrays
+    settings = TrainSettings(**{**SETTINGS.__dict__, "epochs": 2})
+    train(_spec("deep_sad"), images, labels, settings, checkpoint_dir=tmp_path, fingerprint="f", progress=False)
+    newest = tmp_path / "epoch-0002.pt"
+    newest.write_bytes(newest.read_bytes()[:100])
+    assert load_latest_checkpoint(tmp_path, "f")["epoch"] == 1
+    assert load_latest_checkpoint(tmp_path, "another-run") is None
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('code ran')",))
+
+    (tmp_path / "epoch-0001.pt").write_bytes(pickle.dumps({"fingerprint": "f", "epoch": 1, "x": Evil()}))
+    assert load_latest_checkpoint(tmp_path, "f") is None
+
+
+def test_nan_loss_stops_training_with_a_clear_error(arrays, monkeypatch):
+    images, labels = arrays
+    monkeypatch.setattr(DeepSAD, "loss", lambda self, x, y: self.distance(x).mean() * float("nan"))
+    with pytest.raises(TrainingDivergedError, match="loss became nan at epoch 1"):
+        train(_spec("deep_sad"), images, labels, SETTINGS, progress=False)
+
+
+def test_classifier_without_anomalies_is_refused(arrays):
+    images, labels = arrays
+    with pytest.raises(ValueError, match="needs labelled anomalies"):
+        train(_spec("classifier"), images, np.zeros_like(labels), SETTINGS, progress=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["autoencoder", "deep_sad", "classifier"])
+def test_each_family_ranks_defects_above_good_surfaces(arrays, family):
+    images, labels = arrays
+    cut = int(len(images) * 0.7)
+    settings = TrainSettings(**{**SETTINGS.__dict__, "epochs": 10})
+    result = train(_spec(family), images[:cut], labels[:cut], settings, progress=False)
+    held_out = evaluate(score(result.model, images[cut:]), labels[cut:], np.inf)
+    assert held_out["auroc"] >= 0.8, (family, held_out["auroc"])
+
+
+def test_deep_sad_without_anomalies_is_deep_svdd(arrays):
+    images, labels = arrays
+    normal = images[labels == 0]
+    result = train(_spec("deep_sad"), normal, np.zeros(len(normal), np.float32), SETTINGS, progress=False)
+    assert bool(result.model.center_set) and np.isfinite(score(result.model, normal)).all()

@@ -80,11 +80,13 @@ def plot_all(scores: np.ndarray, labels: np.ndarray, threshold: float, folder: P
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     scores = np.asarray(scores)
-    bins = np.histogram_bin_edges(scores, bins=40)
+    log_scale = scores.min() > 0 and scores.max() / scores.min() > 100  # distance scores are heavy-tailed
+    bins = np.geomspace(scores.min(), scores.max(), 41) if log_scale else np.histogram_bin_edges(scores, bins=40)
     ax.hist(scores[np.asarray(labels) == 0], bins=bins, alpha=0.6, label="good")
     ax.hist(scores[np.asarray(labels) == 1], bins=bins, alpha=0.6, label="defect")
     ax.axvline(threshold, c="red", ls="--", label="threshold")
-    ax.set(xlabel="anomaly score", ylabel="images", title=f"Score distribution {title}".strip())
+    ax.set(xlabel="anomaly score" + (" (log scale)" if log_scale else ""), ylabel="images",
+           title=f"Score distribution {title}".strip(), xscale="log" if log_scale else "linear")
     ax.legend()
     written.append(_save(fig, folder / "score_histogram.png"))
     return written

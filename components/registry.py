@@ -65,15 +65,13 @@ def log_detector(weights: Path, spec: dict[str, Any], threshold: float, example_
     """Log the pyfunc in the active run and register it; returns (model_uri, version)."""
     import tempfile
 
-    from components.serving import AnomalyDetector
-
     with tempfile.TemporaryDirectory() as scratch:
         spec_path = Path(scratch) / "spec.json"
         spec_path.write_text(json.dumps({"spec": spec["spec"], "image_size": spec["image_size"],
                                          "channels": spec["channels"], "threshold": threshold}, indent=2))
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=AnomalyDetector(),
+            python_model=str(code_dir / "serving_entry.py"),
             artifacts={"weights": str(weights), "spec": str(spec_path)},
             code_paths=[str(code_dir)],
             signature=model_signature(),
@@ -132,7 +130,7 @@ def promote(client: MlflowClient, name: str, version: str, *, reason: str, force
         "promoted_by": actor or getpass.getuser(), "promoted_over": current or "",
         "promotion_reason": reason, "forced_promotion": str(forced).lower(),
     })
-    log.info("%s: champion v%s -> v%s (%s)", name, current, version, reason)
+    log.info("%s: champion %s -> v%s (%s)", name, f"v{current}" if current else "none", version, reason)
     return {"promoted": True, "champion": version, "previous": current, "forced": forced}
 
 

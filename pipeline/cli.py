@@ -67,7 +67,14 @@ def _generate(layout, args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
     args = _parser().parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # progress bars garble logs
+    import warnings
+
+    # MLflow asks for type hints on predict; the model's explicit signature is its contract
+    warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("alembic", "mlflow.store.db.utils", "urllib3", "git", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -111,7 +111,7 @@ class Model(_Section):
 
 
 class Train(_Section):
-    epochs: int = Field(20, ge=1, le=10_000)
+    epochs: int = Field(30, ge=1, le=10_000)
     batch_size: int = Field(64, ge=1, le=65_536)
     learning_rate: float = Field(3e-3, gt=0, le=10)
     weight_decay: float = Field(1e-6, ge=0, le=1)

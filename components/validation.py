@@ -46,6 +46,7 @@ class ValidationReport:
     label_counts: dict[str, int]
     failures: list[dict[str, Any]] = field(default_factory=list)
     gx_result: dict[str, Any] = field(default_factory=dict)
+    gx_object: Any = field(default=None, repr=False)  # GX's result object, for its HTML renderer
 
     def summary(self) -> dict[str, Any]:
         return {"success": self.success, "n_files": self.n_files, "label_counts": self.label_counts,
@@ -213,7 +214,7 @@ def validate_manifest(manifest: pd.DataFrame, rules: Rules) -> ValidationReport:
             "observed_value": observed if isinstance(observed, (int, float, str, type(None))) else str(observed),
             "offending_files": offending,
         })
-    return ValidationReport(bool(result.success), len(manifest), label_counts, failures, result.to_json_dict())
+    return ValidationReport(bool(result.success), len(manifest), label_counts, failures, result.to_json_dict(), result)
 
 
 def render_html(report: ValidationReport) -> str:
@@ -222,14 +223,12 @@ def render_html(report: ValidationReport) -> str:
 
     quiet_gx_logging()
     body = ""
-    if report.gx_result:
+    if report.gx_object is not None:
         try:
-            from great_expectations.core import ExpectationSuiteValidationResult
             from great_expectations.render.renderer import ValidationResultsPageRenderer
             from great_expectations.render.view import DefaultJinjaPageView
 
-            result = ExpectationSuiteValidationResult(**report.gx_result)
-            body = DefaultJinjaPageView().render(ValidationResultsPageRenderer().render(result))
+            body = DefaultJinjaPageView().render(ValidationResultsPageRenderer().render(report.gx_object))
         except Exception as error:  # rendering must never hide the verdict
             body = f"<p>Great Expectations could not render its page: {html.escape(str(error))}</p>"
     summary = html.escape(report.describe())

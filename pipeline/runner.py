@@ -51,8 +51,12 @@ def run(layout: Layout, force: bool = False, reason: str = "") -> int:
     if _has_remote(layout.root) and _dvc(["push", "--quiet"], layout.root, env) != 0:
         print("run: WARNING dvc push to the remote failed; the data is still in the local DVC cache")
 
-    report = register.run(layout, run_id=run_id)
-    promotion = promote.run(layout, version=report["version"], force=force, reason=reason)
+    try:
+        report = register.run(layout, run_id=run_id)
+        promotion = promote.run(layout, version=report["version"], force=force, reason=reason)
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")  # the champion was not touched unless promote finished
+        raise
     summary = {"status": "finished", "run_id": run_id, "seconds": round(time.time() - started, 1),
                "validation": _validation(layout), "train": read_json(layout.train_metrics),
                "calibration": read_json(layout.threshold), "metrics": read_json(layout.metrics),

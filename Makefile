@@ -7,10 +7,10 @@ BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 PIP_FILTER := grep -v -e 'is ignored: it is neither a file nor a directory' || true
 
-.PHONY: run test venv data mlflow score clean-outputs help
+.PHONY: run test venv data airflow mlflow score clean-outputs help
 
 help:
-	@echo "make run | make test | make mlflow | make score FOLDER=... | make clean-outputs"
+	@echo "make run | make test | make airflow | make mlflow | make score FOLDER=... | make clean-outputs"
 
 $(BIN)/.installed: requirements.txt requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
@@ -24,8 +24,14 @@ venv: $(BIN)/.installed
 data: venv
 	$(BIN)/python -m pipeline generate-data --if-empty
 
+# the retraining through Airflow (airflow dags test on .airflow/'s SQLite), then its summary
 run: venv data
-	$(BIN)/python -m pipeline run
+	$(BIN)/python -m pipeline airflow dags test retrain_anomaly_detector; status=$$?; \
+	$(BIN)/python -m pipeline summary; exit $$status
+
+# Airflow's UI, scheduler and API on http://localhost:8080 with this project's DAGs
+airflow: venv data
+	$(BIN)/python -m pipeline airflow standalone
 
 test: venv
 	$(BIN)/python -m pytest

@@ -217,6 +217,15 @@ def validate_manifest(manifest: pd.DataFrame, rules: Rules) -> ValidationReport:
     return ValidationReport(bool(result.success), len(manifest), label_counts, failures, result.to_json_dict(), result)
 
 
+def _plain_observed_values(result) -> None:
+    """GX's renderer formats observed values with Decimal, which refuses numpy scalars
+    (it logs a traceback and drops the cell); hand it plain Python numbers."""
+    for item in getattr(result, "results", []) or []:
+        observed = (item.result or {}).get("observed_value")
+        if isinstance(observed, np.generic):
+            item.result["observed_value"] = observed.item()
+
+
 def render_html(report: ValidationReport) -> str:
     """Great Expectations' own HTML page for the validation result, with our summary on top."""
     import html
@@ -228,6 +237,7 @@ def render_html(report: ValidationReport) -> str:
             from great_expectations.render.renderer import ValidationResultsPageRenderer
             from great_expectations.render.view import DefaultJinjaPageView
 
+            _plain_observed_values(report.gx_object)
             body = DefaultJinjaPageView().render(ValidationResultsPageRenderer().render(report.gx_object))
         except Exception as error:  # rendering must never hide the verdict
             body = f"<p>Great Expectations could not render its page: {html.escape(str(error))}</p>"

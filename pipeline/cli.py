@@ -40,6 +40,13 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--out", type=Path, default=None, help="CSV to write (file, anomaly_score, is_anomaly, ...)")
     score.add_argument("--model-uri", default=None, help="default: models:/<registry.model_name>@champion")
 
+    summary = sub.add_parser("summary", help="print the summary of the last Airflow run (runs/latest) again")
+    summary.add_argument("--run", type=Path, default=None, help="a run's workspace folder (default: runs/latest)")
+
+    airflow = sub.add_parser("airflow", help="the airflow CLI on the project-local AIRFLOW_HOME (.airflow/), "
+                                             "set up on first use; e.g. 'airflow dags test retrain_anomaly_detector'")
+    airflow.add_argument("airflow_args", nargs=argparse.REMAINDER, help="arguments for airflow")
+
     data = sub.add_parser("generate-data", help="write a synthetic batch of surface images into data.landing")
     data.add_argument("--batch", default=None, help="batch folder name (default: the next batch-NNNN)")
     data.add_argument("--seed", type=int, default=None, help="default: base.seed + batch number")
@@ -70,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     args = _parser().parse_args(argv)
+    if args.command == "airflow":
+        from pipeline import airflow_local
+
+        return airflow_local.main(args.params.resolve().parent, args.airflow_args)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # progress bars garble logs
     import warnings
 
@@ -80,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     from pipeline.config import ConfigError, load
-    from pipeline.io import StageError
+    from pipeline.io import EXIT_DATA_ERROR, DataError, StageError
     from pipeline.layout import Layout
 
     try:
@@ -89,6 +100,16 @@ def main(argv: list[str] | None = None) -> int:
         command = args.command
         if command == "generate-data":
             return _generate(layout, args)
+        if command == "summary":
+            from pipeline import orchestrate, runner
+
+            found = orchestrate.summary(layout.root, args.run)
+            if found is None:
+                raise StageError("no run summary yet: runs/latest has none (did the run start?)")
+            run_layout, summary = found
+            with orchestrate.environ(orchestrate.store_env(layout.root)):  # the project's store, not the run's
+                runner.print_summary(run_layout, summary)
+            return 0 if summary["status"] == "finished" else 1
         if command == "run":
             from pipeline import runner
 
@@ -117,5 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     except (ConfigError, StageError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, ConfigError) else 1
+        if isinstance(error, ConfigError):
+            return 2
+        return EXIT_DATA_ERROR if isinstance(error, DataError) else 1
     raise AssertionError(f"unhandled command {args.command}")

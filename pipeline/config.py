@@ -148,10 +148,17 @@ class Registry(_Section):
     tracking_uri: str | None = None
 
 
+class Score(_Section):
+    incoming: str = "data/incoming"
+    archive: str = "data/scored"
+    results: str = "scores"
+
+
 class Schedule(_Section):
     cron: str = "0 2 * * *"
+    score_cron: str = "*/30 * * * *"
 
-    @field_validator("cron")
+    @field_validator("cron", "score_cron")
     @classmethod
     def _five_fields(cls, value: str) -> str:
         if not value.startswith("@") and len(value.split()) != 5:
@@ -171,6 +178,7 @@ class Config(_Section):
     evaluate: Evaluate = Evaluate()
     gates: Gates = Gates()
     registry: Registry = Registry()
+    score: Score = Score()
     schedule: Schedule = Schedule()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

@@ -42,3 +42,11 @@ def read_json(path: Path) -> Any:
 
 class StageError(RuntimeError):
     """A stage cannot go on; the CLI prints the message and exits non-zero."""
+
+
+class DataError(StageError):
+    """The data (or what training made of it) is unusable: running again would fail the
+    same way, so schedulers must not retry. The CLI exits with EXIT_DATA_ERROR."""
+
+
+EXIT_DATA_ERROR = 4

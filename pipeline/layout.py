@@ -118,6 +118,22 @@ class Layout:
     def run_summary(self) -> Path:
         return self._p(self.config.paths.reports, "run_summary.json")
 
+    # score (the scoring DAG; outside DVC)
+    def _in_project(self, path: str) -> Path:
+        return Path(path) if Path(path).is_absolute() else self.root / path
+
+    @property
+    def incoming(self) -> Path:
+        return self._in_project(self.config.score.incoming)
+
+    @property
+    def scored_archive(self) -> Path:
+        return self._in_project(self.config.score.archive)
+
+    @property
+    def score_results(self) -> Path:
+        return self._in_project(self.config.score.results)
+
     @property
     def dvc_lock(self) -> Path:
         return self.root / "dvc.lock"

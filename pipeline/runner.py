@@ -20,54 +20,95 @@ def _dvc(args: list[str], root: Path, env: dict[str, str]) -> int:
     return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=env).returncode
 
 
-def run(layout: Layout, force: bool = False, reason: str = "") -> int:
+def start(layout: Layout, trigger: str, tags: dict[str, str] | None = None) -> str:
+    """Create the MLflow run that the whole retraining logs into; returns its id."""
     from components.registry import connect, ensure_experiment
     from pipeline import tracking
-    from pipeline.stages import promote, register
 
-    config = layout.config
     store = tracking.store(layout)
     client = connect(store)
-    experiment_id = ensure_experiment(client, config.registry.experiment, store.artifact_root)
-    started = time.time()
+    experiment_id = ensure_experiment(client, layout.config.registry.experiment, store.artifact_root)
     ml_run = client.create_run(experiment_id, run_name=time.strftime("retrain-%Y%m%d-%H%M%S"),
-                               tags={"pipeline": "retrain", "trigger": os.environ.get("PIPELINE_TRIGGER", "cli")})
-    run_id = ml_run.info.run_id
+                               tags={"pipeline": "retrain", "trigger": trigger, **(tags or {})})
+    print(f"run: MLflow run {ml_run.info.run_id} in experiment '{layout.config.registry.experiment}' "
+          f"at {store.tracking_uri}")
+    return ml_run.info.run_id
+
+
+def stage_env(layout: Layout, run_id: str) -> dict[str, str]:
+    """What a stage subprocess needs: the run to log into, the store, this venv's tools."""
+    from pipeline import tracking
+
+    store = tracking.store(layout)
     env = {**os.environ, "MLFLOW_RUN_ID": run_id, "MLFLOW_TRACKING_URI": store.tracking_uri,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    print(f"run: MLflow run {run_id} in experiment '{config.registry.experiment}' at {store.tracking_uri}")
+    if store.artifact_root:
+        env["MLFLOW_ARTIFACT_ROOT"] = store.artifact_root
+    return env
 
-    code = _dvc(["repro"], layout.root, env)
-    if code != 0:
-        if layout.validation_dir.is_dir():
-            client.log_artifacts(run_id, str(layout.validation_dir), "validation")
-        client.set_tag(run_id, "failed_stage", "dvc repro")
-        client.set_terminated(run_id, "FAILED")
-        summary = {"status": "failed", "run_id": run_id, "validation": _validation(layout),
-                   "message": "the pipeline stopped before register; nothing was registered or promoted"}
-        write_json(layout.run_summary, summary)
-        _print_summary(layout, summary, store.tracking_uri)
-        return 1
-    if _has_remote(layout.root) and _dvc(["push", "--quiet"], layout.root, env) != 0:
-        print("run: WARNING dvc push to the remote failed; the data is still in the local DVC cache")
 
-    try:
-        report = register.run(layout, run_id=run_id)
-        promotion = promote.run(layout, version=report["version"], force=force, reason=reason)
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")  # the champion was not touched unless promote finished
-        raise
-    summary = {"status": "finished", "run_id": run_id, "seconds": round(time.time() - started, 1),
+def fail(layout: Layout, run_id: str, stage: str, error: str = "") -> dict:
+    """End the MLflow run FAILED with the validation report attached; write and print the summary."""
+    from components.registry import connect
+    from pipeline import tracking
+
+    client = connect(tracking.store(layout))
+    if layout.validation_dir.is_dir():
+        client.log_artifacts(run_id, str(layout.validation_dir), "validation")
+    client.set_tag(run_id, "failed_stage", stage)
+    if error:
+        client.set_tag(run_id, "error", error[:4900])
+    client.set_terminated(run_id, "FAILED")
+    summary = {"status": "failed", "run_id": run_id, "failed_stage": stage, "error": error,
+               "validation": _validation(layout),
+               "message": f"the pipeline stopped at {stage}; nothing was registered or promoted"
+               if stage not in ("register", "promote") else f"the pipeline stopped at {stage}; the champion "
+               "was not moved"}
+    write_json(layout.run_summary, summary)
+    _print_summary(layout, summary, tracking.store(layout).tracking_uri)
+    return summary
+
+
+def finish(layout: Layout, run_id: str, report: dict, promotion: dict, seconds: float | None = None) -> dict:
+    """Write and print the summary of a retraining that got through register and promote."""
+    from pipeline import tracking
+
+    summary = {"status": "finished", "run_id": run_id, "seconds": seconds,
                "validation": _validation(layout), "train": read_json(layout.train_metrics),
                "calibration": read_json(layout.threshold), "metrics": read_json(layout.metrics),
                "gates": {k: report[k] for k in ("passed", "failed", "reasons")},
                "version": report["version"], "promotion": promotion}
     write_json(layout.run_summary, summary)
-    _print_summary(layout, summary, store.tracking_uri)
+    _print_summary(layout, summary, tracking.store(layout).tracking_uri)
+    return summary
+
+
+def run(layout: Layout, force: bool = False, reason: str = "") -> int:
+    """The whole retraining in this process (the CLI's ``run``; Airflow runs it task by task)."""
+    from pipeline.stages import promote, register
+
+    started = time.time()
+    run_id = start(layout, os.environ.get("PIPELINE_TRIGGER", "cli"))
+    env = stage_env(layout, run_id)
+    if _dvc(["repro"], layout.root, env) != 0:
+        fail(layout, run_id, "dvc repro")
+        return 1
+    if has_remote(layout.root) and _dvc(["push", "--quiet"], layout.root, env) != 0:
+        print("run: WARNING dvc push to the remote failed; the data is still in the local DVC cache")
+    try:
+        report = register.run(layout, run_id=run_id)
+        promotion = promote.run(layout, version=report["version"], force=force, reason=reason)
+    except BaseException:
+        from components.registry import connect
+        from pipeline import tracking
+
+        connect(tracking.store(layout)).set_terminated(run_id, "FAILED")  # champion untouched unless promote finished
+        raise
+    finish(layout, run_id, report, promotion, round(time.time() - started, 1))
     return 0
 
 
-def _has_remote(root: Path) -> bool:
+def has_remote(root: Path) -> bool:
     config = root / ".dvc" / "config"
     return config.is_file() and "remote" in config.read_text()
 
@@ -78,6 +119,12 @@ def _validation(layout: Layout) -> dict:
 
 def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
+
+
+def print_summary(layout: Layout, summary: dict) -> None:
+    from pipeline import tracking
+
+    _print_summary(layout, summary, tracking.tracking_uri(layout))
 
 
 def _print_summary(layout: Layout, summary: dict, tracking_uri: str) -> None:
@@ -94,6 +141,8 @@ def _print_summary(layout: Layout, summary: dict, tracking_uri: str) -> None:
             lines.append(f"             report: {layout.validation_html}")
     if summary["status"] != "finished":
         lines += [f"result       {summary['message']}", f"MLflow run   {summary['run_id']} (FAILED)"]
+        if summary.get("error"):
+            lines.append(f"error        {summary['error'].strip().splitlines()[-1][:300]}")
     else:
         train, calibration, metrics = summary["train"], summary["calibration"], summary["metrics"]
         bound = calibration.get("fpr_bound")
@@ -117,7 +166,8 @@ def _print_summary(layout: Layout, summary: dict, tracking_uri: str) -> None:
             lines.append(f"champion     unchanged; v{summary['version']} not promoted:")
             lines += [f"               - {r}" for r in promotion.get("reasons", [])] or \
                      [f"               - {promotion.get('note', '')}"]
-        lines.append(f"took         {summary['seconds']:.0f} s")
+        if summary.get("seconds") is not None:
+            lines.append(f"took         {summary['seconds']:.0f} s")
     lines += [
         "next         MLflow UI:  make mlflow   (MLFLOW_TRACKING_URI=" + tracking_uri + ")",
         f"             score:      .venv/bin/python -m pipeline score <folder of images> --out scores.csv",

@@ -1,29 +1,45 @@
-"""Score a folder of images with a registered model (the champion by default)."""
+"""Score images with a registered model (the champion by default).
+
+``run`` scores a folder and leaves it alone (the CLI's ``score``). ``incoming`` is what
+the scoring DAG does with the folder other systems drop images into: every file is
+scored exactly once and none is lost, even when a run is killed half-way:
+
+1. claim: each waiting file is renamed into ``<archive>/.inflight/<run>/`` (a rename
+   on one file system is atomic, so a file is either waiting or claimed, never both);
+2. score every claim folder (this run's, and any a killed run left behind) and write
+   ``<results>/<claim>.csv`` atomically; a claim whose CSV exists is not scored again;
+3. move the claim folder to ``<archive>/<claim>/``.
+
+Producers should write a file under a hidden name (``.name.png``) or elsewhere and
+rename it into the incoming folder when complete: hidden files are never claimed.
+"""
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pandas as pd
 
-from pipeline.io import StageError
+from pipeline.io import StageError, atomic_path
 from pipeline.layout import Layout
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+INFLIGHT = ".inflight"
 
 
-def run(layout: Layout, folder: Path, out: Path | None, model_uri: str | None = None) -> pd.DataFrame:
+def _visible_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def _load(layout: Layout, model_uri: str | None):
+    """(model, uri, version) for a models:/ URI; the champion by default."""
     import mlflow
 
     from components.registry import connect
     from pipeline import tracking
-    from pipeline.stages.register import score_bytes
 
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise StageError(f"score: folder does not exist: {folder}")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise StageError(f"score: no PNG or JPEG files under {folder}")
     client = connect(tracking.store(layout))
     name = layout.config.registry.model_name
     model_uri = model_uri or f"models:/{name}@champion"
@@ -34,30 +50,103 @@ def run(layout: Layout, folder: Path, out: Path | None, model_uri: str | None = 
     version = ""
     if model_uri.startswith(f"models:/{name}@"):
         version = str(client.get_model_version_by_alias(name, model_uri.split("@", 1)[1]).version)
+    elif model_uri.startswith(f"models:/{name}/"):
+        version = model_uri.rsplit("/", 1)[1]
+    return model, model_uri, version
+
+
+def score_files(model, files: list[Path], root: Path) -> pd.DataFrame:
+    """One row per file (path relative to ``root``); a file that cannot be scored gets its reason."""
     from components.images import ImageDecodeError, open_image
+    from pipeline.stages.register import score_bytes
 
     good, errors = [], {}
     for path in files:
+        name = path.relative_to(root).as_posix()
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            errors[name] = f"not a PNG or JPEG file ({path.suffix or 'no extension'})"
+            continue
         data = path.read_bytes()
         try:
             open_image(data).close()
-            good.append((path, data))
+            good.append((name, data))
         except ImageDecodeError as error:  # one bad file must not stop the others being scored
-            errors[str(path)] = str(error)
+            errors[name] = str(error)
     predictions = score_bytes(model, [data for _, data in good])
-    table = pd.DataFrame({"file": [str(p) for p, _ in good], "anomaly_score": predictions["anomaly_score"],
+    table = pd.DataFrame({"file": [name for name, _ in good],
+                          "anomaly_score": predictions["anomaly_score"].astype(float),
                           "is_anomaly": predictions["is_anomaly"].astype(bool), "error": ""})
     if errors:
         bad = pd.DataFrame({"file": list(errors), "anomaly_score": float("nan"), "is_anomaly": False,
                             "error": list(errors.values())})
-        table = pd.concat([table, bad], ignore_index=True)
-        for path, reason in errors.items():
-            print(f"score: NOT scored {path}: {reason}")
+        table = pd.concat([table, bad], ignore_index=True) if len(table) else bad
+        for name, reason in errors.items():
+            print(f"score: NOT scored {name}: {reason}")
+    return table
+
+
+def _write_csv(table: pd.DataFrame, out: Path) -> None:
+    with atomic_path(Path(out)) as tmp:
+        table.to_csv(tmp, index=False)
+
+
+def run(layout: Layout, folder: Path, out: Path | None, model_uri: str | None = None) -> pd.DataFrame:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise StageError(f"score: folder does not exist: {folder}")
+    files = [p for p in _visible_files(folder) if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise StageError(f"score: no PNG or JPEG files under {folder}")
+    model, model_uri, version = _load(layout, model_uri)
+    table = score_files(model, files, folder)
     table["model_uri"], table["model_version"] = model_uri, version
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(out, index=False)
+        _write_csv(table, out)
     flagged = int(table["is_anomaly"].sum())
     print(f"score: {len(table)} images with {model_uri} (v{version or '?'}): {flagged} flagged as anomalous"
           + (f"; written to {out}" if out else ""))
     return table
+
+
+def incoming(layout: Layout, claim_name: str, model_uri: str | None = None) -> dict:
+    """Score what waits in ``score.incoming`` (see the module docstring); returns a summary."""
+    inbox, archive, results = layout.incoming, layout.scored_archive, layout.score_results
+    inflight = archive / INFLIGHT
+    inbox.mkdir(parents=True, exist_ok=True)
+    waiting = _visible_files(inbox)
+    left_over = sorted(p for p in inflight.iterdir() if p.is_dir()) if inflight.is_dir() else []
+    if not waiting and not left_over:
+        print(f"score: nothing waiting in {inbox}")
+        return {"files": 0, "flagged": 0, "errors": 0, "claims": []}
+    model, model_uri, version = _load(layout, model_uri)  # no champion: every file stays where it is
+
+    claim = inflight / claim_name
+    for path in waiting:
+        target = claim / path.relative_to(inbox)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+    claims = sorted(p for p in inflight.iterdir() if p.is_dir())
+
+    summary = {"files": 0, "flagged": 0, "errors": 0, "claims": [], "model_uri": model_uri, "model_version": version}
+    for folder in claims:
+        out = results / f"{folder.name}.csv"
+        destination = archive / folder.name
+        if destination.exists():  # a name used before: keep both
+            destination = archive / f"{folder.name}-{time.strftime('%Y%m%d%H%M%S')}"
+        if out.is_file():  # scored before a kill; only the move was left to do
+            table = pd.read_csv(out, keep_default_na=False, na_values=[""])
+        else:
+            table = score_files(model, _visible_files(folder), folder)
+            table["model_uri"], table["model_version"] = model_uri, version
+            table["scored_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            table["archived_to"] = [str(destination / name) for name in table["file"]]
+            _write_csv(table, out)
+        os.replace(folder, destination)
+        summary["files"] += len(table)
+        summary["flagged"] += int(table["is_anomaly"].astype(str).str.lower().eq("true").sum())
+        summary["errors"] += int((table["error"].fillna("").astype(str) != "").sum())
+        summary["claims"].append({"claim": folder.name, "results": str(out), "archive": str(destination),
+                                  "files": len(table)})
+    print(f"score: {summary['files']} images scored with {model_uri} (v{version or '?'}): {summary['flagged']} "
+          f"flagged as anomalous, {summary['errors']} could not be scored; results in {results}")
+    return summary

@@ -48,8 +48,9 @@ def set_params(root: Path, **sections) -> None:
 def run_cli(root: Path, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
     """python -m pipeline in the workspace, as a user would, with the venv's bin on PATH."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("MLFLOW_RUN_ID", None)
+    for inherited in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_ARTIFACT_ROOT", "AIRFLOW_HOME",
+                      "ANOMALY_PIPELINE_PROJECT", "ANOMALY_PIPELINE_RUNS"):
+        env.pop(inherited, None)
     result = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=root, env=env, capture_output=True,
                             text=True, timeout=timeout)
     if check and result.returncode != 0:
@@ -61,7 +62,7 @@ def run_cli(root: Path, *args: str, check: bool = True, timeout: float = 600) ->
 def make_workspace(root: Path, params: dict | None = None, with_data: bool = True) -> Path:
     """A self-contained project copy: code, dvc.yaml, params, git, DVC with a local remote."""
     root.mkdir(parents=True, exist_ok=True)
-    for name in ("components", "pipeline"):
+    for name in ("components", "pipeline", "dags"):
         shutil.copytree(PROJECT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
         shutil.copy2(PROJECT / name, root / name)

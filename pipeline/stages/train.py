@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from pipeline.io import StageError, atomic_path, write_json
+from pipeline.io import DataError, StageError, atomic_path, write_json
 from pipeline.layout import Layout
 
 
@@ -65,7 +65,9 @@ def run(layout: Layout) -> dict:
         result = train(spec, images, train_rows["is_anomaly"].to_numpy(np.float32), settings,
                        checkpoint_dir=layout.checkpoints, fingerprint=_fingerprint(layout, spec, settings),
                        on_epoch=_epoch_logger())
-    except (TrainingDivergedError, ValueError) as error:
+    except TrainingDivergedError as error:
+        raise DataError(f"train: {error}") from None
+    except ValueError as error:
         raise StageError(f"train: {error}") from None
     seconds = time.perf_counter() - started
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from components.images import discover
 from components.validation import Rules, build_manifest, render_html, validate_manifest
 from pipeline.config import Config
-from pipeline.io import StageError, atomic_path, write_json
+from pipeline.io import DataError, atomic_path, write_json
 from pipeline.layout import Layout
 
 
@@ -42,7 +42,7 @@ def run(layout: Layout) -> dict:
     print(report.describe())
     print(f"validation report: {layout.validation_summary} and {layout.validation_html}")
     if not report.success:
-        raise StageError(f"data validation failed; report: {layout.validation_html}")
+        raise DataError(f"data validation failed; report: {layout.validation_html}")
     with atomic_path(layout.manifest) as tmp:
         manifest.to_parquet(tmp, index=False)
     return report.summary()

@@ -41,7 +41,7 @@ def test_stage_order_and_outputs_match_the_layout():
         "validate": {rel(layout.manifest), rel(layout.validation_html), rel(layout.validation_gx),
                      rel(layout.validation_summary)},
         "preprocess": {rel(layout.processed)},
-        "train": {rel(layout.weights), rel(layout.spec), rel(layout.scores), rel(layout.checkpoints),
+        "train": {rel(layout.weights), rel(layout.spec), rel(layout.scores),
                   rel(layout.train_history), rel(layout.train_metrics)},
         "calibrate": {rel(layout.threshold)},
         "evaluate": {rel(layout.plots), rel(layout.roc_points), rel(layout.metrics)},

@@ -1,0 +1,156 @@
+"""retrain_anomaly_detector: the nightly retraining, and the form to run it by hand.
+
+One task per dvc.yaml stage, in dvc.yaml's order and with its edges (read from
+dvc.yaml, the one source of truth for the stage graph), then ``register`` and
+``promote``. Each stage task runs ``dvc repro --single-item <stage>`` in the run's
+own workspace, so unchanged stages come from DVC's cache. All the work is in
+pipeline.orchestrate; this file only schedules it, and imports nothing heavy.
+
+Outcomes an operator sees:
+- refused data: ``validate`` fails (no retry), its log names the GX report; nothing
+  downstream runs and nothing is registered.
+- failed gates: ``register`` succeeds, ``promote`` is *skipped*; its log and the model
+  version's tags say which gate failed and by how much. The run itself succeeds.
+- any failed task: a line in ``runs/failures.jsonl`` and the MLflow run marked FAILED.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+# The project whose pipeline this runs: the folder above dags/, unless set. It goes first
+# on sys.path so that this checkout's own pipeline/ and dags/common.py are the ones used.
+PROJECT = Path(os.environ.get("ANOMALY_PIPELINE_PROJECT") or Path(__file__).resolve().parents[1])
+if str(PROJECT) not in sys.path:
+    sys.path.insert(0, str(PROJECT))
+
+from airflow.sdk import Param, dag, task
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+from dags.common import CHAMPION, PARAMS, record_failure
+
+from pipeline.graph import stages
+
+# Where a retry can help: reading the landing folder (a network share), training (it
+# resumes from its last checkpoint; a preempted GPU), and the registry (a server).
+# Validation, calibration and evaluation are deterministic: a retry repeats the failure.
+TASK_SETTINGS: dict[str, dict] = {
+    "ingest": {"retries": 2, "execution_timeout": timedelta(minutes=30)},
+    "validate": {"retries": 0, "execution_timeout": timedelta(minutes=30)},
+    "preprocess": {"retries": 1, "execution_timeout": timedelta(hours=1)},
+    "train": {"retries": 2, "execution_timeout": timedelta(hours=6), "pool": "gpu"},
+    "calibrate": {"retries": 0, "execution_timeout": timedelta(minutes=15)},
+    "evaluate": {"retries": 0, "execution_timeout": timedelta(minutes=30)},
+    "register": {"retries": 3, "execution_timeout": timedelta(minutes=30)},
+    "promote": {"retries": 3, "execution_timeout": timedelta(minutes=10)},
+}
+NEW_STAGE_SETTINGS = {"retries": 1, "execution_timeout": timedelta(hours=1)}
+
+# The trigger form: what people change from the UI, and the params.yaml key each
+# value overrides for that run only. Defaults are params.yaml's own values.
+_p = PARAMS
+FORM: dict[str, tuple[str | None, Param]] = {
+    "model_type": ("model.type", Param(
+        _p["model"]["type"], type="string", enum=["autoencoder", "deep_sad", "classifier"], title="Model type",
+        description="autoencoder (unsupervised), deep_sad (semi-supervised), classifier (supervised CNN)")),
+    "epochs": ("train.epochs", Param(
+        _p["train"]["epochs"], type="integer", minimum=1, maximum=1000, title="Epochs")),
+    "learning_rate": ("train.learning_rate", Param(
+        _p["train"]["learning_rate"], type="number", exclusiveMinimum=0, maximum=1, title="Learning rate")),
+    "calibration_method": ("calibration.method", Param(
+        _p["calibration"]["method"], type="string", enum=["fpr", "f1", "recall"], title="Calibration method",
+        description="fpr: bound the false-positive rate; f1: best F1; recall: reach the target recall")),
+    "target_fpr": ("calibration.target_fpr", Param(
+        _p["calibration"]["target_fpr"], type="number", exclusiveMinimum=0, exclusiveMaximum=1,
+        title="Target false-positive rate", description="for method fpr: the bound on normal images, in (0, 1)")),
+    "landing": ("data.landing", Param(
+        _p["data"]["landing"], type="string", minLength=1, title="Data landing folder",
+        description="folder of batches (<batch>/<label>/*.png); relative paths are inside the project")),
+    "force_promote": (None, Param(
+        False, type="boolean", title="Force promotion",
+        description="make this model the champion even if gates fail (needs a reason)")),
+    "force_reason": (None, Param(
+        "", type="string", maxLength=500, title="Reason for forcing",
+        description="required with force promotion; recorded on the model version")),
+}
+
+
+def _overrides(params: dict) -> dict:
+    return {key: params[name] for name, (key, _) in FORM.items() if key is not None and name in params}
+
+
+def _prepare(context) -> None:
+    """Check the trigger input and make the run's workspace and MLflow run (idempotent)."""
+    from pipeline.orchestrate import PermanentFailure, prepare
+
+    params, dag_run = context["params"], context["dag_run"]
+    try:
+        prepare(PROJECT, context["run_id"], _overrides(params), force=bool(params.get("force_promote")),
+                reason=str(params.get("force_reason") or ""), trigger=f"airflow-{dag_run.run_type}")
+    except PermanentFailure as error:
+        raise AirflowFailException(str(error)) from None
+
+
+@task
+def run_stage(name: str, **context) -> dict:
+    from pipeline.orchestrate import PermanentFailure, stage
+
+    _prepare(context)
+    try:
+        return stage(PROJECT, context["run_id"], name)
+    except PermanentFailure as error:
+        raise AirflowFailException(str(error)) from None
+
+
+@task(task_id="register", **TASK_SETTINGS["register"])
+def register(**context) -> dict:
+    from pipeline.orchestrate import register as do_register
+
+    return do_register(PROJECT, context["run_id"])
+
+
+@task(task_id="promote", outlets=[CHAMPION], **TASK_SETTINGS["promote"])
+def promote(**context) -> dict:
+    from pipeline.orchestrate import promote as do_promote
+
+    outcome = do_promote(PROJECT, context["run_id"])
+    if not outcome.get("promoted"):
+        reasons = "; ".join(outcome.get("reasons", [])) or outcome.get("note", "")
+        raise AirflowSkipException(f"v{outcome.get('version')} not promoted, the champion stays: {reasons}")
+    context["outlet_events"][CHAMPION].extra = {"version": str(outcome["champion"]),
+                                                "previous": str(outcome.get("previous") or "")}
+    return outcome
+
+
+@dag(
+    dag_id="retrain_anomaly_detector",
+    description="Nightly retraining of the anomaly detector: DVC stages, then MLflow register and gated promote",
+    schedule=PARAMS.get("schedule", {}).get("cron", "0 2 * * *"),
+    start_date=datetime(2026, 1, 1, tzinfo=timezone.utc),
+    catchup=False,
+    max_active_runs=1,
+    params={name: param for name, (_, param) in FORM.items()},
+    default_args={
+        "owner": "mlops",
+        "retry_delay": timedelta(minutes=1),
+        "retry_exponential_backoff": 2.0,
+        "max_retry_delay": timedelta(minutes=30),
+        "on_failure_callback": record_failure,
+    },
+    tags=["anomaly-detection", "retraining", "dvc", "mlflow"],
+    doc_md=__doc__,
+)
+def retrain_anomaly_detector():
+    graph = stages(PROJECT)
+    tasks = {s.name: run_stage.override(task_id=s.name, **TASK_SETTINGS.get(s.name, NEW_STAGE_SETTINGS))(s.name)
+             for s in graph}
+    for s in graph:
+        for upstream in s.upstream:
+            tasks[upstream] >> tasks[s.name]
+    sinks = [s.name for s in graph if not any(s.name in other.upstream for other in graph)]
+    registered = register()
+    [tasks[name] for name in sinks] >> registered >> promote()
+
+
+retrain_anomaly_detector()

@@ -1,0 +1,192 @@
+"""What the Airflow tasks do, so that the DAG files hold only scheduling.
+
+Every task names its run by the scheduler's run id and works in that run's own
+workspace (pipeline.workspace): the first task makes it, with the trigger's
+overrides, and starts the run's MLflow run; later tasks and retries find both again.
+A stage task runs its stage through ``dvc repro --single-item`` so DVC skips it
+when nothing it depends on changed. Nothing here imports Airflow: a scheduler maps
+PermanentFailure to "fail without retrying" and ``promoted: False`` to "skip".
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections import deque
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from pipeline import runner, workspace
+from pipeline.config import ConfigError, load
+from pipeline.io import EXIT_DATA_ERROR, StageError, read_json
+from pipeline.layout import Layout
+from pipeline.workspace import Workspace
+
+FAILURES = "failures.jsonl"
+
+
+class PermanentFailure(StageError):
+    """Running the task again would fail the same way (bad trigger input, refused data, a
+    diverged model); a scheduler should fail the run at once instead of retrying."""
+
+
+def project_layout(project: Path) -> Layout:
+    return Layout(root=Path(project).resolve(), config=load(Path(project) / "params.yaml"))
+
+
+@contextmanager
+def environ(values: dict[str, str]) -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def store_env(project: Path) -> dict[str, str]:
+    """Every run's workspace logs into the project's MLflow store, not one of its own."""
+    from pipeline import tracking
+
+    layout = project_layout(project)
+    env = {"MLFLOW_TRACKING_URI": tracking.tracking_uri(layout)}
+    root = tracking.artifact_root(layout)
+    if root:
+        env["MLFLOW_ARTIFACT_ROOT"] = root
+    return env
+
+
+def prepare(project: Path, run_id: str, overrides: dict[str, Any] | None = None, force: bool = False,
+            reason: str = "", trigger: str = "airflow") -> Workspace:
+    """The run's workspace and MLflow run, made by the first task that asks.
+
+    Trigger input is checked here, before anything is made: a bad value, or a forced
+    promotion without a reason, is a PermanentFailure that names the key.
+    """
+    if force and not str(reason or "").strip():
+        raise PermanentFailure("force_promote is set but force_reason is empty: a forced promotion must say why")
+    try:
+        ws = workspace.create(project, run_id, overrides)
+    except ConfigError as error:
+        raise PermanentFailure(str(error)) from None
+    if ws.mlflow_run_id:
+        return ws
+    with environ(store_env(ws.project)):
+        mlflow_run_id = runner.start(ws.layout, trigger, tags={
+            "airflow_run_id": run_id, "workspace": str(ws.root),
+            "trigger_overrides": json.dumps(ws.record.get("overrides", {}), sort_keys=True),
+            "force_promote": str(bool(force)).lower(), "force_reason": reason or ""})
+    return workspace.update(ws, mlflow_run_id=mlflow_run_id, force=bool(force), reason=reason or "",
+                            started=time.time())
+
+
+def _existing(project: Path, run_id: str) -> Workspace:
+    root = workspace.runs_dir(Path(project).resolve()) / workspace.key_of(run_id)
+    if not (root / workspace.RECORD).is_file():
+        raise StageError(f"no workspace for run {run_id} at {root}: the first task (ingest) makes it")
+    return Workspace(root, Path(project).resolve(), read_json(root / workspace.RECORD))
+
+
+def _stream(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[int, str]:
+    """Run a command with its output going to this task's log line by line; keep the tail."""
+    tail: deque[str] = deque(maxlen=60)
+    with subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          bufsize=1) as process:
+        for line in process.stdout:
+            print(line, end="", flush=True)
+            tail.append(line)
+    return process.returncode, "".join(tail)
+
+
+def stage(project: Path, run_id: str, name: str) -> dict:
+    """Run one dvc.yaml stage in the run's workspace (DVC skips it when nothing changed)."""
+    ws = _existing(project, run_id)
+    layout = ws.layout
+    with environ(store_env(ws.project)):
+        env = runner.stage_env(layout, ws.mlflow_run_id)
+    started = time.time()
+    code, tail = _stream([sys.executable, "-m", "dvc", "repro", "--single-item", name], ws.root, env)
+    if code == 0:
+        print(f"{name}: done in {time.time() - started:.1f} s in {ws.root}")
+        return {"stage": name, "workspace": str(ws.root), "seconds": round(time.time() - started, 1)}
+    stage_code = re.findall(r"exited with (\d+)", tail)
+    if stage_code and int(stage_code[-1]) == EXIT_DATA_ERROR:
+        report = f"; report: {layout.validation_html}" if name == "validate" else ""
+        raise PermanentFailure(f"{name} refused the data (a retry would fail the same way){report}")
+    raise StageError(f"stage {name} failed (dvc repro exit {code}) in {ws.root}; its output is in the log above")
+
+
+def register(project: Path, run_id: str) -> dict:
+    """Push the run's data to the DVC remote, then register and gate the model."""
+    from pipeline.stages import register as register_stage
+
+    ws = _existing(project, run_id)
+    layout = ws.layout
+    with environ(store_env(ws.project)):
+        env = runner.stage_env(layout, ws.mlflow_run_id)
+        if runner.has_remote(ws.root):
+            code, _ = _stream([sys.executable, "-m", "dvc", "push", "--quiet"], ws.root, env)
+            if code != 0:
+                print("register: WARNING dvc push to the remote failed; the data is still in the DVC cache")
+        with environ({"MLFLOW_RUN_ID": ws.mlflow_run_id}):
+            report = register_stage.run(layout, run_id=ws.mlflow_run_id)
+    return {key: report[key] for key in ("version", "passed", "failed", "reasons", "model_name", "run_id")}
+
+
+def promote(project: Path, run_id: str) -> dict:
+    """Move the champion if the gates passed (or the trigger forced it); write the summary.
+
+    Returns ``promoted: False`` with the failed gates when the champion stays.
+    """
+    from pipeline.stages import promote as promote_stage
+
+    ws = _existing(project, run_id)
+    layout = ws.layout
+    force, reason = bool(ws.record.get("force")), str(ws.record.get("reason", ""))
+    with environ(store_env(ws.project)):
+        report = read_json(layout.gates)
+        outcome = promote_stage.run(layout, version=str(report["version"]), force=force, reason=reason)
+        started = ws.record.get("started")
+        runner.finish(layout, ws.mlflow_run_id, report, outcome,
+                      round(time.time() - started, 1) if started else None)
+    return outcome
+
+
+def record_failure(project: Path, run_id: str, task: str, error: str, details: dict[str, Any]) -> Path:
+    """One place a person looks after a failed night: ``runs/failures.jsonl`` (one line per
+    failed task), the run's MLflow run (FAILED, with ``failed_stage`` and ``error`` tags)
+    and the run's summary. Never raises: it runs while something else already went wrong."""
+    project = Path(project).resolve()
+    path = workspace.runs_dir(project) / FAILURES
+    line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_id": run_id, "task": task, "error": error, **details}
+    try:
+        ws = _existing(project, run_id)
+        line["workspace"] = str(ws.root)
+        if ws.mlflow_run_id:
+            line["mlflow_run_id"] = ws.mlflow_run_id
+            with environ(store_env(project)):
+                runner.fail(ws.layout, ws.mlflow_run_id, task, error)
+    except Exception as problem:  # the record below still gets written
+        line["note"] = f"MLflow run not updated: {problem}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        handle.write(json.dumps(line, default=str) + "\n")
+    print(f"failure recorded in {path}: {task}: {error}")
+    return path
+
+
+def summary(project: Path, run: Path | None = None) -> tuple[Layout, dict] | None:
+    """The last run's workspace layout and summary (or a given workspace's), as the tasks wrote them."""
+    root = run or workspace.latest(project)
+    if root is None:
+        return None
+    layout = Layout(root=Path(root).resolve(), config=load(Path(root) / "params.yaml"))
+    return (layout, read_json(layout.run_summary)) if layout.run_summary.is_file() else None

@@ -1,0 +1,138 @@
+"""The DAG files as Airflow loads them: no import errors, the stage graph of dvc.yaml,
+the scheduling settings an operator relies on, a trigger form that refuses bad input,
+and a parse that stays light (the DAG processor re-parses these files all day)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import graph
+
+PROJECT = Path(__file__).resolve().parents[2]
+DAGS = PROJECT / "dags"
+HEAVY = ("torch", "torchvision", "mlflow", "great_expectations", "pandas", "dvc", "sklearn", "matplotlib")
+
+
+@pytest.fixture(scope="module")
+def dagbag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(str(DAGS))
+
+
+@pytest.fixture(scope="module")
+def retrain(dagbag):
+    return dagbag.dags["retrain_anomaly_detector"]
+
+
+def test_both_dags_load_without_import_errors(dagbag):
+    assert dagbag.import_errors == {}
+    assert set(dagbag.dags) == {"retrain_anomaly_detector", "score_with_champion"}
+
+
+def test_tasks_and_edges_are_dvc_yaml_stages_then_register_and_promote(retrain):
+    stages = [s.name for s in graph.stages(PROJECT)]
+    assert stages == list(yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"])
+    assert [t.task_id for t in retrain.tasks] == stages + ["register", "promote"]
+    dag_edges = {(t.task_id, down) for t in retrain.tasks for down in t.downstream_task_ids}
+    sinks = {s for s in stages if not any(s == up for up, _ in graph.edges(PROJECT))}
+    assert sinks == {"evaluate"}
+    expected = graph.edges(PROJECT) | {(s, "register") for s in sinks} | {("register", "promote")}
+    assert dag_edges == expected
+    # the edges are DVC's own reading of deps and outs, not a hand-written chain
+    assert ("ingest", "preprocess") in dag_edges and ("train", "evaluate") in dag_edges
+
+
+def test_graph_follows_a_changed_dvc_yaml(tmp_path):
+    """The DAG has no stage list of its own: a stage added to dvc.yaml appears with its edges."""
+    (tmp_path / "params.yaml").write_text((PROJECT / "params.yaml").read_text())
+    body = yaml.safe_load((PROJECT / "dvc.yaml").read_text())
+    body["stages"]["explain"] = {"cmd": "python -m pipeline explain", "deps": ["${paths.models}/model.pt"],
+                                 "outs": ["${paths.reports}/explain"]}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(body, sort_keys=False))
+    assert ("train", "explain") in graph.edges(tmp_path)
+    assert [s.name for s in graph.stages(tmp_path)][-1] == "explain"
+
+
+def test_scheduling_settings(retrain):
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    assert retrain.timetable.expression == params["schedule"]["cron"] == "0 2 * * *"
+    assert retrain.catchup is False and retrain.max_active_runs == 1
+    tasks = {t.task_id: t for t in retrain.tasks}
+    assert tasks["train"].pool == "gpu"
+    assert all(t.execution_timeout and t.execution_timeout <= timedelta(hours=6) for t in tasks.values())
+    assert all(t.on_failure_callback for t in tasks.values())
+    # retries where they can help, none where the failure is deterministic
+    assert tasks["validate"].retries == 0 and tasks["calibrate"].retries == 0
+    assert tasks["train"].retries >= 1 and tasks["register"].retries >= 1 and tasks["ingest"].retries >= 1
+    assert all(t.retry_exponential_backoff for t in tasks.values() if t.retries)
+
+
+def test_promote_updates_the_champion_asset_that_schedules_scoring(dagbag, retrain):
+    from airflow.sdk import AssetOrTimeSchedule
+
+    promote = next(t for t in retrain.tasks if t.task_id == "promote")
+    [champion] = promote.outlets
+    scoring = dagbag.dags["score_with_champion"]
+    assert isinstance(scoring.timetable, AssetOrTimeSchedule)
+    assert list(scoring.timetable.asset_condition.objects) == [champion]
+    assert champion.uri == "x-mlflow-model://anomaly-detector/champion"
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    assert scoring.timetable.timetable.expression == params["schedule"]["score_cron"]
+
+
+@pytest.mark.parametrize("conf, key", [
+    ({"epochs": 0}, "epochs"),
+    ({"epochs": 2.5}, "epochs"),
+    ({"model_type": "random_forest"}, "model_type"),
+    ({"learning_rate": 0}, "learning_rate"),
+    ({"target_fpr": 1.0}, "target_fpr"),
+    ({"calibration_method": "auc"}, "calibration_method"),
+    ({"landing": ""}, "landing"),
+])
+def test_the_trigger_form_refuses_bad_values(retrain, conf, key):
+    from airflow.sdk.definitions.param import ParamsDict
+    from airflow.sdk.exceptions import ParamValidationError
+
+    params = ParamsDict(retrain.params)
+    with pytest.raises(ParamValidationError, match=key):
+        params.update(conf)
+        params.validate()
+
+
+def test_the_trigger_form_accepts_good_values_with_params_yaml_defaults(retrain):
+    from airflow.sdk.definitions.param import ParamsDict
+
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    form = ParamsDict(retrain.params)
+    form.update({"model_type": "autoencoder", "epochs": 3, "learning_rate": 0.01})
+    values = form.validate()
+    assert values["model_type"] == "autoencoder" and values["epochs"] == 3
+    assert ParamsDict(retrain.params).validate()["target_fpr"] == params["calibration"]["target_fpr"]
+
+
+def test_parsing_the_dag_folder_is_fast_and_imports_nothing_heavy():
+    """In a fresh interpreter, as the DAG processor parses: per-file time and the modules it pulled in."""
+    probe = f"""
+import json, sys, time
+from airflow.dag_processing.dagbag import DagBag
+before = set(sys.modules)
+started = time.perf_counter()
+bag = DagBag({str(DAGS)!r})
+total = time.perf_counter() - started
+print(json.dumps({{"total": total, "files": {{s.file: s.duration.total_seconds() for s in bag.dagbag_stats}},
+                  "heavy": sorted(m for m in {list(HEAVY)!r} if m in sys.modules and m not in before)}}))
+"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"DAG folder parse: {result}")
+    assert result["heavy"] == []
+    assert set(result["files"]) == {"retrain_anomaly_detector.py", "score_with_champion.py"}
+    # Airflow's own dagbag_import_timeout is 30 s; these files take tens of milliseconds here
+    assert max(result["files"].values()) < 2.0, result

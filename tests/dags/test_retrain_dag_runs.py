@@ -1,0 +1,148 @@
+"""The retraining DAG run by Airflow itself (``airflow dags test``, which runs
+``dag.test()`` on a throw-away SQLite metadata database) in a scratch project.
+
+The runs build on each other, in order: a first run makes a champion that loads and
+scores; a worse model is registered but ``promote`` is skipped and the run still
+succeeds; a forced promotion without a reason and refused data both fail the run
+early, write the failure record, and register nothing.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import make_workspace, run_cli
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+DAG_ID = "retrain_anomaly_detector"
+LOW_GATES = {"gates": {"min_auroc": 0.0, "min_average_precision": 0.0, "max_fpr": 1.0}}
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> Path:
+    return make_workspace(tmp_path_factory.mktemp("dag") / "project", LOW_GATES)
+
+
+def dags_test(ws: Path, conf: dict | None = None) -> subprocess.CompletedProcess:
+    args = ["airflow", "dags", "test", DAG_ID] + (["-c", json.dumps(conf)] if conf else [])
+    return run_cli(ws, *args, check=False, timeout=900)
+
+
+def airflow_json(ws: Path, *args: str):
+    """An airflow CLI listing as JSON (Airflow's own log lines come before it on stdout)."""
+    return json.loads(run_cli(ws, "airflow", *args, "-o", "json").stdout.strip().splitlines()[-1])
+
+
+def task_states(ws: Path) -> dict[str, str]:
+    """Task states of the newest run, from Airflow's own metadata database."""
+    newest = max(airflow_json(ws, "dags", "list-runs", DAG_ID), key=lambda r: r["start_date"] or "")
+    rows = airflow_json(ws, "tasks", "states-for-dag-run", DAG_ID, newest["run_id"])
+    return {row["task_id"]: row["state"] for row in rows} | {"__run__": newest["state"]}
+
+
+def client(ws: Path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{ws / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def champion(ws: Path) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client(ws).get_model_version_by_alias("anomaly-detector", "champion").version)
+    except MlflowException:
+        return None
+
+
+def versions(ws: Path) -> int:
+    return len(client(ws).search_model_versions("name='anomaly-detector'"))
+
+
+def failures(ws: Path) -> list[dict]:
+    path = ws / "runs" / "failures.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def test_a_dag_run_trains_registers_and_promotes_a_champion_that_scores(ws, tmp_path):
+    result = dags_test(ws, {"epochs": 6})
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    states = task_states(ws)
+    assert states == {**{t: "success" for t in ("ingest", "validate", "preprocess", "train", "calibrate",
+                                                 "evaluate", "register", "promote")}, "__run__": "success"}
+    assert champion(ws) == "1"
+    version = client(ws).get_model_version("anomaly-detector", "1")
+    run = client(ws).get_run(version.tags["run_id"])
+    assert run.data.params["train.epochs"] == "6"  # the trigger's value, for this run only
+    assert json.loads(run.data.tags["trigger_overrides"])["train.epochs"] == 6
+    assert version.tags["airflow_run_id"].startswith("manual__")
+    assert "epochs: 8" in (ws / "params.yaml").read_text()  # the project's params.yaml is untouched
+    # the run worked in its own workspace, a git worktree of the project
+    workspace = ws / "runs" / "latest"
+    assert (workspace / "dvc.lock").is_file() and (workspace / "models" / "model.pt").is_file()
+    assert not (ws / "models").exists()
+
+    # the champion scores, through the same command other jobs use
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in sorted((ws / "data" / "landing" / "batch-0001" / "scratch").glob("*.png"))[:3]:
+        (images / path.name).write_bytes(path.read_bytes())
+    scored = run_cli(ws, "score", str(images), "--out", str(tmp_path / "s.csv"))
+    assert "3 images" in scored.stdout and "(v1)" in scored.stdout
+
+
+def test_a_second_run_reuses_dvc_cached_stages(ws):
+    result = dags_test(ws, {"epochs": 6})
+    assert result.returncode == 0, result.stdout[-4000:]
+    # same data and params: DVC restores ingest..evaluate from the shared cache instead of running them
+    assert "Running stage 'train'" not in result.stdout
+    assert "Stage 'train' is cached - skipping run, checking out outputs" in result.stdout or \
+        "Stage 'train' didn't change, skipping" in result.stdout
+
+
+def test_failed_gates_skip_promote_and_the_run_still_succeeds(ws):
+    before = versions(ws)
+    result = dags_test(ws, {"epochs": 1, "learning_rate": 0.00001})
+    assert result.returncode == 0, result.stdout[-4000:]
+    states = task_states(ws)
+    assert states["register"] == "success" and states["promote"] == "skipped" and states["__run__"] == "success"
+    assert champion(ws) != str(before + 1)
+    version = client(ws).get_model_version("anomaly-detector", str(before + 1))
+    assert version.tags["gate_status"] == "failed"
+    assert "worse than champion" in version.tags["gate_reasons"]
+    assert "not promoted, the champion stays" in result.stdout and "worse than champion" in result.stdout
+
+
+def test_forcing_without_a_reason_fails_the_first_task_and_registers_nothing(ws):
+    before, crown = versions(ws), champion(ws)
+    result = dags_test(ws, {"force_promote": True})
+    assert result.returncode != 0
+    states = task_states(ws)
+    assert states["ingest"] == "failed" and states["register"] == "upstream_failed"
+    assert "force_reason is empty" in result.stdout + result.stderr
+    assert versions(ws) == before and champion(ws) == crown
+    assert failures(ws)[-1]["task"] == "ingest" and "force_reason" in failures(ws)[-1]["error"]
+
+
+def test_refused_data_fails_validate_without_retrying_and_records_the_failure(ws):
+    before, crown = versions(ws), champion(ws)
+    (ws / "data" / "landing" / "batch-0001" / "good" / "zero_bytes.png").write_bytes(b"")
+    result = dags_test(ws)
+    assert result.returncode != 0
+    states = task_states(ws)
+    assert states["validate"] == "failed" and states["preprocess"] == "upstream_failed"
+    output = result.stdout + result.stderr
+    assert "validate refused the data" in output and "reports/validation/report.html" in output
+    assert "zero_bytes.png" in output
+    assert versions(ws) == before and champion(ws) == crown
+    record = failures(ws)[-1]
+    assert record["task"] == "validate" and record["try_number"] == 1
+    run = client(ws).get_run(record["mlflow_run_id"])
+    assert run.info.status == "FAILED" and run.data.tags["failed_stage"] == "validate"
+    summary = json.loads((Path(record["workspace"]) / "reports" / "run_summary.json").read_text())
+    assert summary["status"] == "failed" and summary["validation"]["success"] is False

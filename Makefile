@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 PIP_FILTER := grep -v -e 'is ignored: it is neither a file nor a directory' || true
 
-.PHONY: run test venv data airflow mlflow score clean-outputs help
+.PHONY: run test venv browser data airflow mlflow score clean-outputs help
 
 help:
 	@echo "make run | make test | make airflow | make mlflow | make score FOLDER=... | make clean-outputs"
@@ -33,8 +33,15 @@ run: venv data
 airflow: venv data
 	$(BIN)/python -m pipeline airflow standalone
 
-test: venv
+test: venv browser
 	$(BIN)/python -m pytest
+
+# Debian's chromium for the browser test of the Airflow UI (Playwright drives it; no browser download)
+browser:
+	@command -v chromium >/dev/null || { \
+	  [ "$$(id -u)" = 0 ] && SUDO= || SUDO=sudo; \
+	  echo "installing Debian's chromium for the UI test"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 
 mlflow: venv
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
@@ -43,4 +50,5 @@ score: venv
 	$(BIN)/python -m pipeline score $(FOLDER) --out scores.csv
 
 clean-outputs:
-	rm -rf data/raw data/manifest.parquet data/processed models reports dvc.lock
+	rm -rf data/raw data/manifest.parquet data/processed models reports
+	git worktree prune; rm -rf runs

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from pathlib import Path
 
 # The project whose pipeline this runs: the folder above dags/, unless set. It goes first
@@ -26,7 +26,7 @@ PROJECT = Path(os.environ.get("ANOMALY_PIPELINE_PROJECT") or Path(__file__).reso
 if str(PROJECT) not in sys.path:
     sys.path.insert(0, str(PROJECT))
 
-from airflow.sdk import Param, dag, task
+from airflow.sdk import CronTriggerTimetable, Param, dag, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from dags.common import CHAMPION, PARAMS, record_failure
 
@@ -71,7 +71,7 @@ FORM: dict[str, tuple[str | None, Param]] = {
         False, type="boolean", title="Force promotion",
         description="make this model the champion even if gates fail (needs a reason)")),
     "force_reason": (None, Param(
-        "", type="string", maxLength=500, title="Reason for forcing",
+        None, type=["null", "string"], maxLength=500, title="Reason for forcing",
         description="required with force promotion; recorded on the model version")),
 }
 
@@ -87,7 +87,8 @@ def _prepare(context) -> None:
     params, dag_run = context["params"], context["dag_run"]
     try:
         prepare(PROJECT, context["run_id"], _overrides(params), force=bool(params.get("force_promote")),
-                reason=str(params.get("force_reason") or ""), trigger=f"airflow-{dag_run.run_type}")
+                reason=str(params.get("force_reason") or ""),
+                trigger=f"airflow-{getattr(dag_run.run_type, 'value', dag_run.run_type)}")
     except PermanentFailure as error:
         raise AirflowFailException(str(error)) from None
 
@@ -126,8 +127,10 @@ def promote(**context) -> dict:
 @dag(
     dag_id="retrain_anomaly_detector",
     description="Nightly retraining of the anomaly detector: DVC stages, then MLflow register and gated promote",
-    schedule=PARAMS.get("schedule", {}).get("cron", "0 2 * * *"),
-    start_date=datetime(2026, 1, 1, tzinfo=timezone.utc),
+    # No start_date: a DAG unpaused at noon waits for the next night instead of running
+    # the one it "missed" (run_immediately=False only applies without a start_date).
+    schedule=CronTriggerTimetable(PARAMS.get("schedule", {}).get("cron", "0 2 * * *"), timezone="UTC",
+                                  run_immediately=False),
     catchup=False,
     max_active_runs=1,
     params={name: param for name, (_, param) in FORM.items()},

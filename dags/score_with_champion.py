@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from pathlib import Path
 
 # The project whose pipeline this runs: the folder above dags/, unless set. It goes first
@@ -37,9 +37,9 @@ def score_incoming(**context) -> dict:
     dag_id="score_with_champion",
     description="Score incoming images with models:/<model>@champion; results as CSV, images archived",
     schedule=AssetOrTimeSchedule(
-        timetable=CronTriggerTimetable(PARAMS.get("schedule", {}).get("score_cron", "*/30 * * * *"), timezone="UTC"),
+        timetable=CronTriggerTimetable(PARAMS.get("schedule", {}).get("score_cron", "*/30 * * * *"), timezone="UTC",
+                                       run_immediately=False),
         assets=[CHAMPION]),
-    start_date=datetime(2026, 1, 1, tzinfo=timezone.utc),
     catchup=False,
     max_active_runs=1,
     default_args={"owner": "mlops"},

@@ -40,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--out", type=Path, default=None, help="CSV to write (file, anomaly_score, is_anomaly, ...)")
     score.add_argument("--model-uri", default=None, help="default: models:/<registry.model_name>@champion")
 
+    incoming = sub.add_parser("score-incoming", help="score and archive what waits in score.incoming, exactly once "
+                                                     "(what the score_with_champion DAG runs)")
+    incoming.add_argument("--claim", default=None, help="name of this batch of results (default: a timestamp)")
+
     summary = sub.add_parser("summary", help="print the summary of the last Airflow run (runs/latest) again")
     summary.add_argument("--run", type=Path, default=None, help="a run's workspace folder (default: runs/latest)")
 
@@ -130,6 +134,13 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.stages import promote
 
             promote.rollback(layout, args.reason)
+            return 0
+        if command == "score-incoming":
+            import time
+
+            from pipeline import score
+
+            score.incoming(layout, args.claim or time.strftime("cli-%Y%m%dT%H%M%S"))
             return 0
         if command == "score":
             from pipeline import score

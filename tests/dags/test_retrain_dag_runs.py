@@ -96,6 +96,58 @@ def test_a_dag_run_trains_registers_and_promotes_a_champion_that_scores(ws, tmp_
     assert "3 images" in scored.stdout and "(v1)" in scored.stdout
 
 
+def test_the_scoring_dag_scores_incoming_images_once_and_archives_them(ws):
+    landing = ws / "data" / "landing" / "batch-0001"
+    incoming = ws / "data" / "incoming"
+    (incoming / "line-3").mkdir(parents=True)
+    for path in sorted((landing / "good").glob("*.png"))[:4] + sorted((landing / "crack").glob("*.png"))[:2]:
+        (incoming / "line-3" / path.name).write_bytes(path.read_bytes())
+    (incoming / "broken.png").write_bytes(b"\x89PNG cut short")
+    (incoming / "notes.txt").write_text("not an image")
+    (incoming / ".half-written.png").write_bytes(b"")  # a producer still writing: left alone
+    result = run_cli(ws, "airflow", "dags", "test", "score_with_champion", check=False, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "9 images scored" not in result.stdout and "8 images scored with models:/anomaly-detector@champion (v1)" \
+        in result.stdout
+    [csv] = list((ws / "scores").glob("*.csv"))
+    import pandas as pd
+
+    table = pd.read_csv(csv, keep_default_na=False)
+    assert len(table) == 8 and set(table["model_version"].astype(str)) == {"1"}
+    assert {"file", "anomaly_score", "is_anomaly", "model_version", "error", "archived_to"} <= set(table.columns)
+    errors = dict(zip(table["file"], table["error"]))
+    assert errors["broken.png"] and "not a PNG or JPEG" in errors["notes.txt"]
+    scored = table[table["error"] == ""]
+    cracks = scored[scored["file"].str.contains("crack")]["anomaly_score"].astype(float)
+    goods = scored[scored["file"].str.contains("good")]["anomaly_score"].astype(float)
+    assert cracks.min() > goods.median()  # the champion ranks defects above normal surfaces
+    # everything moved to the archive exactly once; only the half-written file still waits
+    assert sorted(p.name for p in incoming.rglob("*") if p.is_file()) == [".half-written.png"]
+    assert all(Path(p).is_file() for p in table["archived_to"])
+
+    again = run_cli(ws, "score-incoming")
+    assert "nothing waiting" in again.stdout and len(list((ws / "scores").glob("*.csv"))) == 1
+
+
+def test_scoring_finishes_what_a_killed_run_left_without_scoring_twice(ws):
+    archive = ws / "data" / "scored" / ".inflight"
+    good = sorted((ws / "data" / "landing" / "batch-0001" / "good").glob("*.png"))
+    # killed after writing results: only the move is left
+    (archive / "killed-late").mkdir(parents=True)
+    (archive / "killed-late" / "a.png").write_bytes(good[0].read_bytes())
+    (ws / "scores" / "killed-late.csv").write_text("file,anomaly_score,is_anomaly,error\na.png,0.5,False,\n")
+    # killed before scoring: the claimed file must still be scored
+    (archive / "killed-early").mkdir(parents=True)
+    (archive / "killed-early" / "b.png").write_bytes(good[1].read_bytes())
+    result = run_cli(ws, "score-incoming")
+    assert "2 images scored" in result.stdout
+    assert (ws / "scores" / "killed-late.csv").read_text().count("\n") == 2  # not scored again
+    assert len((ws / "scores" / "killed-early.csv").read_text().splitlines()) == 2
+    assert not any(archive.iterdir())
+    assert (ws / "data" / "scored" / "killed-late" / "a.png").is_file()
+    assert (ws / "data" / "scored" / "killed-early" / "b.png").is_file()
+
+
 def test_a_second_run_reuses_dvc_cached_stages(ws):
     result = dags_test(ws, {"epochs": 6})
     assert result.returncode == 0, result.stdout[-4000:]

@@ -12,7 +12,7 @@ def test_project_params_parse_and_cover_every_section():
     raw = yaml.safe_load((PROJECT / "params.yaml").read_text())
     config = parse(raw)
     assert set(raw) == {"base", "paths", "data", "validate", "preprocess", "model", "train", "calibration",
-                        "evaluate", "gates", "registry", "schedule"}
+                        "evaluate", "gates", "registry", "score", "schedule"}
     assert config.flat()["model.type"] in ("autoencoder", "deep_sad", "classifier")
 
 
@@ -28,6 +28,8 @@ def test_project_params_parse_and_cover_every_section():
     ("train", {"epoch": 3}, "train.epoch"),
     ("validate", {"anomaly_ratio": [0.5, 0.1]}, "validate.anomaly_ratio"),
     ("registry", {"model_name": "bad name!"}, "registry.model_name"),
+    ("schedule", {"score_cron": "every half hour"}, "schedule.score_cron"),
+    ("score", {"inbox": "data/in"}, "score.inbox"),
 ])
 def test_bad_values_are_refused_with_the_key(section, values, key):
     with pytest.raises(ConfigError) as error:

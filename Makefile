@@ -26,8 +26,8 @@ data: venv
 
 # the retraining through Airflow (airflow dags test on .airflow/'s SQLite), then its summary
 run: venv data
-	$(BIN)/python -m pipeline airflow dags test retrain_anomaly_detector; status=$$?; \
-	$(BIN)/python -m pipeline summary; exit $$status
+	started=$$(date +%s); $(BIN)/python -m pipeline airflow dags test retrain_anomaly_detector; status=$$?; \
+	$(BIN)/python -m pipeline summary --newer-than $$started; exit $$status
 
 # Airflow's UI, scheduler and API on http://localhost:8080 with this project's DAGs
 airflow: venv data

@@ -120,18 +120,28 @@ def promote(client: MlflowClient, name: str, version: str, *, reason: str, force
         raise PromotionError(f"{name} v{version} does not load, not promoted: {error}") from None
     current = alias_version(client, name, CHAMPION)  # re-read right before the move
     if current == version:
-        return {"promoted": False, "champion": version, "previous": alias_version(client, name, PREVIOUS),
-                "note": f"v{version} is already the champion"}
+        previous = alias_version(client, name, PREVIOUS)
+        if "promoted_at" in client.get_model_version(name, version).tags:
+            return {"promoted": False, "champion": version, "previous": previous,
+                    "note": f"v{version} is already the champion"}
+        # the alias moved but the record of it was not written (a killed promote): finish it
+        _tag_promotion(client, name, version, previous, reason, forced, actor)
+        return {"promoted": True, "champion": version, "previous": previous, "forced": forced}
     if current is not None:
         client.set_registered_model_alias(name, PREVIOUS, current)
     client.set_registered_model_alias(name, CHAMPION, version)
-    tag_version(client, name, version, {
-        "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "promoted_by": actor or getpass.getuser(), "promoted_over": current or "",
-        "promotion_reason": reason, "forced_promotion": str(forced).lower(),
-    })
+    _tag_promotion(client, name, version, current, reason, forced, actor)
     log.info("%s: champion %s -> v%s (%s)", name, f"v{current}" if current else "none", version, reason)
     return {"promoted": True, "champion": version, "previous": current, "forced": forced}
+
+
+def _tag_promotion(client: MlflowClient, name: str, version: str, over: str | None, reason: str, forced: bool,
+                   actor: str | None) -> None:
+    tag_version(client, name, version, {
+        "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "promoted_by": actor or getpass.getuser(), "promoted_over": over or "",
+        "promotion_reason": reason, "forced_promotion": str(forced).lower(),
+    })
 
 
 def rollback(client: MlflowClient, name: str, *, reason: str, actor: str | None = None) -> dict[str, Any]:

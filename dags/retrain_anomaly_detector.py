@@ -85,6 +85,9 @@ def _prepare(context) -> None:
     from pipeline.orchestrate import PermanentFailure, prepare
 
     params, dag_run = context["params"], context["dag_run"]
+    unknown = sorted(set(dag_run.conf or {}) - set(FORM))
+    if unknown:  # Airflow passes conf keys it has no Param for straight through: a typo would be ignored
+        raise AirflowFailException(f"unknown trigger parameter(s) {unknown}; the form has {sorted(FORM)}")
     try:
         prepare(PROJECT, context["run_id"], _overrides(params), force=bool(params.get("force_promote")),
                 reason=str(params.get("force_reason") or ""),

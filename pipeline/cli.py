@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
 
     summary = sub.add_parser("summary", help="print the summary of the last Airflow run (runs/latest) again")
     summary.add_argument("--run", type=Path, default=None, help="a run's workspace folder (default: runs/latest)")
+    summary.add_argument("--newer-than", type=float, default=None, metavar="EPOCH",
+                         help="only a summary written after this time (seconds since 1970); else an error")
 
     airflow = sub.add_parser("airflow", help="the airflow CLI on the project-local AIRFLOW_HOME (.airflow/), "
                                              "set up on first use; e.g. 'airflow dags test retrain_anomaly_detector'")
@@ -111,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
             if found is None:
                 raise StageError("no run summary yet: runs/latest has none (did the run start?)")
             run_layout, summary = found
+            if args.newer_than is not None and run_layout.run_summary.stat().st_mtime < args.newer_than:
+                raise StageError("the run stopped before it wrote a summary (the last one is older); "
+                                 "see the Airflow output above and runs/failures.jsonl")
             with orchestrate.environ(orchestrate.store_env(layout.root)):  # the project's store, not the run's
                 runner.print_summary(run_layout, summary)
             return 0 if summary["status"] == "finished" else 1

@@ -39,9 +39,10 @@ def _resolve(text: str, params: dict) -> str:
 
 
 def _covers(out: str, dep: str) -> bool:
-    """A dependency on a file inside an output folder is a dependency on that output."""
+    """Overlapping paths link two stages, as in DVC: a dependency on a file inside an output
+    folder, or on a folder that holds an output."""
     out, dep = out.rstrip("/"), dep.rstrip("/")
-    return dep == out or dep.startswith(out + "/")
+    return dep == out or dep.startswith(out + "/") or out.startswith(dep + "/")
 
 
 def stages(root: Path) -> list[Stage]:

@@ -154,6 +154,8 @@ def promote(project: Path, run_id: str) -> dict:
     with environ(store_env(ws.project)):
         report = read_json(layout.gates)
         outcome = promote_stage.run(layout, version=str(report["version"]), force=force, reason=reason)
+        if not outcome.get("promoted") and str(outcome.get("champion")) == str(report["version"]):
+            outcome["promoted"] = True  # a retry after the alias moved: the move is this run's
         started = ws.record.get("started")
         runner.finish(layout, ws.mlflow_run_id, report, outcome,
                       round(time.time() - started, 1) if started else None)

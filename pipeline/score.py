@@ -34,7 +34,11 @@ def _visible_files(folder: Path) -> list[Path]:
 
 
 def _load(layout: Layout, model_uri: str | None):
-    """(model, uri, version) for a models:/ URI; the champion by default."""
+    """(model, uri, version) for a models:/ URI; the champion by default.
+
+    An alias is resolved to its version first and that version is loaded, so the version
+    written next to the scores is the one that made them, even if the alias moves meanwhile.
+    """
     import mlflow
 
     from components.registry import connect
@@ -43,15 +47,16 @@ def _load(layout: Layout, model_uri: str | None):
     client = connect(tracking.store(layout))
     name = layout.config.registry.model_name
     model_uri = model_uri or f"models:/{name}@champion"
+    version, load_uri = "", model_uri
     try:
-        model = mlflow.pyfunc.load_model(model_uri)
+        if model_uri.startswith(f"models:/{name}@"):
+            version = str(client.get_model_version_by_alias(name, model_uri.split("@", 1)[1]).version)
+            load_uri = f"models:/{name}/{version}"
+        elif model_uri.startswith(f"models:/{name}/"):
+            version = model_uri.rsplit("/", 1)[1]
+        model = mlflow.pyfunc.load_model(load_uri)
     except Exception as error:
         raise StageError(f"score: cannot load {model_uri}: {error}") from None
-    version = ""
-    if model_uri.startswith(f"models:/{name}@"):
-        version = str(client.get_model_version_by_alias(name, model_uri.split("@", 1)[1]).version)
-    elif model_uri.startswith(f"models:/{name}/"):
-        version = model_uri.rsplit("/", 1)[1]
     return model, model_uri, version
 
 
@@ -108,39 +113,73 @@ def run(layout: Layout, folder: Path, out: Path | None, model_uri: str | None = 
     return table
 
 
+def _unused_name(name: str, *taken_in: Path, suffix: str = "") -> str:
+    """name, or name-2, name-3 ... so that a retried run never claims into an old batch's name."""
+    candidate, n = name, 1
+    while any((folder / f"{candidate}{suffix}").exists() or (folder / candidate).exists() for folder in taken_in):
+        n += 1
+        candidate = f"{name}-{n}"
+    return candidate
+
+
 def incoming(layout: Layout, claim_name: str, model_uri: str | None = None) -> dict:
-    """Score what waits in ``score.incoming`` (see the module docstring); returns a summary."""
+    """Score what waits in ``score.incoming`` (see the module docstring); returns a summary.
+
+    One scorer at a time per archive (an exclusive lock), so a CLI run beside the DAG, or a
+    task Airflow thinks dead, cannot take another's claim. A claim that cannot be scored is
+    moved to ``<archive>/failed/`` with its error, so it does not block every later run.
+    """
+    import fcntl
+
     inbox, archive, results = layout.incoming, layout.scored_archive, layout.score_results
     inflight = archive / INFLIGHT
     inbox.mkdir(parents=True, exist_ok=True)
+    inflight.mkdir(parents=True, exist_ok=True)
+    with (archive / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _score_incoming(inbox, archive, inflight, results, layout, claim_name, model_uri)
+
+
+def _score_incoming(inbox: Path, archive: Path, inflight: Path, results: Path, layout: Layout, claim_name: str,
+                    model_uri: str | None) -> dict:
     waiting = _visible_files(inbox)
-    left_over = sorted(p for p in inflight.iterdir() if p.is_dir()) if inflight.is_dir() else []
+    left_over = sorted(p for p in inflight.iterdir() if p.is_dir())
     if not waiting and not left_over:
         print(f"score: nothing waiting in {inbox}")
         return {"files": 0, "flagged": 0, "errors": 0, "claims": []}
     model, model_uri, version = _load(layout, model_uri)  # no champion: every file stays where it is
 
-    claim = inflight / claim_name
-    for path in waiting:
-        target = claim / path.relative_to(inbox)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(path, target)
+    if waiting:
+        claim = inflight / _unused_name(claim_name, inflight, archive, results, suffix=".csv")
+        for path in waiting:
+            target = claim / path.relative_to(inbox)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
     claims = sorted(p for p in inflight.iterdir() if p.is_dir())
 
-    summary = {"files": 0, "flagged": 0, "errors": 0, "claims": [], "model_uri": model_uri, "model_version": version}
+    summary = {"files": 0, "flagged": 0, "errors": 0, "claims": [], "failed_claims": [],
+               "model_uri": model_uri, "model_version": version}
     for folder in claims:
         out = results / f"{folder.name}.csv"
-        destination = archive / folder.name
-        if destination.exists():  # a name used before: keep both
-            destination = archive / f"{folder.name}-{time.strftime('%Y%m%d%H%M%S')}"
-        if out.is_file():  # scored before a kill; only the move was left to do
-            table = pd.read_csv(out, keep_default_na=False, na_values=[""])
-        else:
-            table = score_files(model, _visible_files(folder), folder)
-            table["model_uri"], table["model_version"] = model_uri, version
-            table["scored_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            table["archived_to"] = [str(destination / name) for name in table["file"]]
-            _write_csv(table, out)
+        destination = archive / _unused_name(folder.name, archive)
+        try:
+            if out.is_file():  # scored before a kill; only the move was left to do
+                table = pd.read_csv(out, keep_default_na=False, na_values=[""])
+            else:
+                table = score_files(model, _visible_files(folder), folder)
+                table["model_uri"], table["model_version"] = model_uri, version
+                table["scored_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+                table["archived_to"] = [str(destination / name) for name in table["file"]]
+                _write_csv(table, out)
+        except Exception as error:  # keep the files, set them aside, tell the operator
+            failed = archive / "failed" / folder.name
+            failed.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(folder, failed)
+            (failed.parent / f"{folder.name}.error.txt").write_text(f"{type(error).__name__}: {error}\n")
+            print(f"score: could NOT score claim {folder.name} ({type(error).__name__}: {error}); "
+                  f"its files are in {failed}")
+            summary["failed_claims"].append(str(failed))
+            continue
         os.replace(folder, destination)
         summary["files"] += len(table)
         summary["flagged"] += int(table["is_anomaly"].astype(str).str.lower().eq("true").sum())
@@ -149,4 +188,7 @@ def incoming(layout: Layout, claim_name: str, model_uri: str | None = None) -> d
                                   "files": len(table)})
     print(f"score: {summary['files']} images scored with {model_uri} (v{version or '?'}): {summary['flagged']} "
           f"flagged as anomalous, {summary['errors']} could not be scored; results in {results}")
+    if summary["failed_claims"]:
+        raise StageError(f"score: {len(summary['failed_claims'])} claim(s) could not be scored and were set aside: "
+                         + ", ".join(summary["failed_claims"]))
     return summary

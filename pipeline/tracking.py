@@ -36,6 +36,18 @@ def store(layout: Layout):
 
 
 def git_info(root: Path) -> dict[str, str]:
+    """Commit and dirty flag of the code that ran. In a run's workspace (pipeline.workspace)
+    these are the project's, recorded when the workspace was made from it."""
+    import json
+
+    from pipeline.workspace import RECORD
+
+    record = Path(root) / RECORD
+    if record.is_file():
+        made = json.loads(record.read_text())
+        if "project_dirty" in made:
+            return {"git_commit": made["commit"], "git_dirty": str(bool(made["project_dirty"])).lower()}
+
     def git(*args: str) -> str:
         try:
             return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True,

@@ -80,13 +80,15 @@ def _git(project: Path, *args: str, check: bool = True) -> str:
 
 
 def _overlay_uncommitted(project: Path, root: Path) -> None:
-    """Make the worktree equal the project's working tree (minus ignored files)."""
-    changed = _git(project, "ls-files", "-z", "--modified", "--others", "--exclude-standard").split("\0")
-    deleted = set(_git(project, "ls-files", "-z", "--deleted").split("\0"))
-    for name in filter(None, changed):
-        if name in deleted:
-            (root / name).unlink(missing_ok=True)
-        elif (project / name).is_file():
+    """Make the worktree equal the project's working tree (minus ignored files): every
+    change against HEAD, staged or not, and every untracked file git does not ignore."""
+    changed = _git(project, "diff", "--name-only", "-z", "--no-renames", "--diff-filter=d", "HEAD").split("\0")
+    deleted = _git(project, "diff", "--name-only", "-z", "--no-renames", "--diff-filter=D", "HEAD").split("\0")
+    untracked = _git(project, "ls-files", "-z", "--others", "--exclude-standard").split("\0")
+    for name in filter(None, deleted):
+        (root / name).unlink(missing_ok=True)
+    for name in filter(None, changed + untracked):
+        if (project / name).is_file():
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(project / name, root / name)
 
@@ -141,15 +143,18 @@ def create(project: Path, run_id: str, overrides: dict[str, Any] | None = None) 
     finally:
         scratch.unlink(missing_ok=True)
 
-    prune(project, keep=int(os.environ.get(KEEP_ENV, "5")))
+    prune(project, keep=int(os.environ.get(KEEP_ENV, "5")) - 1)  # and this one makes the count
     if root.exists():  # a half-made workspace from a killed task: start it again
         _remove(project, root)
     _git(project, "worktree", "add", "--detach", "--force", str(root), "HEAD")
     _overlay_uncommitted(project, root)
     _share_dvc_stores(project, root)
     (root / "params.yaml").write_text(yaml.safe_dump(_run_params(project, root, overrides), sort_keys=False))
+    # what the MLflow run records as git_dirty: the project's own state, not this copy's
+    # (whose params.yaml always differs, holding the run's overrides and absolute landing)
+    dirty = bool(_git(project, "status", "--porcelain", "--untracked-files=no").strip())
     record = {"run_id": run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "overrides": overrides,
-              "commit": _git(project, "rev-parse", "HEAD").strip()}
+              "commit": _git(project, "rev-parse", "HEAD").strip(), "project_dirty": dirty}
     with atomic_path(root / RECORD) as tmp:
         tmp.write_text(json.dumps(record, indent=2))
     latest = runs_dir(project) / "latest"

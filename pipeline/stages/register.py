@@ -115,9 +115,15 @@ def run(layout: Layout, run_id: str | None = None) -> dict:
         run_id = active.info.run_id
         mlflow.set_tags(origin)
         _log_run_record(layout, client, run_id, metrics, calibration)
-        model_uri, version = log_detector(
-            layout.weights, spec, calibration["threshold"], _example_png(test_bytes[0], spec["image_size"]),
-            name, tracking.model_requirements(), CODE_DIR)
+        earlier = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+        if earlier:  # a retried register: the version this run made already, not one more
+            version = str(max(int(v.version) for v in earlier))
+            model_uri = f"models:/{name}/{version}"
+            print(f"register: reusing {name} v{version}, registered by this run before it was interrupted")
+        else:
+            model_uri, version = log_detector(
+                layout.weights, spec, calibration["threshold"], _example_png(test_bytes[0], spec["image_size"]),
+                name, tracking.model_requirements(), CODE_DIR)
         wait_until_ready(client, name, version)
 
         candidate_model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")

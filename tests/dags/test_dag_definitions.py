@@ -3,6 +3,7 @@ the scheduling settings an operator relies on, a trigger form that refuses bad i
 and a parse that stays light (the DAG processor re-parses these files all day)."""
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -100,7 +101,7 @@ def test_the_trigger_form_refuses_bad_values(retrain, conf, key):
     from airflow.sdk.definitions.param import ParamsDict
     from airflow.sdk.exceptions import ParamValidationError
 
-    params = ParamsDict(retrain.params)
+    params = ParamsDict(copy.deepcopy(retrain.params))
     with pytest.raises(ParamValidationError, match=key):
         params.update(conf)
         params.validate()
@@ -110,11 +111,16 @@ def test_the_trigger_form_accepts_good_values_with_params_yaml_defaults(retrain)
     from airflow.sdk.definitions.param import ParamsDict
 
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
-    form = ParamsDict(retrain.params)
+    defaults = ParamsDict(copy.deepcopy(retrain.params)).validate()
+    assert (defaults["model_type"], defaults["epochs"], defaults["learning_rate"], defaults["calibration_method"],
+            defaults["target_fpr"], defaults["landing"]) == (
+        params["model"]["type"], params["train"]["epochs"], params["train"]["learning_rate"],
+        params["calibration"]["method"], params["calibration"]["target_fpr"], params["data"]["landing"])
+    assert defaults["force_promote"] is False and defaults["force_reason"] is None
+    form = ParamsDict(copy.deepcopy(retrain.params))
     form.update({"model_type": "autoencoder", "epochs": 3, "learning_rate": 0.01})
     values = form.validate()
     assert values["model_type"] == "autoencoder" and values["epochs"] == 3
-    assert ParamsDict(retrain.params).validate()["target_fpr"] == params["calibration"]["target_fpr"]
 
 
 def test_parsing_the_dag_folder_is_fast_and_imports_nothing_heavy():

@@ -147,6 +147,13 @@ def test_scoring_finishes_what_a_killed_run_left_without_scoring_twice(ws):
     assert (ws / "data" / "scored" / "killed-late" / "a.png").is_file()
     assert (ws / "data" / "scored" / "killed-early" / "b.png").is_file()
 
+    # a retry under a name already used (its results exist): new files get a new name and are scored
+    (ws / "data" / "incoming" / "c.png").write_bytes(good[2].read_bytes())
+    retried = run_cli(ws, "score-incoming", "--claim", "killed-late")
+    assert "1 images scored" in retried.stdout
+    assert len((ws / "scores" / "killed-late-2.csv").read_text().splitlines()) == 2
+    assert (ws / "data" / "scored" / "killed-late-2" / "c.png").is_file()
+
 
 def test_a_second_run_reuses_dvc_cached_stages(ws):
     result = dags_test(ws, {"epochs": 6})
@@ -168,6 +175,19 @@ def test_failed_gates_skip_promote_and_the_run_still_succeeds(ws):
     assert version.tags["gate_status"] == "failed"
     assert "worse than champion" in version.tags["gate_reasons"]
     assert "not promoted, the champion stays" in result.stdout and "worse than champion" in result.stdout
+
+
+def test_a_forced_promotion_from_the_form_moves_the_champion_and_says_why(ws):
+    before = versions(ws)
+    reason = "line 4 changed cameras; the old champion is wrong for it"
+    result = dags_test(ws, {"epochs": 1, "learning_rate": 0.00001, "force_promote": True, "force_reason": reason})
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert task_states(ws)["promote"] == "success"
+    forced = str(before + 1)
+    assert champion(ws) == forced
+    tags = client(ws).get_model_version("anomaly-detector", forced).tags
+    assert tags["gate_status"] == "failed" and tags["forced_promotion"] == "true"  # forced past failed gates
+    assert reason in json.dumps(tags)
 
 
 def test_forcing_without_a_reason_fails_the_first_task_and_registers_nothing(ws):

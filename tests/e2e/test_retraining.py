@@ -116,6 +116,35 @@ def test_force_promotion_needs_a_reason_and_records_it_and_rollback_restores(ws)
     assert _client(ws).get_model_version("anomaly-detector", "3").tags["rollback_reason"] == "forced model flags too much"
 
 
+def test_a_retried_register_reuses_the_version_its_run_made(ws):
+    """A register killed after registering must not add a version when Airflow retries it."""
+    before = _versions(ws)
+    run_id = _client(ws).get_model_version("anomaly-detector", "3").run_id  # the last run: same params, same model
+    env = {**os.environ, "MLFLOW_RUN_ID": run_id, "PATH": f"{Path(sys.executable).parent}{os.pathsep}"
+           f"{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    out = subprocess.run([sys.executable, "-m", "pipeline", "register"], cwd=ws, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "reusing anomaly-detector v3" in out.stdout
+    assert _versions(ws) == before
+
+
+def test_a_promote_killed_after_moving_the_alias_is_finished_by_its_retry(ws):
+    client = _client(ws)
+    champion, previous = _alias(ws, "champion"), _alias(ws, "previous")
+    client.set_registered_model_alias("anomaly-detector", "champion", "3")  # moved, then killed:
+    client.delete_model_version_tag("anomaly-detector", "3", "promoted_at")  # no record written
+    try:
+        run_cli(ws, "promote", "--version", "3", "--force", "--reason", "retry after a kill")
+        tags = client.get_model_version("anomaly-detector", "3").tags
+        assert tags["promoted_at"] and tags["promotion_reason"] == "retry after a kill"
+        assert _alias(ws, "champion") == "3"
+    finally:  # the later tests expect the champion of before
+        client.set_registered_model_alias("anomaly-detector", "champion", champion)
+        client.set_registered_model_alias("anomaly-detector", "previous", previous)
+
+
 def _test_images(ws: Path, n: int = 6) -> list[Path]:
     good = sorted((ws / "data" / "landing" / "batch-0001" / "good").glob("*.png"))[:n // 2]
     bad = sorted((ws / "data" / "landing" / "batch-0001" / "scratch").glob("*.png"))[:n // 2]

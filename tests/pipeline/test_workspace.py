@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import make_workspace
-from pipeline import workspace
+from pipeline import tracking, workspace
 from pipeline.config import ConfigError
 
 
@@ -20,16 +20,23 @@ def project(tmp_path, monkeypatch):
 
 
 def test_a_workspace_is_a_worktree_with_the_runs_params_and_the_projects_dvc_stores(project):
-    (project / "pipeline" / "note.py").write_text("# uncommitted\n")  # a developer's change travels along
+    # a developer's changes travel along: untracked, staged, and a staged deletion
+    (project / "pipeline" / "note.py").write_text("# untracked\n")
+    (project / "pipeline" / "staged.py").write_text("# staged\n")
+    subprocess.run(["git", "add", "pipeline/staged.py"], cwd=project, check=True)
+    subprocess.run(["git", "rm", "-q", "--cached", ".dvcignore"], cwd=project, check=True)
+    (project / ".dvcignore").unlink()
     ws = workspace.create(project, "manual__2026-11-29T02:00:00+00:00", {"train.epochs": 3})
     assert ws.root == project / "runs" / "manual__2026-11-29T02-00-00-00-00"
     params = yaml.safe_load((ws.root / "params.yaml").read_text())
     assert params["train"]["epochs"] == 3
     assert params["data"]["landing"] == str(project / "data" / "landing")  # the project's data, not a copy
     assert yaml.safe_load((project / "params.yaml").read_text())["train"]["epochs"] == 8  # untouched
-    assert (ws.root / "pipeline" / "note.py").is_file()
-    status = subprocess.run(["git", "status", "--porcelain"], cwd=ws.root, capture_output=True, text=True).stdout
-    assert "params.yaml" in status  # so the MLflow run records git_dirty truthfully
+    assert (ws.root / "pipeline" / "note.py").is_file() and (ws.root / "pipeline" / "staged.py").is_file()
+    assert not (ws.root / ".dvcignore").exists()
+    # the MLflow run records the project's commit and dirtiness, not the copy's rewritten params.yaml
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
+    assert tracking.git_info(ws.root) == {"git_commit": head, "git_dirty": "true"}
     dvc = [sys.executable, "-m", "dvc"]
     cache = subprocess.run([*dvc, "cache", "dir"], cwd=ws.root, capture_output=True, text=True).stdout.strip()
     assert cache == str(project / ".dvc" / "cache")
@@ -55,7 +62,18 @@ def test_refused_overrides_make_nothing(project, overrides, key):
                                                text=True).stdout
 
 
-def test_only_the_newest_workspaces_are_kept(project):
+def test_a_clean_project_makes_a_clean_record(project):
+    ws = workspace.create(project, "scheduled__nightly", {"train.epochs": 3})
+    assert tracking.git_info(ws.root)["git_dirty"] == "false"  # though its params.yaml holds the overrides
+
+
+def test_only_the_newest_workspaces_are_kept(project, monkeypatch):
+    monkeypatch.setenv(workspace.KEEP_ENV, "3")
+    made = [workspace.create(project, f"run-{i}").root for i in range(5)]
+    assert [p.exists() for p in made] == [False, False, True, True, True]  # the newest 3, this one included
+
+
+def test_prune_removes_worktrees_too(project):
     made = [workspace.create(project, f"run-{i}").root for i in range(4)]
     removed = workspace.prune(project, keep=2)
     assert sorted(removed) == sorted(made[:2])

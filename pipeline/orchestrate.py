@@ -136,8 +136,7 @@ def register(project: Path, run_id: str) -> dict:
             code, _ = _stream([sys.executable, "-m", "dvc", "push", "--quiet"], ws.root, env)
             if code != 0:
                 print("register: WARNING dvc push to the remote failed; the data is still in the DVC cache")
-        with environ({"MLFLOW_RUN_ID": ws.mlflow_run_id}):
-            report = register_stage.run(layout, run_id=ws.mlflow_run_id)
+        report = register_stage.run(layout, run_id=ws.mlflow_run_id)
     return {key: report[key] for key in ("version", "passed", "failed", "reasons", "model_name", "run_id")}
 
 
@@ -169,10 +168,12 @@ def record_failure(project: Path, run_id: str, task: str, error: str, details: d
     project = Path(project).resolve()
     path = workspace.runs_dir(project) / FAILURES
     line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_id": run_id, "task": task, "error": error, **details}
-    try:
-        ws = _existing(project, run_id)
-        line["workspace"] = str(ws.root)
-        if ws.mlflow_run_id:
+    has_workspace = (workspace.runs_dir(project) / workspace.key_of(run_id) / workspace.RECORD).is_file()
+    try:  # a retraining run has a workspace and an MLflow run; a scoring run has neither
+        ws = _existing(project, run_id) if has_workspace else None
+        if ws is not None:
+            line["workspace"] = str(ws.root)
+        if ws is not None and ws.mlflow_run_id:
             line["mlflow_run_id"] = ws.mlflow_run_id
             with environ(store_env(project)):
                 runner.fail(ws.layout, ws.mlflow_run_id, task, error)

@@ -113,8 +113,9 @@ def _share_dvc_stores(project: Path, root: Path) -> None:
                        capture_output=True)
 
 
-def _run_params(project: Path, root: Path, overrides: dict[str, Any]) -> dict:
-    params = yaml.safe_load((root / "params.yaml").read_text()) or {}
+def _run_params(project: Path, overrides: dict[str, Any]) -> dict:
+    """The project's params.yaml (as the worktree will hold it) with the run's overrides."""
+    params = yaml.safe_load((project / "params.yaml").read_text()) or {}
     apply_overrides(params, overrides)
     landing = Path(str(params.get("data", {}).get("landing", "data/landing")))
     if not landing.is_absolute():  # the data lands in the project, not in the run's copy of it
@@ -134,7 +135,7 @@ def create(project: Path, run_id: str, overrides: dict[str, Any] | None = None) 
         return Workspace(root, project, json.loads((root / RECORD).read_text()))
     overrides = dict(overrides or {})
     # check the run's params first: same file the stages will read, same error messages
-    params = _run_params(project, project, overrides)
+    params = _run_params(project, overrides)
     scratch = root.parent / f".{root.name}.params-check.yaml"
     scratch.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -149,7 +150,7 @@ def create(project: Path, run_id: str, overrides: dict[str, Any] | None = None) 
     _git(project, "worktree", "add", "--detach", "--force", str(root), "HEAD")
     _overlay_uncommitted(project, root)
     _share_dvc_stores(project, root)
-    (root / "params.yaml").write_text(yaml.safe_dump(_run_params(project, root, overrides), sort_keys=False))
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))  # the params checked above
     # what the MLflow run records as git_dirty: the project's own state, not this copy's
     # (whose params.yaml always differs, holding the run's overrides and absolute landing)
     dirty = bool(_git(project, "status", "--porcelain", "--untracked-files=no").strip())

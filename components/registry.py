@@ -6,13 +6,15 @@ and keeps the old one as ``previous``. ``rollback`` is the way back.
 """
 from __future__ import annotations
 
+import fcntl
 import getpass
 import json
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import mlflow
 import pandas as pd
@@ -68,7 +70,8 @@ def log_detector(weights: Path, spec: dict[str, Any], threshold: float, example_
     with tempfile.TemporaryDirectory() as scratch:
         spec_path = Path(scratch) / "spec.json"
         spec_path.write_text(json.dumps({"spec": spec["spec"], "image_size": spec["image_size"],
-                                         "channels": spec["channels"], "threshold": threshold}, indent=2))
+                                         "channels": spec["channels"], "threshold": threshold,
+                                         "decode_limits": spec.get("decode_limits")}, indent=2))
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(code_dir / "serving_entry.py"),
@@ -105,12 +108,47 @@ def tag_version(client: MlflowClient, name: str, version: str, tags: dict[str, A
         client.set_model_version_tag(name, version, key, "" if value is None else str(value))
 
 
+@contextmanager
+def promotion_lock(path: Path | None, timeout: float = 600.0) -> Iterator[None]:
+    """One alias move at a time on this machine (an exclusive flock on ``path``).
+
+    MLflow has no compare-and-set on aliases, so two promotions that both read the
+    champion and then both move it could leave the worse model serving. Holding this
+    lock from the re-read to the move makes the second promotion see the first one's
+    result. Promotions from several machines need max_active_runs=1 (the DAG's) or a
+    lock file on a shared file system. ``None`` means no lock (a single caller).
+    """
+    if path is None:
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout
+    with open(path, "a") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise PromotionError(f"another promotion has held {path} for {timeout:.0f} s; not promoted")
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def promote(client: MlflowClient, name: str, version: str, *, reason: str, forced: bool = False,
-            actor: str | None = None) -> dict[str, Any]:
+            actor: str | None = None, lock: Path | None = None, gated_against: str | None = None,
+            recheck: Callable[[str], list[str]] | None = None) -> dict[str, Any]:
     """Move champion to version; the replaced champion becomes previous.
 
     Checks first that the version is READY and that its model loads, so a version
-    whose upload did not finish can never serve.
+    whose upload did not finish can never serve. Then, under ``lock``, re-reads the
+    champion: if it is no longer ``gated_against`` (the one the gates compared with),
+    another promotion got there first, and ``recheck(current)`` must return no failed
+    gate reasons for the move to go on (a forced promotion skips that).
     """
     version = str(version)
     wait_until_ready(client, name, version, timeout=60)
@@ -118,7 +156,20 @@ def promote(client: MlflowClient, name: str, version: str, *, reason: str, force
         mlflow.pyfunc.load_model(f"models:/{name}/{version}")
     except Exception as error:
         raise PromotionError(f"{name} v{version} does not load, not promoted: {error}") from None
-    current = alias_version(client, name, CHAMPION)  # re-read right before the move
+    with promotion_lock(lock):
+        current = alias_version(client, name, CHAMPION)  # re-read right before the move
+        if current not in (version, gated_against, None) and recheck is not None and not forced:
+            reasons = recheck(current)
+            if reasons:
+                log.info("%s: v%s not promoted; champion moved to v%s since its gates: %s", name, version, current,
+                         "; ".join(reasons))
+                return {"promoted": False, "champion": current, "previous": alias_version(client, name, PREVIOUS),
+                        "reasons": reasons}
+        return _move(client, name, version, current, reason, forced, actor)
+
+
+def _move(client: MlflowClient, name: str, version: str, current: str | None, reason: str, forced: bool,
+          actor: str | None) -> dict[str, Any]:
     if current == version:
         previous = alias_version(client, name, PREVIOUS)
         if "promoted_at" in client.get_model_version(name, version).tags:
@@ -144,10 +195,16 @@ def _tag_promotion(client: MlflowClient, name: str, version: str, over: str | No
     })
 
 
-def rollback(client: MlflowClient, name: str, *, reason: str, actor: str | None = None) -> dict[str, Any]:
+def rollback(client: MlflowClient, name: str, *, reason: str, actor: str | None = None,
+             lock: Path | None = None) -> dict[str, Any]:
     """champion <- previous; previous <- the version that one had replaced (if any)."""
     if not reason.strip():
         raise PromotionError("rollback needs a reason")
+    with promotion_lock(lock):
+        return _roll_back(client, name, reason, actor)
+
+
+def _roll_back(client: MlflowClient, name: str, reason: str, actor: str | None) -> dict[str, Any]:
     current, target = alias_version(client, name, CHAMPION), alias_version(client, name, PREVIOUS)
     if target is None:
         raise PromotionError(f"{name} has no '{PREVIOUS}' alias: nothing to roll back to")

@@ -35,6 +35,14 @@ def _parser() -> argparse.ArgumentParser:
     rollback = sub.add_parser("rollback", help="champion <- previous; records who and why")
     rollback.add_argument("--reason", required=True, help="why the champion is rolled back")
 
+    reproduce = sub.add_parser("reproduce", help="rebuild a registered model from its recorded commit, params and "
+                                                 "data; compare metrics and threshold; exit 1 on a mismatch")
+    reproduce.add_argument("ref", help="model version (7), alias (@champion) or MLflow run id")
+    reproduce.add_argument("--tolerance", type=float, default=None,
+                           help="relative and absolute tolerance for metrics and threshold (default: exact on the "
+                                "CPU, 1e-3 when either run trained on a GPU)")
+    reproduce.add_argument("--keep", action="store_true", help="keep the rebuilt worktree (default: removed)")
+
     score = sub.add_parser("score", help="score a folder of PNG/JPEG images with the champion")
     score.add_argument("folder", type=Path)
     score.add_argument("--out", type=Path, default=None, help="CSV to write (file, anomaly_score, is_anomaly, ...)")
@@ -140,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
 
             promote.rollback(layout, args.reason)
             return 0
+        if command == "reproduce":
+            from pipeline import reproduce
+
+            matched, _, _ = reproduce.reproduce(layout, args.ref, tolerance=args.tolerance, keep=args.keep)
+            return 0 if matched else 1
         if command == "score-incoming":
             import time
 

@@ -29,6 +29,21 @@ def artifact_root(layout: Layout) -> str | None:
     return None
 
 
+def promotion_lock(layout: Layout) -> Path:
+    """The lock file that serialises alias moves on one registry (components.registry.promotion_lock):
+    beside a SQLite or file store, else per tracking URI in the user's cache folder."""
+    import hashlib
+    from urllib.parse import urlparse
+
+    uri = tracking_uri(layout)
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):]).with_suffix(".promote.lock")  # sqlite:////abs or sqlite:///rel
+    if uri.startswith("file:") or "://" not in uri:
+        return Path(urlparse(uri).path if uri.startswith("file:") else uri) / ".promote.lock"
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "anomaly-pipeline" / f"promote-{digest}.lock"
+
+
 def store(layout: Layout):
     from components.registry import Store
 
@@ -58,6 +73,31 @@ def git_info(root: Path) -> dict[str, str]:
     commit = git("rev-parse", "HEAD")
     dirty = git("status", "--porcelain", "--untracked-files=no")
     return {"git_commit": commit or "unknown", "git_dirty": str(bool(dirty)).lower() if commit else "unknown"}
+
+
+def uncommitted_patch(root: Path) -> str:
+    """The code that ran, as a binary patch against its commit: every change, staged or not,
+    and every untracked file git does not ignore. params.yaml and dvc.lock are left out
+    (the run records them whole). ``reproduce`` applies it to rebuild a dirty run's code.
+
+    A throw-away index is used, so the repository's own index is never touched.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        env = {**os.environ, "GIT_INDEX_FILE": str(Path(scratch) / "index")}
+
+        def git(*args: str) -> str:
+            return subprocess.run(["git", *args], cwd=root, env=env, capture_output=True, text=True, check=True,
+                                  timeout=120).stdout
+
+        try:
+            git("read-tree", "HEAD")
+            git("add", "-A", "--", ".")
+            return git("diff", "--cached", "--binary", "HEAD", "--", ".", ":(exclude)params.yaml",
+                       ":(exclude)dvc.lock", ":(exclude)**/.gitignore")
+        except (OSError, subprocess.SubprocessError):
+            return ""
 
 
 def data_version(layout: Layout) -> str:

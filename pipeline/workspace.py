@@ -99,7 +99,7 @@ def _dvc_remotes(project: Path) -> dict[str, str]:
     return dict(line.split(None, 1) for line in out.splitlines() if len(line.split(None, 1)) == 2)
 
 
-def _share_dvc_stores(project: Path, root: Path) -> None:
+def share_dvc_stores(project: Path, root: Path) -> None:
     """The run's DVC uses the project's cache, and its remotes with their paths made absolute."""
     dvc = [sys.executable, "-m", "dvc"]
     cache = subprocess.run([*dvc, "cache", "dir"], cwd=project, capture_output=True, text=True).stdout.strip()
@@ -149,7 +149,7 @@ def create(project: Path, run_id: str, overrides: dict[str, Any] | None = None) 
         _remove(project, root)
     _git(project, "worktree", "add", "--detach", "--force", str(root), "HEAD")
     _overlay_uncommitted(project, root)
-    _share_dvc_stores(project, root)
+    share_dvc_stores(project, root)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))  # the params checked above
     # what the MLflow run records as git_dirty: the project's own state, not this copy's
     # (whose params.yaml always differs, holding the run's overrides and absolute landing)

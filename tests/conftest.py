@@ -45,12 +45,15 @@ def set_params(root: Path, **sections) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def run_cli(root: Path, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-    """python -m pipeline in the workspace, as a user would, with the venv's bin on PATH."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+def run_cli(root: Path, *args: str, check: bool = True, timeout: float = 600,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """python -m pipeline in the workspace, as a user would, with the venv's bin on PATH
+    (plus ``env``, set after the inherited MLflow and Airflow settings are dropped)."""
+    extra, env = env or {}, {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     for inherited in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_ARTIFACT_ROOT", "AIRFLOW_HOME",
                       "ANOMALY_PIPELINE_PROJECT", "ANOMALY_PIPELINE_RUNS"):
         env.pop(inherited, None)
+    env.update(extra)
     result = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=root, env=env, capture_output=True,
                             text=True, timeout=timeout)
     if check and result.returncode != 0:

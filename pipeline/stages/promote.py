@@ -3,15 +3,35 @@ from __future__ import annotations
 
 import os
 
+from pipeline import tracking
 from pipeline.io import StageError, read_json
 from pipeline.layout import Layout
 
 
 def _client(layout: Layout):
     from components.registry import connect
-    from pipeline import tracking
 
     return connect(tracking.store(layout))
+
+
+def _regate(layout: Layout, client, gates: dict, current: str) -> list[str]:
+    """The champion moved to ``current`` after register gated this version: compare again,
+    with the new champion re-scored on this run's test split; returns the failed reasons
+    (and records them on the version, which no longer counts as having passed)."""
+    from components import gates as gate_rules
+    from components.registry import tag_version
+    from pipeline.stages import register
+
+    test_bytes, labels = register.test_split(layout)
+    results, _, note = register.compare(layout, gates["candidate_metrics"], current, test_bytes, labels)
+    report = gate_rules.summarise(results)
+    if report["passed"]:
+        return []
+    reasons = report["reasons"] + ([note] if note else [])
+    tag_version(client, layout.config.registry.model_name, str(gates["version"]), {
+        "gate_status": "failed", "gates_failed": ",".join(report["failed"]),
+        "gate_reasons": f"re-gated at promotion against v{current}: " + "; ".join(reasons)[:4800]})
+    return reasons
 
 
 def run(layout: Layout, version: str | None = None, force: bool = False, reason: str = "") -> dict:
@@ -40,10 +60,20 @@ def run(layout: Layout, version: str | None = None, force: bool = False, reason:
         return {"promoted": False, "version": str(version), "reasons": reasons}
     actor = os.environ.get("AIRFLOW_CTX_DAG_OWNER") or None
     why = reason or "all gates passed"
+    client = _client(layout)
     try:
-        outcome = promote(_client(layout), name, str(version), reason=why, forced=force and not passed, actor=actor)
+        outcome = promote(client, name, str(version), reason=why, forced=force and not passed, actor=actor,
+                          lock=tracking.promotion_lock(layout), gated_against=gates.get("gated_against") if passed
+                          else None, recheck=(lambda current: _regate(layout, client, gates, current)) if passed
+                          else None)
     except PromotionError as error:
         raise StageError(f"promote: {error}") from None
+    if not outcome.get("promoted") and outcome.get("reasons"):
+        print(f"promote: {name} v{version} NOT promoted; the champion moved to v{outcome['champion']} after "
+              f"register compared against v{gates.get('gated_against')}, and against it:")
+        for line in outcome["reasons"]:
+            print(f"  - {line}")
+        return {**outcome, "version": str(version)}
     print(f"promote: {name} champion -> v{outcome['champion']} (previous: {outcome.get('previous')})"
           + (" [FORCED: " + reason + "]" if force and not passed else ""))
     return {**outcome, "version": str(version)}
@@ -53,7 +83,9 @@ def rollback(layout: Layout, reason: str) -> dict:
     from components.registry import PromotionError, rollback as do_rollback
 
     try:
-        outcome = do_rollback(_client(layout), layout.config.registry.model_name, reason=reason)
+        outcome = do_rollback(_client(layout), layout.config.registry.model_name, reason=reason,
+                              actor=os.environ.get("AIRFLOW_CTX_DAG_OWNER") or None,
+                              lock=tracking.promotion_lock(layout))
     except PromotionError as error:
         raise StageError(f"rollback: {error}") from None
     print(f"rollback: champion v{outcome['rolled_back_from']} -> v{outcome['champion']} by {outcome['by']}: {reason}")

@@ -82,18 +82,59 @@ def _log_run_record(layout: Layout, client, run_id: str, metrics: dict, calibrat
                  layout.roc_points, layout.train_history):
         if path.is_file():
             mlflow.log_artifact(str(path), "pipeline")
+    patch = tracking.uncommitted_patch(layout.root)
+    if patch:  # the code was not exactly the commit: keep the difference, so reproduce can rebuild it
+        mlflow.log_text(patch, "pipeline/uncommitted.patch")
     env = tracking.environment()
     mlflow.log_text(env.pop("packages"), "environment/requirements.txt")
     mlflow.log_dict(env, "environment/python.json")
+
+
+def test_split(layout: Layout) -> tuple[list[bytes], np.ndarray]:
+    """The encoded test images (as a client would send them) and their labels, in row order."""
+    index = pd.read_parquet(layout.index)
+    test = index[index["split"] == "test"].sort_values("row")
+    return [(layout.raw / p).read_bytes() for p in test["path"]], test["is_anomaly"].to_numpy(np.int64)
+
+
+def compare(layout: Layout, candidate: dict, champion_version: str | None, test_bytes: list[bytes],
+            labels: np.ndarray) -> tuple[list, dict | None, str]:
+    """All gates for a candidate: the absolute bounds, and not worse than champion_version
+    re-scored by its own served model on this run's test split.
+
+    Returns (gates, champion metrics or None, note). A champion that cannot score is
+    no bar to clear; the note says why. promote calls this again when the champion
+    moved after register compared against it.
+    """
+    import mlflow
+
+    from components import gates as gate_rules
+
+    config = layout.config
+    champion, note = None, ""
+    if champion_version is not None:
+        name = config.registry.model_name
+        try:
+            champion_model = mlflow.pyfunc.load_model(f"models:/{name}/{champion_version}")
+            champion = _metrics_of(score_bytes(champion_model, test_bytes), labels)
+        except Exception as error:
+            note = f"champion v{champion_version} could not be scored on this test split: {error}"
+    results = gate_rules.absolute_gates(candidate, config.gates.min_auroc, config.gates.min_average_precision,
+                                        config.gates.max_fpr)
+    results += gate_rules.champion_gates(
+        candidate, champion, {k: v.model_dump() for k, v in config.gates.vs_champion.items()},
+        champion_version if champion is not None else None)
+    return results, champion, note
 
 
 def run(layout: Layout, run_id: str | None = None) -> dict:
     import mlflow
 
     from components import gates as gate_rules
-    from components.registry import alias_version, connect, ensure_experiment, log_detector, tag_version, \
-        wait_until_ready
+    from components.registry import CHAMPION, alias_version, connect, ensure_experiment, log_detector, \
+        tag_version, wait_until_ready
     from pipeline import tracking
+    from pipeline.stages.preprocess import decode_limits
 
     config = layout.config
     store = tracking.store(layout)
@@ -102,14 +143,11 @@ def run(layout: Layout, run_id: str | None = None) -> dict:
     experiment_id = ensure_experiment(client, config.registry.experiment, store.artifact_root)
     run_id = run_id or os.environ.get("MLFLOW_RUN_ID")
     metrics, calibration = read_json(layout.metrics), read_json(layout.threshold)
-    spec = read_json(layout.spec)
+    spec = {**read_json(layout.spec), "decode_limits": decode_limits(config).as_dict()}  # the served model's too
     origin = {**tracking.git_info(layout.root), "data_version": tracking.data_version(layout),
               "airflow_run_id": os.environ.get("AIRFLOW_CTX_DAG_RUN_ID", ""), "model_type": config.model.type}
 
-    index = pd.read_parquet(layout.index)
-    test = index[index["split"] == "test"].sort_values("row")
-    test_bytes = [(layout.raw / p).read_bytes() for p in test["path"]]
-    labels = test["is_anomaly"].to_numpy(np.int64)
+    test_bytes, labels = test_split(layout)
 
     with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id) as active:
         run_id = active.info.run_id
@@ -132,21 +170,12 @@ def run(layout: Layout, run_id: str | None = None) -> dict:
         stage_scores = pd.read_parquet(layout.scores).query("split == 'test'").sort_values("row")["score"]
         parity = float(np.max(np.abs(candidate_pred["anomaly_score"].to_numpy() - stage_scores.to_numpy())))
 
-        champion_version, champion, champion_note = alias_version(client, name, "champion"), None, ""
-        if champion_version is not None:
-            try:
-                champion_model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
-                champion = _metrics_of(score_bytes(champion_model, test_bytes), labels)
-            except Exception as error:  # a champion that cannot score is no bar to clear
-                champion_note = f"champion v{champion_version} could not be scored on this test split: {error}"
-                champion_version = None
-        results = gate_rules.absolute_gates(candidate, config.gates.min_auroc, config.gates.min_average_precision,
-                                            config.gates.max_fpr)
-        results += gate_rules.champion_gates(
-            candidate, champion, {k: v.model_dump() for k, v in config.gates.vs_champion.items()}, champion_version)
+        gated_against = alias_version(client, name, CHAMPION)
+        results, champion, champion_note = compare(layout, candidate, gated_against, test_bytes, labels)
+        champion_version = gated_against if champion is not None else None
         report = gate_rules.summarise(results)
         report.update(model_name=name, version=version, model_uri=model_uri, run_id=run_id,
-                      champion_version=champion_version, champion_note=champion_note,
+                      champion_version=champion_version, gated_against=gated_against, champion_note=champion_note,
                       candidate_metrics=candidate, champion_metrics=champion, serving_parity_max_abs_diff=parity,
                       threshold=calibration["threshold"], tracking_uri=store.tracking_uri)
         mlflow.log_metric("serving_parity_max_abs_diff", parity)

@@ -16,9 +16,53 @@ from PIL import Image, UnidentifiedImageError
 NORMAL_LABEL = "good"
 _EXT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 
+# Safe defaults of the decoding limits (params.yaml: preprocess.max_pixels, preprocess.max_bytes).
+# 50 million pixels is a 7000x7000 frame (200 MB as RGBA once decoded): far above any inspection
+# camera, far below Pillow's own bomb limit (about 179 million pixels), which stays on as well.
+DEFAULT_MAX_PIXELS = 50_000_000
+DEFAULT_MAX_BYTES = 50 * 1024 * 1024
+
 
 class ImageDecodeError(ValueError):
     """An image that cannot be used; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What a file may cost before it is decoded: its size on disk and its pixel count.
+
+    Both are checked before any pixel is decoded (the pixel count from the header), so a
+    decompression bomb or a huge upload is refused without the memory it would take.
+    """
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = DEFAULT_MAX_BYTES
+
+    def __post_init__(self) -> None:
+        if self.max_pixels < 1 or self.max_bytes < 1:
+            raise ValueError(f"decode limits must be positive, got {self}")
+
+    def check_bytes(self, size: int) -> None:
+        if size > self.max_bytes:
+            raise ImageDecodeError(f"file too large: {size} bytes, over the limit max_bytes={self.max_bytes}; "
+                                   "not decoded")
+
+    def check_pixels(self, width: int, height: int) -> None:
+        if width * height > self.max_pixels:
+            raise ImageDecodeError(f"image too large: {width}x{height} = {width * height} pixels, over the limit "
+                                   f"max_pixels={self.max_pixels}; not decoded (a decompression bomb?)")
+
+    def as_dict(self) -> dict[str, int]:
+        return {"max_pixels": self.max_pixels, "max_bytes": self.max_bytes}
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> "DecodeLimits":
+        """From a model's spec.json; a spec without limits gets the safe defaults."""
+        values = values or {}
+        return cls(max_pixels=int(values.get("max_pixels", DEFAULT_MAX_PIXELS)),
+                   max_bytes=int(values.get("max_bytes", DEFAULT_MAX_BYTES)))
+
+
+DEFAULT_LIMITS = DecodeLimits()
 
 
 @dataclass(frozen=True)
@@ -75,24 +119,35 @@ def content_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def open_image(data: bytes) -> Image.Image:
+def open_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Image.Image:
     """Decode fully (not just the header) so truncated files fail here, not in training.
 
-    Pillow's decompression-bomb limit stays on, and truncated images are never accepted.
+    ``limits`` are checked first: the byte count, then the pixel count read from the
+    header, before any pixel is decoded. Pillow's decompression-bomb limit stays on as
+    well, and truncated images are never accepted (``ImageFile.LOAD_TRUNCATED_IMAGES``
+    is never switched on).
     """
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
+    limits.check_bytes(len(data))
     try:
         with Image.open(io.BytesIO(data)) as probe:
+            limits.check_pixels(*probe.size)
             probe.verify()
         image = Image.open(io.BytesIO(data))
         image.load()
+    except ImageDecodeError:
+        raise
     except Image.DecompressionBombError as error:
         raise ImageDecodeError(f"decompression bomb refused: {error}") from None
     except UnidentifiedImageError:
         raise ImageDecodeError("not an image Pillow can identify") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise ImageDecodeError(f"corrupt or truncated image: {error}") from None
+    except MemoryError:
+        raise
+    except Exception as error:  # a malformed file makes Pillow raise almost anything (IndexError, struct.error)
+        raise ImageDecodeError(f"corrupt or truncated image: {type(error).__name__}: {error}") from None
     return image
 
 
@@ -115,8 +170,8 @@ def to_array(image: Image.Image, size: int, channels: int) -> np.ndarray:
     return np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
-def decode_to_array(data: bytes, size: int, channels: int) -> np.ndarray:
-    return to_array(open_image(data), size, channels)
+def decode_to_array(data: bytes, size: int, channels: int, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarray:
+    return to_array(open_image(data, limits), size, channels)
 
 
 def format_for_extension(suffix: str) -> str | None:

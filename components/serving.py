@@ -4,7 +4,9 @@ Contract (ARCHITECTURE.md): input DataFrame with column ``image`` holding PNG/JP
 bytes (base64 text is accepted too, as JSON clients send it); output DataFrame with
 ``anomaly_score`` (float, higher = more anomalous) and ``is_anomaly`` (bool, score >
 the calibrated threshold). The ``components`` package travels with the model as
-code, so a consumer needs neither this repository nor its params.
+code, so a consumer needs neither this repository nor its params. The decoding
+limits the model was trained with (``decode_limits`` in its spec.json) apply when it
+scores, so a served model refuses a decompression bomb or an oversized upload too.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ class AnomalyDetector(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         import torch
 
+        from components.images import DecodeLimits
         from components.models import build
 
         meta = json.loads(Path(context.artifacts["spec"]).read_text())
@@ -46,6 +49,7 @@ class AnomalyDetector(mlflow.pyfunc.PythonModel):
         self.threshold = float(meta["threshold"])
         self.image_size = int(meta["image_size"])
         self.channels = int(meta["channels"])
+        self.limits = DecodeLimits.from_dict(meta.get("decode_limits"))  # absent: the safe defaults
         self.model = build(self.spec)
         state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
         self.model.load_state_dict(state)
@@ -60,7 +64,8 @@ class AnomalyDetector(mlflow.pyfunc.PythonModel):
         arrays = []
         for row, value in enumerate(model_input[INPUT_COLUMN].tolist()):
             try:
-                arrays.append(decode_to_array(_as_bytes(value, row), self.image_size, self.channels))
+                arrays.append(decode_to_array(_as_bytes(value, row), self.image_size, self.channels,
+                                              self.limits))
             except ImageDecodeError as error:
                 raise ValueError(f"row {row}: {error}") from None
         if arrays:

@@ -94,6 +94,10 @@ class Preprocess(_Section):
     image_size: int = Field(64, ge=16, le=1024)
     channels: Literal[1, 3] = 3
     split: Split = Split()
+    # decoding limits (components/images.py): validate, preprocess and the served model refuse
+    # a file over them before decoding it; Pillow's own bomb limit (~179 Mpx) applies as well
+    max_pixels: int = Field(50_000_000, ge=1)
+    max_bytes: int = Field(50 * 1024 * 1024, ge=1)
 
     @field_validator("image_size")
     @classmethod

@@ -10,6 +10,7 @@ from components.validation import Rules, build_manifest, render_html, validate_m
 from pipeline.config import Config
 from pipeline.io import DataError, atomic_path, write_json
 from pipeline.layout import Layout
+from pipeline.stages.preprocess import decode_limits
 
 
 def rules_from(config: Config) -> Rules:
@@ -31,7 +32,7 @@ def split_fractions(config: Config) -> tuple[float, float, float]:
 def run(layout: Layout) -> dict:
     config = layout.config
     files = discover(layout.raw, config.data.extensions, include_all_files=True)
-    manifest = build_manifest(files, split_fractions(config))
+    manifest = build_manifest(files, split_fractions(config), decode_limits(config))
     report = validate_manifest(manifest, rules_from(config))
 
     layout.validation_dir.mkdir(parents=True, exist_ok=True)

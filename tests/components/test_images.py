@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.images import ImageDecodeError, decode_to_array, discover, split_of
+from components.images import (DEFAULT_LIMITS, DecodeLimits, ImageDecodeError, decode_to_array, discover,
+                               open_image, split_of)
 
 
 def _png(image: Image.Image, fmt: str = "PNG") -> bytes:
@@ -44,6 +45,53 @@ def test_truncated_png_is_refused():
     data = _png(Image.fromarray((np.random.default_rng(1).random((64, 64, 3)) * 255).astype(np.uint8)))
     with pytest.raises(ImageDecodeError, match="corrupt or truncated"):
         decode_to_array(data[: len(data) // 2], 32, 3)
+
+
+def _header_only_png(width: int, height: int) -> bytes:
+    """A PNG that declares its size and holds no pixel data at all."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) \
+        + chunk(b"IEND", b"")
+
+
+def test_pixel_limit_is_read_from_the_header_before_any_decoding():
+    # 9000x9000 = 81 Mpx: under Pillow's own bomb limit, over the default max_pixels. The file has
+    # no pixel data, so only a check made before decoding can say "too large" instead of "truncated".
+    with pytest.raises(ImageDecodeError, match=r"9000x9000 = 81000000 pixels, over the limit max_pixels=50000000"):
+        open_image(_header_only_png(9000, 9000))
+    with pytest.raises(ImageDecodeError, match="corrupt or truncated"):
+        open_image(_header_only_png(90, 90))
+
+
+def test_configured_limits_refuse_by_pixels_and_by_bytes_and_allow_up_to_the_limit():
+    data = _png(Image.fromarray((np.random.default_rng(2).random((20, 30)) * 255).astype(np.uint8)))
+    assert open_image(data, DecodeLimits(max_pixels=600, max_bytes=len(data))).size == (30, 20)
+    with pytest.raises(ImageDecodeError, match=r"30x20 = 600 pixels, over the limit max_pixels=599"):
+        open_image(data, DecodeLimits(max_pixels=599))
+    with pytest.raises(ImageDecodeError, match=rf"{len(data)} bytes, over the limit max_bytes={len(data) - 1}"):
+        decode_to_array(data, 16, 1, DecodeLimits(max_bytes=len(data) - 1))
+    with pytest.raises(ValueError):
+        DecodeLimits(max_pixels=0)
+
+
+def test_safe_default_limits_match_params_and_truncated_images_stay_refused():
+    from PIL import ImageFile
+
+    from pipeline.config import Preprocess
+
+    assert DEFAULT_LIMITS == DecodeLimits(50_000_000, 50 * 1024 * 1024)
+    assert (Preprocess().max_pixels, Preprocess().max_bytes) == (DEFAULT_LIMITS.max_pixels, DEFAULT_LIMITS.max_bytes)
+    assert DecodeLimits.from_dict(None) == DEFAULT_LIMITS  # a model spec without limits gets the defaults
+    assert DecodeLimits.from_dict({"max_pixels": 10, "max_bytes": 20}) == DecodeLimits(10, 20)
+    data = _png(Image.fromarray((np.random.default_rng(3).random((64, 64)) * 255).astype(np.uint8)))
+    with pytest.raises(ImageDecodeError):
+        open_image(data[:-200])
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
 
 
 def test_discover_reads_plain_single_batch_and_mvtec_layouts(tmp_path):

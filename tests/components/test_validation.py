@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.images import discover
+from components.images import DecodeLimits, discover
 from components.validation import Rules, build_manifest, render_html, validate_manifest
 
 RULES = Rules(min_good=10, min_anomalies=5, anomaly_ratio=(0.05, 0.6))
 FRACTIONS = (0.6, 0.2, 0.2)
 
 
-def _validate(landing, rules=RULES):
+def _validate(landing, rules=RULES, limits=DecodeLimits()):
     files = discover(landing, rules.extensions, include_all_files=True)
-    return validate_manifest(build_manifest(files, FRACTIONS), rules)
+    return validate_manifest(build_manifest(files, FRACTIONS, limits), rules)
 
 
 def _offending(report) -> str:
@@ -105,3 +105,29 @@ def test_decompression_bomb_is_refused(landing_copy, monkeypatch):
     report = _validate(landing_copy)
     assert not report.success
     assert "decompression bomb" in _offending(report)
+
+
+def test_decoding_limits_name_the_oversized_files(landing_copy):
+    good = landing_copy / "batch-0001" / "good"
+    source = sorted(good.glob("*.png"))[0].read_bytes()
+    noise = (np.random.default_rng(5).random((200, 150, 3)) * 255).astype(np.uint8)
+    Image.fromarray(noise).save(good / "wide.png")            # 30000 pixels, over max_pixels
+    (good / "padded.png").write_bytes(source + b"\0" * 300_000)  # over max_bytes
+    report = _validate(landing_copy, limits=DecodeLimits(max_pixels=64 * 64, max_bytes=200_000))
+    decode = {f["column"]: f for f in report.failures}["decode_ok"]["offending_files"]
+    assert any(line.startswith("batch-0001/good/wide.png: image too large: 150x200 = 30000 pixels, over the "
+                               "limit max_pixels=4096") for line in decode), decode
+    assert any(line.startswith("batch-0001/good/padded.png: file too large:") and "max_bytes=200000" in line
+               for line in decode), decode
+    assert len(decode) == 2  # the 64x64 images of the batch are exactly at the pixel limit, and pass
+
+
+def test_a_batch_without_good_fails_even_when_earlier_batches_have_normal_images(landing_copy):
+    night = landing_copy / "batch-0002"
+    shutil.copytree(landing_copy / "batch-0001" / "scratch", night / "scratch")
+    report = _validate(landing_copy)
+    failed = {f["column"]: f for f in report.failures}
+    assert set(failed) == {"batch_has_normal"}  # the totals (good count, anomaly ratio) still pass
+    files = failed["batch_has_normal"]["offending_files"]
+    assert files and all(line.startswith("batch-0002/scratch/") for line in files)
+    assert "every batch has normal images (a good/ folder)" in report.describe()

@@ -151,6 +151,17 @@ class Registry(_Section):
     experiment: str = Field("anomaly-detector", min_length=1)
     tracking_uri: str | None = None
 
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_credentials(cls, value: str | None) -> str | None:
+        """params.yaml is committed: a password in it would be in git for good."""
+        from urllib.parse import urlsplit
+
+        if value and (urlsplit(value).password or urlsplit(value).username):
+            raise ValueError("holds credentials; keep secrets out of params.yaml: set MLFLOW_TRACKING_USERNAME and "
+                             "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment instead")
+        return value
+
 
 class Score(_Section):
     incoming: str = "data/incoming"
@@ -219,7 +230,8 @@ def _describe(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
         key = ".".join(str(p) for p in item["loc"] if p != "__root__") or "(top level)"
-        lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
+        shown = "<hidden: it holds a secret>" if key == "registry.tracking_uri" else repr(item.get("input"))
+        lines.append(f"  {key}: {item['msg']} (got {shown})")
     return "invalid params:\n" + "\n".join(lines)
 
 

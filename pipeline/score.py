@@ -16,6 +16,7 @@ rename it into the incoming folder when complete: hidden files are never claimed
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -38,6 +39,8 @@ def _load(layout: Layout, model_uri: str | None):
 
     An alias is resolved to its version first and that version is loaded, so the version
     written next to the scores is the one that made them, even if the alias moves meanwhile.
+    Only the configured model in the configured registry is loaded: loading a pyfunc runs
+    its code, so a path, a runs:/ URI or a URL from outside is refused before any download.
     """
     import mlflow
 
@@ -47,13 +50,13 @@ def _load(layout: Layout, model_uri: str | None):
     client = connect(tracking.store(layout))
     name = layout.config.registry.model_name
     model_uri = model_uri or f"models:/{name}@champion"
-    version, load_uri = "", model_uri
+    match = re.fullmatch(rf"models:/{re.escape(name)}(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z0-9_-]+))", model_uri)
+    if match is None:
+        raise StageError(f"score: refusing model URI {model_uri!r}: models load only from the configured registry "
+                         f"({tracking.tracking_uri(layout)}) as models:/{name}/<version> or models:/{name}@<alias>")
     try:
-        if model_uri.startswith(f"models:/{name}@"):
-            version = str(client.get_model_version_by_alias(name, model_uri.split("@", 1)[1]).version)
-            load_uri = f"models:/{name}/{version}"
-        elif model_uri.startswith(f"models:/{name}/"):
-            version = model_uri.rsplit("/", 1)[1]
+        version = match["version"] or str(client.get_model_version_by_alias(name, match["alias"]).version)
+        load_uri = f"models:/{name}/{version}"
         model = mlflow.pyfunc.load_model(load_uri)
     except Exception as error:
         raise StageError(f"score: cannot load {model_uri}: {error}") from None

@@ -242,6 +242,14 @@ def test_score_command_writes_a_table_and_names_a_broken_file(ws, tmp_path):
     assert table.loc[table["file"].str.endswith("broken.png"), "error"].str.contains("not an image").all()
 
 
+@pytest.mark.parametrize("uri", ["runs:/0123456789abcdef/model", "/tmp/some/model", "models:/anomaly-detector/1/../2"])
+def test_score_loads_models_only_from_the_configured_registry(ws, tmp_path, uri):
+    """Loading a pyfunc runs its code: a model from anywhere else is refused before any download."""
+    result = run_cli(ws, "score", str(tmp_path), "--model-uri", uri, check=False)
+    assert result.returncode == 1
+    assert f"refusing model URI {uri!r}: models load only from the configured registry" in result.stderr
+
+
 def test_bad_data_stops_the_run_at_validation_and_nothing_is_registered(ws):
     versions, champion = _versions(ws), _alias(ws, "champion")
     (ws / "data" / "landing" / "batch-0001" / "good" / "zero_bytes.png").write_bytes(b"")

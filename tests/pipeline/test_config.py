@@ -37,6 +37,13 @@ def test_bad_values_are_refused_with_the_key(section, values, key):
     assert key in str(error.value)
 
 
+def test_credentials_in_the_tracking_uri_are_refused():
+    with pytest.raises(ConfigError, match="registry.tracking_uri.*MLFLOW_TRACKING_PASSWORD") as error:
+        parse({"registry": {"tracking_uri": "https://ops:s3cret@mlflow.example.invalid"}})
+    assert "s3cret" not in str(error.value)  # the message goes to logs
+    assert parse({"registry": {"tracking_uri": "https://mlflow.example.invalid"}}).registry.tracking_uri
+
+
 def test_unknown_section_is_refused():
     with pytest.raises(ConfigError, match="trian"):
         parse({"trian": {"epochs": 3}})

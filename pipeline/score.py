@@ -34,6 +34,19 @@ def _visible_files(folder: Path) -> list[Path]:
                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
+def _registry_uri(layout: Layout, model_uri: str | None) -> tuple[str, re.Match]:
+    """The URI (the champion by default) if it names the configured model; else a StageError."""
+    from pipeline import tracking
+
+    name = layout.config.registry.model_name
+    model_uri = model_uri or f"models:/{name}@champion"
+    match = re.fullmatch(rf"models:/{re.escape(name)}(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z0-9_-]+))", model_uri)
+    if match is None:
+        raise StageError(f"score: refusing model URI {model_uri!r}: models load only from the configured registry "
+                         f"({tracking.tracking_uri(layout)}) as models:/{name}/<version> or models:/{name}@<alias>")
+    return model_uri, match
+
+
 def _load(layout: Layout, model_uri: str | None):
     """(model, uri, version) for a models:/ URI; the champion by default.
 
@@ -47,13 +60,9 @@ def _load(layout: Layout, model_uri: str | None):
     from components.registry import connect
     from pipeline import tracking
 
+    model_uri, match = _registry_uri(layout, model_uri)
     client = connect(tracking.store(layout))
     name = layout.config.registry.model_name
-    model_uri = model_uri or f"models:/{name}@champion"
-    match = re.fullmatch(rf"models:/{re.escape(name)}(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z0-9_-]+))", model_uri)
-    if match is None:
-        raise StageError(f"score: refusing model URI {model_uri!r}: models load only from the configured registry "
-                         f"({tracking.tracking_uri(layout)}) as models:/{name}/<version> or models:/{name}@<alias>")
     try:
         version = match["version"] or str(client.get_model_version_by_alias(name, match["alias"]).version)
         load_uri = f"models:/{name}/{version}"
@@ -100,6 +109,7 @@ def _write_csv(table: pd.DataFrame, out: Path) -> None:
 
 def run(layout: Layout, folder: Path, out: Path | None, model_uri: str | None = None) -> pd.DataFrame:
     folder = Path(folder)
+    _registry_uri(layout, model_uri)  # a refused URI is the first thing to hear about
     if not folder.is_dir():
         raise StageError(f"score: folder does not exist: {folder}")
     files = [p for p in _visible_files(folder) if p.suffix.lower() in IMAGE_SUFFIXES]

@@ -74,12 +74,24 @@ def to_tensor(batch: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
+    """Write to a temporary name, fsync, rename: a checkpoint is whole or absent."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # an exception or a signal turned into one: leave no partial file
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _remove_partial_checkpoints(folder: Path) -> None:
+    """A process killed outright (SIGKILL, power) mid-save leaves its temporary file."""
+    for partial in folder.glob("epoch-*.pt.tmp"):
+        log.warning("removing %s, left by a training that was killed while saving it", partial.name)
+        partial.unlink(missing_ok=True)
 
 
 def _checkpoints(folder: Path) -> list[tuple[int, Path]]:
@@ -97,10 +109,14 @@ def load_latest_checkpoint(folder: Path, fingerprint: str) -> dict[str, Any] | N
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # truncated, corrupt, or a pickle that is not plain weights
-            log.warning("skipping unreadable checkpoint %s: %s", path, error)
+            reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+            log.warning("skipping unreadable checkpoint %s: %s", path.name, reason)
             continue
-        if state.get("fingerprint") != fingerprint:
+        if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
             log.info("ignoring checkpoint %s from a different run configuration", path.name)
+            continue
+        if int(state.get("epoch", -1)) != epoch:
+            log.warning("skipping checkpoint %s: it holds epoch %s", path.name, state.get("epoch"))
             continue
         return state
     return None
@@ -139,6 +155,8 @@ def train(
     history: list[dict[str, float]] = []
     start_epoch = 0
 
+    if checkpoint_dir is not None and Path(checkpoint_dir).is_dir():
+        _remove_partial_checkpoints(Path(checkpoint_dir))
     state = load_latest_checkpoint(Path(checkpoint_dir), fingerprint) if checkpoint_dir else None
     if state is not None:
         model.load_state_dict(state["model"])
@@ -146,7 +164,8 @@ def train(
         generator.set_state(state["generator"])
         history = [dict(h) for h in state["history"]]
         start_epoch = int(state["epoch"])
-        log.info("resuming from checkpoint after epoch %d", start_epoch)
+        log.info("resuming from checkpoint epoch-%04d.pt: epochs 1-%d are done, %d to go",
+                 start_epoch, start_epoch, settings.epochs - start_epoch)
     elif isinstance(model, DeepSAD):
         normal = np.flatnonzero(labels < 0.5)
         if len(normal) == 0:
@@ -171,8 +190,8 @@ def train(
                 loss = model.loss(x, y)
             if not torch.isfinite(loss):
                 raise TrainingDivergedError(
-                    f"loss became {loss.item()} at epoch {epoch}, batch {start // settings.batch_size + 1}; "
-                    "lower train.learning_rate or check the data")
+                    f"the loss diverged: it became {loss.item()} at epoch {epoch}, batch "
+                    f"{start // settings.batch_size + 1} (learning rate {settings.learning_rate:g})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -12,10 +12,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 import time
-from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -96,14 +94,13 @@ def _existing(project: Path, run_id: str) -> Workspace:
 
 
 def _stream(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[int, str]:
-    """Run a command with its output going to this task's log line by line; keep the tail."""
-    tail: deque[str] = deque(maxlen=60)
-    with subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          bufsize=1) as process:
-        for line in process.stdout:
-            print(line, end="", flush=True)
-            tail.append(line)
-    return process.returncode, "".join(tail)
+    """Run a command with its output going to this task's log line by line; keep the tail.
+
+    A SIGTERM/SIGINT to the task (Airflow's execution_timeout, a run marked failed) or
+    an exception raised into it stops the command's whole process tree (dvc and the
+    stage under it) before the task fails: no stage keeps running without its task.
+    """
+    return runner.stream(command, cwd, env)
 
 
 def stage(project: Path, run_id: str, name: str) -> dict:

@@ -7,27 +7,163 @@ when the data is refused.
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Iterator
 
-from pipeline.io import read_json, write_json
+from pipeline.io import EXIT_DATA_ERROR, StageError, read_json, write_json
 from pipeline.layout import Layout
 
+# SIGINT, then SIGTERM, then SIGKILL to the child tree: DVC ignores SIGINT while its stage
+# runs and reports the stage's exit, so the first is the clean one. Together they stay
+# under the 5 s Airflow's supervisor waits before it SIGKILLs the task's process group.
+STOP_STEPS = ((signal.SIGINT, 2.0), (signal.SIGTERM, 1.5), (signal.SIGKILL, 5.0))
 
-def _dvc(args: list[str], root: Path, env: dict[str, str]) -> int:
-    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=env).returncode
+
+class Interrupted(StageError):
+    """This process got SIGTERM or SIGINT (Airflow's execution_timeout or a task marked
+    failed, a node draining, Ctrl-C) while a child ran; the child's whole tree was stopped."""
+
+
+@contextmanager
+def _signals_raise() -> Iterator[None]:
+    """SIGTERM/SIGINT raise Interrupted here, so the caller can stop its children first.
+
+    Without this a SIGTERM kills only this process and ``dvc repro`` and the stage it runs
+    go on as orphans (training for hours, holding DVC's lock). A previous Python SIGTERM
+    handler (Airflow's task runner calls the operator's on_kill) still runs first.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def handler(signum, frame):
+        before = previous[signum]
+        if signum == signal.SIGTERM and callable(before):
+            before(signum, frame)
+        raise Interrupted(f"got {signal.Signals(signum).name}")
+
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, before in previous.items():
+            signal.signal(sig, before)
+
+
+def _alive(process) -> bool:
+    import psutil
+
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def stop_tree(process: subprocess.Popen) -> None:
+    """Stop a child and every process under it (dvc -> the stage -> its workers), escalating.
+
+    The tree is read before the first signal: once dvc exits, its stage is re-parented and
+    could no longer be found under it.
+    """
+    import psutil
+
+    try:
+        tree = [psutil.Process(process.pid)]
+        tree += tree[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    for sig, grace in STOP_STEPS:
+        with suppress(psutil.NoSuchProcess):
+            tree += [p for p in psutil.Process(process.pid).children(recursive=True) if p not in tree]
+        alive = [p for p in tree if _alive(p)]
+        if not alive:
+            break
+        for p in alive:
+            with suppress(psutil.NoSuchProcess):
+                p.send_signal(sig)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(_alive(p) for p in alive):
+            if process.poll() is None:
+                with suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=0.05)  # reaps the direct child; the others are polled
+            else:
+                time.sleep(0.05)
+    with suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=1)
+
+
+def stream(command: list[str], cwd: Path, env: dict[str, str], merge: bool = True) -> tuple[int, str]:
+    """Run a command, echoing its output line by line (stdout and stderr together when
+    ``merge``, else only stderr is piped and echoed to ours), and return (exit code, tail).
+
+    If this process is signalled or interrupted (SIGTERM, SIGINT, Airflow's timeout
+    exception) while the command runs, the command's whole process tree is stopped
+    before the exception goes on, so no stage outlives the task that started it.
+    """
+    tail: deque[str] = deque(maxlen=80)
+    out = sys.stdout if merge else sys.stderr
+    with _signals_raise():
+        process = None
+        try:
+            process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE if merge else None,
+                                       stderr=subprocess.STDOUT if merge else subprocess.PIPE, text=True,
+                                       bufsize=1, errors="replace")
+            pipe = process.stdout if merge else process.stderr
+            for line in pipe:
+                print(line, end="", file=out, flush=True)
+                tail.append(line)
+            process.wait()
+        except BaseException as error:
+            if process is not None:
+                stop_tree(process)
+            if isinstance(error, Interrupted):
+                shown = " ".join(command[2:] if command[1:2] == ["-m"] else command)
+                raise Interrupted(f"{error} while running '{shown}'; it and its child processes were stopped") \
+                    from None
+            raise
+        finally:
+            if process is not None:
+                for pipe in (process.stdout, process.stderr):
+                    if pipe is not None:
+                        pipe.close()
+    return process.returncode, "".join(tail)
+
+
+def failed_stage(tail: str) -> tuple[str | None, int | None, str]:
+    """From ``dvc repro``'s output: the stage that failed, its exit code, and its own error line."""
+    stages = re.findall(r"failed to reproduce '([^']+)'", tail)
+    codes = re.findall(r"exited with (-?\d+)", tail)
+    errors = [line[len("error: "):].strip() for line in tail.splitlines() if line.startswith("error: ")]
+    return (stages[-1] if stages else None, int(codes[-1]) if codes else None,
+            errors[-1] if errors else (tail.strip().splitlines() or [""])[-1])
+
+
+def _dvc(args: list[str], root: Path, env: dict[str, str]) -> tuple[int, str]:
+    return stream([sys.executable, "-m", "dvc", *args], root, env, merge=False)
 
 
 def start(layout: Layout, trigger: str, tags: dict[str, str] | None = None) -> str:
     """Create the MLflow run that the whole retraining logs into; returns its id."""
-    from components.registry import connect, ensure_experiment
+    from components.registry import connect, ensure_experiment, promotion_lock
     from pipeline import tracking
 
     store = tracking.store(layout)
-    client = connect(store)
-    experiment_id = ensure_experiment(client, layout.config.registry.experiment, store.artifact_root)
+    # Two runs starting at once on a new SQLite store both ran MLflow's schema migrations
+    # and one failed ("Online migration expected to match one row"); the registry's lock
+    # file (one writer at a time on this store) makes the second wait for the first.
+    with promotion_lock(tracking.promotion_lock(layout)):
+        client = connect(store)
+        experiment_id = ensure_experiment(client, layout.config.registry.experiment, store.artifact_root)
     ml_run = client.create_run(experiment_id, run_name=time.strftime("retrain-%Y%m%d-%H%M%S"),
                                tags={"pipeline": "retrain", "trigger": trigger, **(tags or {})})
     print(f"run: MLflow run {ml_run.info.run_id} in experiment '{layout.config.registry.experiment}' "
@@ -90,10 +226,17 @@ def run(layout: Layout, force: bool = False, reason: str = "") -> int:
     started = time.time()
     run_id = start(layout, os.environ.get("PIPELINE_TRIGGER", "cli"))
     env = stage_env(layout, run_id)
-    if _dvc(["repro"], layout.root, env) != 0:
-        fail(layout, run_id, "dvc repro")
-        return 1
-    if has_remote(layout.root) and _dvc(["push", "--quiet"], layout.root, env) != 0:
+    try:
+        code, tail = _dvc(["repro"], layout.root, env)
+    except BaseException as error:  # SIGTERM or Ctrl-C: the stages were stopped; the run did not finish
+        fail(layout, run_id, "dvc repro", str(error) or type(error).__name__)
+        raise
+    if code != 0:
+        stage, stage_code, message = failed_stage(tail)
+        fail(layout, run_id, stage or "dvc repro", message)
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_DATA_ERROR if stage_code == EXIT_DATA_ERROR else 1
+    if has_remote(layout.root) and _dvc(["push", "--quiet"], layout.root, env)[0] != 0:
         print("run: WARNING dvc push to the remote failed; the data is still in the local DVC cache")
     try:
         report = register.run(layout, run_id=run_id)

@@ -2,6 +2,10 @@
 held-out splits once, so calibrate and evaluate need no torch and no second model load.
 
 When the pipeline runner sets MLFLOW_RUN_ID, per-epoch losses go to that MLflow run live.
+
+SIGTERM (sent by Airflow, by the task that runs DVC, or by a node being drained) ends
+the stage with an error instead of killing it mid-write: temporary files are removed,
+the checkpoints of finished epochs stay, and the retry resumes from the last one.
 """
 from __future__ import annotations
 
@@ -9,7 +13,11 @@ import csv
 import hashlib
 import json
 import os
+import signal
+import threading
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -46,7 +54,29 @@ def _epoch_logger():
     return log
 
 
+@contextmanager
+def _sigterm_raises(layout: Layout) -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise StageError(f"train: stopped by {signal.Signals(signum).name}; the checkpoints of finished epochs "
+                         f"are kept in {layout.checkpoints} and a retry resumes from the last one")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(layout: Layout) -> dict:
+    with _sigterm_raises(layout):
+        return _run(layout)
+
+
+def _run(layout: Layout) -> dict:
     import torch
 
     from components.training import TrainingDivergedError, TrainSettings, score, train
@@ -66,7 +96,9 @@ def run(layout: Layout) -> dict:
                        checkpoint_dir=layout.checkpoints, fingerprint=_fingerprint(layout, spec, settings),
                        on_epoch=_epoch_logger())
     except TrainingDivergedError as error:
-        raise DataError(f"train: {error}") from None
+        eta = ", or train.eta (the weight of labelled anomalies)" if spec["family"] == "deep_sad" else ""
+        raise DataError(f"train: {error}. Lower train.learning_rate{eta}, or check the training data. "
+                        "No model was written, so nothing will be registered") from None
     except ValueError as error:
         raise StageError(f"train: {error}") from None
     seconds = time.perf_counter() - started

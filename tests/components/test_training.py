@@ -78,7 +78,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
 def test_nan_loss_stops_training_with_a_clear_error(arrays, monkeypatch):
     images, labels = arrays
     monkeypatch.setattr(DeepSAD, "loss", lambda self, x, y: self.distance(x).mean() * float("nan"))
-    with pytest.raises(TrainingDivergedError, match="loss became nan at epoch 1"):
+    with pytest.raises(TrainingDivergedError, match="the loss diverged: it became nan at epoch 1, batch 1"):
         train(_spec("deep_sad"), images, labels, SETTINGS, progress=False)
 
 
@@ -104,3 +104,27 @@ def test_deep_sad_without_anomalies_is_deep_svdd(arrays):
     normal = images[labels == 0]
     result = train(_spec("deep_sad"), normal, np.zeros(len(normal), np.float32), SETTINGS, progress=False)
     assert bool(result.model.center_set) and np.isfinite(score(result.model, normal)).all()
+
+
+def test_a_partial_checkpoint_left_by_a_killed_save_is_removed_and_never_loaded(arrays, tmp_path):
+    images, labels = arrays
+    settings = TrainSettings(**{**SETTINGS.__dict__, "epochs": 2})
+    train(_spec("deep_sad"), images, labels, settings, checkpoint_dir=tmp_path, fingerprint="f", progress=False)
+    (tmp_path / "epoch-0003.pt.tmp").write_bytes((tmp_path / "epoch-0002.pt").read_bytes()[:100])
+    resumed = train(_spec("deep_sad"), images, labels, SETTINGS, checkpoint_dir=tmp_path, fingerprint="f",
+                    progress=False)
+    assert resumed.resumed_from_epoch == 2
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_an_interrupted_checkpoint_save_leaves_no_temporary_file(tmp_path, monkeypatch):
+    from components import training
+
+    def interrupted(obj, handle):
+        handle.write(b"half")
+        raise KeyboardInterrupt  # what a SIGINT, or SIGTERM turned into an exception, does mid-save
+
+    monkeypatch.setattr(training.torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        training._atomic_save({"epoch": 1}, tmp_path / "epoch-0001.pt")
+    assert list(tmp_path.iterdir()) == []

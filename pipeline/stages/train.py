@@ -104,8 +104,10 @@ def _run(layout: Layout) -> dict:
     seconds = time.perf_counter() - started
 
     layout.models.mkdir(parents=True, exist_ok=True)
-    with atomic_path(layout.weights) as tmp:
-        torch.save({k: v.cpu() for k, v in result.model.state_dict().items()}, tmp)
+    with atomic_path(layout.weights) as tmp, open(tmp, "wb") as handle:
+        # to a handle, so the archive's inner folder name does not come from the temporary
+        # file's name: equal weights give equal bytes (reproduce compares the hash)
+        torch.save({k: v.cpu() for k, v in result.model.state_dict().items()}, handle)
     write_json(layout.spec, {"spec": result.spec, "image_size": spec["image_size"], "channels": spec["channels"]})
 
     parts = []

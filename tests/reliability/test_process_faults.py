@@ -317,6 +317,7 @@ def test_preprocess_killed_while_writing_its_arrays_is_redone_and_nothing_half_w
     again = dvc(root, "repro", "preprocess")
     assert "Running stage 'preprocess'" in again.stdout
     assert not list(processed.glob(".*"))
+    assert not list(processed.parent.glob(".processed.tmp*")), "the killed run's half-written copy is removed"
     recovered = {p.name: md5(p) for p in processed.iterdir()}
     assert set(recovered) >= {"train_images.npy", "calibration_images.npy", "test_images.npy", "index.parquet"}
     dvc(root, "repro", "--force", "--single-item", "preprocess")  # an uninterrupted preprocess

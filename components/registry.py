@@ -96,11 +96,21 @@ def wait_until_ready(client: MlflowClient, name: str, version: str, timeout: flo
         time.sleep(0.5)
 
 
+NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
+
+
 def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
+    """The version an alias points to; None only when there is no such alias or model.
+
+    Any other error (the server is down, a 5xx) is raised: read as "no champion" it would
+    let a candidate replace a champion it was never compared with.
+    """
     try:
         return str(client.get_model_version_by_alias(name, alias).version)
-    except MlflowException:
-        return None
+    except MlflowException as error:
+        if error.error_code in NOT_FOUND:
+            return None
+        raise
 
 
 def tag_version(client: MlflowClient, name: str, version: str, tags: dict[str, Any]) -> None:

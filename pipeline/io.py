@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -17,7 +19,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_orphans(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{_HOST}-{os.getpid()}")
     try:
         yield tmp
         if tmp.is_dir():
@@ -31,10 +33,13 @@ def atomic_path(path: Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+_HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
 def _remove_orphans(path: Path) -> None:
     """Temporaries of ``path`` left by a process that was killed (its pid is gone): they are
     never read, but a half-written copy of a large output should not keep its disk space."""
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+    for stale in path.parent.glob(f".{path.name}.tmp-{_HOST}-*"):  # another host's pids mean nothing here
         pid = stale.name.rsplit("-", 1)[-1]
         if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
             continue

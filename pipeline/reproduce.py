@@ -8,11 +8,13 @@ version, as the run's ``pipeline/dvc.lock``, whose hash of the raw snapshot the 
 or remote still holds. A scratch git worktree gets all three, DVC checks the snapshot
 out, and every stage after ingest runs again, forced (no stage or run cache).
 
-The metrics and threshold are then compared with the recorded ones. Training on the CPU
-is bit-for-bit deterministic (components/training.py), so there they must be equal,
-and so must the weights' hash. On a GPU (either side) cuDNN and bf16 autocast are not
-bit-exact: values must agree within ``tolerance`` (relative and absolute), and the
-weights' hash is shown but not required to match.
+The metrics and threshold are then compared with the recorded ones, and the data the
+rebuild read (hashed afresh) with the recorded data version. Training on the CPU is
+bit-for-bit deterministic (components/training.py) for one thread count and torch
+version (train.json records both), so then every value must be equal, and so must the
+weights' hash. On a GPU (either side: cuDNN and bf16 autocast are not bit-exact), or
+with another thread count or torch version, values must agree within ``tolerance``
+(relative and absolute) and the weights' hash is shown but not required to match.
 """
 from __future__ import annotations
 
@@ -84,6 +86,20 @@ def _rows(recorded: dict, reproduced: dict, tolerance: float | None, prefix: str
             same = old == new
         rows.append(Row(prefix + key, old, new, same))
     return rows
+
+
+def _same(name: str, recorded: object, reproduced: object, required: bool = True) -> Row:
+    """A row that matches only when both sides are known and equal."""
+    return Row(name, recorded, reproduced, recorded is not None and recorded == reproduced, required)
+
+
+def _read_hash(lock: dict, path: str) -> str | None:
+    """The hash of ``path`` as the rebuild's stages read it (a dependency, hashed afresh)."""
+    for stage in (lock.get("stages") or {}).values():
+        for dep in (stage or {}).get("deps", []):
+            if dep.get("path") == path:
+                return dep.get("md5")
+    return None
 
 
 def _out_hash(lock: dict, stage: str, path: str) -> str | None:
@@ -163,28 +179,30 @@ def reproduce(layout: Layout, ref: str, tolerance: float | None = None, keep: bo
             if _run([*dvc, "repro", "--force", "--no-run-cache", "--single-item", stage.name], root, env) != 0:
                 raise StageError(f"reproduce: stage {stage.name} failed in {root}")
 
-        rebuilt = Layout(root=root, config=_load(root))
-        old_lock, new_lock = yaml.safe_load((recorded / "dvc.lock").read_text()), \
-            yaml.safe_load((root / "dvc.lock").read_text())
+        # paths from the recorded params as they are: an old record need not pass today's schema
+        reports, models = root / params["paths"]["reports"], root / params["paths"]["models"]
+        old_lock = yaml.safe_load((recorded / "dvc.lock").read_text())
+        new_lock = yaml.safe_load((root / "dvc.lock").read_text())
         old_train = read_json(recorded / "train.json") if (recorded / "train.json").is_file() else {}
-        new_train = read_json(rebuilt.train_metrics)
-        on_gpu = "cuda" in (old_train.get("device"), new_train.get("device"))
-        tol = (tolerance if tolerance is not None else GPU_TOLERANCE) if on_gpu else tolerance
+        new_train = read_json(reports / "train.json")
+        setup = ("device", "threads", "torch")
+        exact = "cuda" not in (old_train.get("device"), new_train.get("device")) and \
+            all(old_train.get(k) == new_train.get(k) for k in setup)
+        tol = tolerance if exact else (tolerance if tolerance is not None else GPU_TOLERANCE)
+        rows = [_same("data version", run.data.tags.get("data_version"), _read_hash(new_lock, raw))]
+        rows += [Row(k, old_train.get(k), new_train.get(k), old_train.get(k) == new_train.get(k), required=False)
+                 for k in setup]
         weights = str(Path(params["paths"]["models"]) / "model.pt")
-        rows = [Row("data version", _out_hash(old_lock, "ingest", raw), _out_hash(new_lock, "ingest", raw),
-                    _out_hash(old_lock, "ingest", raw) == _out_hash(new_lock, "ingest", raw)),
-                Row("device", old_train.get("device"), new_train.get("device"),
-                    old_train.get("device") == new_train.get("device"), required=False)]
-        same_weights = _out_hash(old_lock, "train", weights) == _out_hash(new_lock, "train", weights)
-        rows.append(Row("weights md5", _out_hash(old_lock, "train", weights), _out_hash(new_lock, "train", weights),
-                        same_weights, required=not on_gpu))
+        rows.append(_same("weights md5", _out_hash(old_lock, "train", weights), _out_hash(new_lock, "train", weights),
+                          required=exact))
         calibration_keys = ("threshold", "fpr_bound", "method")
-        old_cal, new_cal = read_json(recorded / "threshold.json"), read_json(rebuilt.threshold)
+        old_cal, new_cal = read_json(recorded / "threshold.json"), read_json(models / "threshold.json")
         rows += _rows({k: old_cal.get(k) for k in calibration_keys}, {k: new_cal.get(k) for k in calibration_keys},
                       tol, "calibration ")
-        rows += _rows(read_json(recorded / "metrics.json"), read_json(rebuilt.metrics), tol, "test ")
+        rows += _rows(read_json(recorded / "metrics.json"), read_json(reports / "metrics.json"), tol, "test ")
         matched = all(r.match for r in rows if r.required)
-        mode = f"within tolerance {tol:g} (GPU)" if on_gpu else "exactly (CPU)"
+        mode = ("exactly (CPU, same threads and torch)" if tol is None else f"within tolerance {tol:g}") + \
+            ("" if exact else " (a GPU, or another thread count or torch version: not bit-exact)")
         print_table(rows, f"reproduce {label}: must match {mode}")
         print(f"\nreproduce: {'MATCH' if matched else 'MISMATCH'}: "
               + ("the rebuilt model equals the recorded one" if matched else
@@ -197,9 +215,3 @@ def reproduce(layout: Layout, ref: str, tolerance: float | None = None, keep: bo
             subprocess.run(["git", "worktree", "prune"], cwd=project, capture_output=True)
         else:
             print(f"reproduce: rebuilt workspace kept at {root}")
-
-
-def _load(root: Path):
-    from pipeline.config import load
-
-    return load(root / "params.yaml")

@@ -60,6 +60,19 @@ def _signals_raise() -> Iterator[None]:
             signal.signal(sig, before)
 
 
+@contextmanager
+def _signals_ignored() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, before in previous.items():
+            signal.signal(sig, before)
+
+
 def _alive(process) -> bool:
     import psutil
 
@@ -125,7 +138,8 @@ def stream(command: list[str], cwd: Path, env: dict[str, str], merge: bool = Tru
             process.wait()
         except BaseException as error:
             if process is not None:
-                stop_tree(process)
+                with _signals_ignored():  # a second Ctrl-C or SIGTERM must not cut the clean-up short
+                    stop_tree(process)
             if isinstance(error, Interrupted):
                 shown = " ".join(command[2:] if command[1:2] == ["-m"] else command)
                 raise Interrupted(f"{error} while running '{shown}'; it and its child processes were stopped") \
@@ -161,13 +175,13 @@ def start(layout: Layout, trigger: str, tags: dict[str, str] | None = None) -> s
     # Two runs starting at once on a new SQLite store both ran MLflow's schema migrations
     # and one failed ("Online migration expected to match one row"); the registry's lock
     # file (one writer at a time on this store) makes the second wait for the first.
-    with promotion_lock(tracking.promotion_lock(layout)):
+    with promotion_lock(tracking.promotion_lock(layout) if tracking.local_store(layout) else None):
         client = connect(store)
         experiment_id = ensure_experiment(client, layout.config.registry.experiment, store.artifact_root)
     ml_run = client.create_run(experiment_id, run_name=time.strftime("retrain-%Y%m%d-%H%M%S"),
                                tags={"pipeline": "retrain", "trigger": trigger, **(tags or {})})
     print(f"run: MLflow run {ml_run.info.run_id} in experiment '{layout.config.registry.experiment}' "
-          f"at {store.tracking_uri}")
+          f"at {tracking.shown(store.tracking_uri)}")
     return ml_run.info.run_id
 
 
@@ -271,6 +285,8 @@ def print_summary(layout: Layout, summary: dict) -> None:
 
 
 def _print_summary(layout: Layout, summary: dict, tracking_uri: str) -> None:
+    from pipeline import tracking
+
     name = layout.config.registry.model_name
     validation = summary.get("validation") or {}
     lines = ["", "=" * 27 + " retraining summary " + "=" * 27]
@@ -312,7 +328,7 @@ def _print_summary(layout: Layout, summary: dict, tracking_uri: str) -> None:
         if summary.get("seconds") is not None:
             lines.append(f"took         {summary['seconds']:.0f} s")
     lines += [
-        "next         MLflow UI:  make mlflow   (MLFLOW_TRACKING_URI=" + tracking_uri + ")",
+        "next         MLflow UI:  make mlflow   (MLFLOW_TRACKING_URI=" + tracking.shown(tracking_uri) + ")",
         f"             score:      .venv/bin/python -m pipeline score <folder of images> --out scores.csv",
         f"             in Python:  mlflow.pyfunc.load_model('models:/{name}@champion')",
         "=" * 74,

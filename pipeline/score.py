@@ -43,7 +43,7 @@ def _registry_uri(layout: Layout, model_uri: str | None) -> tuple[str, re.Match]
     match = re.fullmatch(rf"models:/{re.escape(name)}(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z0-9_-]+))", model_uri)
     if match is None:
         raise StageError(f"score: refusing model URI {model_uri!r}: models load only from the configured registry "
-                         f"({tracking.tracking_uri(layout)}) as models:/{name}/<version> or models:/{name}@<alias>")
+                         f"({tracking.shown(tracking.tracking_uri(layout))}) as models:/{name}/<version> or models:/{name}@<alias>")
     return model_uri, match
 
 

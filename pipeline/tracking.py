@@ -29,19 +29,49 @@ def artifact_root(layout: Layout) -> str | None:
     return None
 
 
-def promotion_lock(layout: Layout) -> Path:
-    """The lock file that serialises alias moves on one registry (components.registry.promotion_lock):
-    beside a SQLite or file store, else per tracking URI in the user's cache folder."""
-    import hashlib
+def shown(uri: str) -> str:
+    """A tracking URI fit for a log line: a user or password in it (MLFLOW_TRACKING_URI may
+    hold one; params.yaml may not) is replaced by ***."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if not (parts.username or parts.password):
+        return uri
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+
+
+def local_store(layout: Layout) -> Path | None:
+    """The SQLite file or the file-store folder of a store on this machine; None for a server."""
     from urllib.parse import urlparse
 
     uri = tracking_uri(layout)
     if uri.startswith("sqlite:///"):
-        return Path(uri[len("sqlite:///"):]).with_suffix(".promote.lock")  # sqlite:////abs or sqlite:///rel
-    if uri.startswith("file:") or "://" not in uri:
-        return Path(urlparse(uri).path if uri.startswith("file:") else uri) / ".promote.lock"
-    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "anomaly-pipeline" / f"promote-{digest}.lock"
+        return Path(uri[len("sqlite:///"):])  # sqlite:////abs or sqlite:///rel
+    if uri.startswith("file:"):
+        return Path(urlparse(uri).path)
+    if "://" not in uri and not uri.startswith("databricks"):
+        return Path(uri)
+    return None
+
+
+def promotion_lock(layout: Layout) -> Path:
+    """The lock file that serialises alias moves on one registry (components.registry.promotion_lock):
+    beside a SQLite or file store, else per tracking URI in the user's cache folder (or the
+    temporary folder, where there is no writable home)."""
+    import hashlib
+    import tempfile
+
+    local = local_store(layout)
+    if local is not None:
+        return local.with_suffix(".promote.lock") if tracking_uri(layout).startswith("sqlite:") \
+            else local / ".promote.lock"
+    name = f"promote-{hashlib.sha256(tracking_uri(layout).encode()).hexdigest()[:16]}.lock"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "anomaly-pipeline"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        cache = Path(tempfile.gettempdir())
+    return cache / name
 
 
 def store(layout: Layout):
@@ -75,29 +105,31 @@ def git_info(root: Path) -> dict[str, str]:
     return {"git_commit": commit or "unknown", "git_dirty": str(bool(dirty)).lower() if commit else "unknown"}
 
 
-def uncommitted_patch(root: Path) -> str:
+def uncommitted_patch(root: Path) -> bytes:
     """The code that ran, as a binary patch against its commit: every change, staged or not,
     and every untracked file git does not ignore. params.yaml and dvc.lock are left out
-    (the run records them whole). ``reproduce`` applies it to rebuild a dirty run's code.
+    (the run records them whole), and so are DVC's .gitignore files and a run workspace's
+    own record. ``reproduce`` applies it to rebuild a dirty run's code.
 
-    A throw-away index is used, so the repository's own index is never touched.
+    Bytes, not text: a patch must apply byte for byte (CRLF, other encodings). A throw-away
+    index is used, so the repository's own index is never touched.
     """
     import tempfile
 
     with tempfile.TemporaryDirectory() as scratch:
         env = {**os.environ, "GIT_INDEX_FILE": str(Path(scratch) / "index")}
 
-        def git(*args: str) -> str:
-            return subprocess.run(["git", *args], cwd=root, env=env, capture_output=True, text=True, check=True,
+        def git(*args: str) -> bytes:
+            return subprocess.run(["git", *args], cwd=root, env=env, capture_output=True, check=True,
                                   timeout=120).stdout
 
         try:
             git("read-tree", "HEAD")
             git("add", "-A", "--", ".")
             return git("diff", "--cached", "--binary", "HEAD", "--", ".", ":(exclude)params.yaml",
-                       ":(exclude)dvc.lock", ":(exclude)**/.gitignore")
+                       ":(exclude)dvc.lock", ":(exclude)**/.gitignore", ":(exclude).workspace.json")
         except (OSError, subprocess.SubprocessError):
-            return ""
+            return b""
 
 
 def data_version(layout: Layout) -> str:

@@ -158,10 +158,10 @@ def create(project: Path, run_id: str, overrides: dict[str, Any] | None = None) 
               "commit": _git(project, "rev-parse", "HEAD").strip(), "project_dirty": dirty}
     with atomic_path(root / RECORD) as tmp:
         tmp.write_text(json.dumps(record, indent=2))
-    latest = runs_dir(project) / "latest"
-    if latest.is_symlink() or latest.exists():
-        latest.unlink()
-    latest.symlink_to(root.name)
+    link = runs_dir(project) / f".latest-{os.getpid()}"  # made aside and renamed: runs starting at once
+    link.unlink(missing_ok=True)
+    link.symlink_to(root.name)
+    os.replace(link, runs_dir(project) / "latest")
     return Workspace(root, project, record)
 
 

@@ -23,11 +23,14 @@ def _regate(layout: Layout, client, gates: dict, current: str) -> list[str]:
     from pipeline.stages import register
 
     test_bytes, labels = register.test_split(layout)
-    results, _, note = register.compare(layout, gates["candidate_metrics"], current, test_bytes, labels)
+    results, champion, note = register.compare(layout, gates["candidate_metrics"], current, test_bytes, labels)
     report = gate_rules.summarise(results)
-    if report["passed"]:
+    if champion is None:  # unlike at register, we know a champion took over: no comparison, no move
+        report["failed"].append("vs_champion")
+        report["reasons"].append(f"{note}; not promoted over a champion it could not be compared with")
+    if not report["failed"]:
         return []
-    reasons = report["reasons"] + ([note] if note else [])
+    reasons = report["reasons"]
     tag_version(client, layout.config.registry.model_name, str(gates["version"]), {
         "gate_status": "failed", "gates_failed": ",".join(report["failed"]),
         "gate_reasons": f"re-gated at promotion against v{current}: " + "; ".join(reasons)[:4800]})

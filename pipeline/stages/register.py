@@ -84,7 +84,11 @@ def _log_run_record(layout: Layout, client, run_id: str, metrics: dict, calibrat
             mlflow.log_artifact(str(path), "pipeline")
     patch = tracking.uncommitted_patch(layout.root)
     if patch:  # the code was not exactly the commit: keep the difference, so reproduce can rebuild it
-        mlflow.log_text(patch, "pipeline/uncommitted.patch")
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as scratch:
+            (Path(scratch) / "uncommitted.patch").write_bytes(patch)
+            mlflow.log_artifact(str(Path(scratch) / "uncommitted.patch"), "pipeline")
     env = tracking.environment()
     mlflow.log_text(env.pop("packages"), "environment/requirements.txt")
     mlflow.log_dict(env, "environment/python.json")

@@ -54,15 +54,19 @@ def _epoch_logger():
     return log
 
 
+class _Terminated(BaseException):
+    """SIGTERM arrived. A BaseException, so that no ``except Exception`` on the way (a
+    checkpoint that fails to load, MLflow's client) can take it for an ordinary error."""
+
+
 @contextmanager
-def _sigterm_raises(layout: Layout) -> Iterator[None]:
+def _sigterm_raises() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def stop(signum, frame):
-        raise StageError(f"train: stopped by {signal.Signals(signum).name}; the checkpoints of finished epochs "
-                         f"are kept in {layout.checkpoints} and a retry resumes from the last one")
+        raise _Terminated(signal.Signals(signum).name)
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
@@ -72,8 +76,12 @@ def _sigterm_raises(layout: Layout) -> Iterator[None]:
 
 
 def run(layout: Layout) -> dict:
-    with _sigterm_raises(layout):
-        return _run(layout)
+    try:
+        with _sigterm_raises():
+            return _run(layout)
+    except _Terminated as signalled:
+        raise StageError(f"train: stopped by {signalled}; the checkpoints of finished epochs are kept in "
+                         f"{layout.checkpoints} and a retry resumes from the last one") from None
 
 
 def _run(layout: Layout) -> dict:
@@ -128,6 +136,8 @@ def _run(layout: Layout) -> dict:
     trained_epochs = len(result.history) - result.resumed_from_epoch
     metrics = {
         "family": spec["family"], "device": result.device, "epochs": config.train.epochs,
+        # what bit-for-bit equality on the CPU also depends on (pipeline reproduce compares them)
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
         "resumed_from_epoch": result.resumed_from_epoch, "final_train_loss": result.history[-1]["train_loss"],
         "train_images": int(len(train_rows)), "train_anomalies": int(train_rows["is_anomaly"].sum()),
         "seconds": round(seconds, 3),

@@ -45,21 +45,51 @@ def set_params(root: Path, **sections) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def run_cli(root: Path, *args: str, check: bool = True, timeout: float = 600,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """python -m pipeline in the workspace, as a user would, with the venv's bin on PATH
-    (plus ``env``, set after the inherited MLflow and Airflow settings are dropped)."""
-    extra, env = env or {}, {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment with the venv's bin on PATH, less the MLflow and Airflow settings a
+    developer's shell may hold (a workspace uses its own stores), plus ``extra``."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     for inherited in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_ARTIFACT_ROOT", "AIRFLOW_HOME",
                       "ANOMALY_PIPELINE_PROJECT", "ANOMALY_PIPELINE_RUNS"):
         env.pop(inherited, None)
-    env.update(extra)
-    result = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=root, env=env, capture_output=True,
-                            text=True, timeout=timeout)
+    return {**env, **(extra or {})}
+
+
+def run_cli(root: Path, *args: str, check: bool = True, timeout: float = 600,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """python -m pipeline in the workspace, as a user would (see clean_env; ``env`` is added)."""
+    result = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=root, env=clean_env(env),
+                            capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"pipeline {' '.join(args)} exited {result.returncode}\n"
                              f"--- stdout ---\n{result.stdout[-6000:]}\n--- stderr ---\n{result.stderr[-6000:]}")
     return result
+
+
+def dvc(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=clean_env(), capture_output=True,
+                            text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} exited {result.returncode}\n{result.stdout[-4000:]}\n"
+                             f"{result.stderr[-4000:]}")
+    return result
+
+
+def start(root: Path, command: list[str], log: Path) -> subprocess.Popen:
+    """A process in its own session (so a group signal reaches it and its children only)."""
+    return subprocess.Popen(command, cwd=root, env=clean_env(), stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+# what an Airflow task does, without Airflow: python -c DRIVER <project> <run id> <stage>...
+DRIVER = """
+import sys
+from pipeline import orchestrate
+project, run_id, *names = sys.argv[1:]
+orchestrate.prepare(project, run_id)
+for name in names:
+    print(orchestrate.stage(project, run_id, name), flush=True)
+"""
 
 
 def make_workspace(root: Path, params: dict | None = None, with_data: bool = True) -> Path:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import time
@@ -18,41 +17,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import make_workspace
+from conftest import DRIVER, clean_env, dvc, make_workspace, start
 
 pytestmark = pytest.mark.slow
 
-DRIVER = """
-import sys
-from pipeline import orchestrate
-project, run_id, *names = sys.argv[1:]
-orchestrate.prepare(project, run_id)
-for name in names:
-    print(orchestrate.stage(project, run_id, name), flush=True)
-"""
 VOLATILE = {("validate", "reports/validation/report.html"), ("validate", "reports/validation/gx_result.json"),
             ("train", "reports/train.json")}
 STAGES = ("ingest", "validate", "preprocess", "train", "calibrate", "evaluate")
 
 
-def _env() -> dict[str, str]:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    for inherited in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_ARTIFACT_ROOT", "AIRFLOW_HOME",
-                      "ANOMALY_PIPELINE_PROJECT", "ANOMALY_PIPELINE_RUNS"):
-        env.pop(inherited, None)
-    return env
 
-
-def dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=_env(), capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, f"dvc {' '.join(args)}: {result.stdout[-3000:]}{result.stderr[-3000:]}"
-    return result
-
-
-def start(root: Path, command: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(command, cwd=root, env=_env(), stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
 
 
 def md5(path: Path) -> str:
@@ -108,7 +82,7 @@ def test_two_dvc_repro_in_one_workspace_the_second_fails_clearly_and_nothing_is_
         assert time.monotonic() < deadline, "the first dvc repro did not start training"
         time.sleep(0.05)
 
-    second = subprocess.run([sys.executable, "-m", "dvc", "repro", "train"], cwd=root, env=_env(),
+    second = subprocess.run([sys.executable, "-m", "dvc", "repro", "train"], cwd=root, env=clean_env(),
                             capture_output=True, text=True, timeout=300)
     assert first.poll() is None, "the two runs did not overlap; the test proves nothing"
     assert second.returncode != 0

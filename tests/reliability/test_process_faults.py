@@ -23,44 +23,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import make_workspace, run_cli, set_params
+from conftest import DRIVER, clean_env, dvc, make_workspace, run_cli, set_params, start
 
 pytestmark = pytest.mark.slow
 
 EPOCHS = 30  # about 0.1 s each with TINY_PARAMS: long enough for a signal to land mid-run
 PARAMS = {"train": {"epochs": EPOCHS}}
 LOW_GATES = {"min_auroc": 0.0, "min_average_precision": 0.0, "max_fpr": 1.0}
-DRIVER = """
-import sys
-from pipeline import orchestrate
-project, run_id, *names = sys.argv[1:]
-orchestrate.prepare(project, run_id)
-for name in names:
-    print(orchestrate.stage(project, run_id, name), flush=True)
-"""
 
 
-def _env() -> dict[str, str]:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    for inherited in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_ARTIFACT_ROOT", "AIRFLOW_HOME",
-                      "ANOMALY_PIPELINE_PROJECT", "ANOMALY_PIPELINE_RUNS"):
-        env.pop(inherited, None)
-    return env
 
-
-def dvc(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=_env(), capture_output=True,
-                            text=True, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"dvc {' '.join(args)} exited {result.returncode}\n{result.stdout[-4000:]}\n"
-                             f"{result.stderr[-4000:]}")
-    return result
-
-
-def start(root: Path, command: list[str], log: Path) -> subprocess.Popen:
-    """A process in its own session (so a group signal reaches it and its children only)."""
-    return subprocess.Popen(command, cwd=root, env=_env(), stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
 
 
 def wait_for(condition, what: str, timeout: float = 300, process: subprocess.Popen | None = None,
@@ -187,7 +159,7 @@ def test_truncated_checkpoint_and_a_planted_pickle_are_skipped_for_the_last_good
     torch.save({"epoch": newest + 1, "model": _RunsCode(marker)}, planted)
     # the planted file really is dangerous: a full unpickle runs its code
     probe = subprocess.run([sys.executable, "-c", "import sys, torch; torch.load(sys.argv[1], weights_only=False)",
-                            str(planted)], cwd=Path(__file__).parent, env=_env(), capture_output=True, text=True)
+                            str(planted)], cwd=Path(__file__).parent, env=clean_env(), capture_output=True, text=True)
     assert marker.exists(), probe.stderr[-2000:]
     marker.unlink()
 
@@ -235,7 +207,7 @@ def test_sigterm_to_the_train_task_stops_its_whole_tree_and_fails_it(prepared, r
     run_id = "manual__sigterm"
     workspace = project / "runs" / run_id
     driver = [sys.executable, "-c", DRIVER, str(project), run_id]
-    subprocess.run([*driver, "ingest", "validate", "preprocess"], cwd=project, env=_env(), check=True,
+    subprocess.run([*driver, "ingest", "validate", "preprocess"], cwd=project, env=clean_env(), check=True,
                    capture_output=True, timeout=600)
 
     log = tmp_path / "task.log"
@@ -268,7 +240,7 @@ def test_sigterm_to_the_train_task_stops_its_whole_tree_and_fails_it(prepared, r
     assert not (workspace / "models" / "model.pt").exists()
 
     if target == "task process":  # the retry Airflow makes: same run, same workspace
-        retry = subprocess.run([*driver, "train"], cwd=project, env=_env(), capture_output=True, text=True,
+        retry = subprocess.run([*driver, "train"], cwd=project, env=clean_env(), capture_output=True, text=True,
                                timeout=600)
         assert retry.returncode == 0, retry.stdout[-3000:] + retry.stderr[-3000:]
         assert f"resuming from checkpoint epoch-{done[-1]:04d}.pt" \

@@ -49,8 +49,8 @@ def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """This environment with the venv's bin on PATH, less the MLflow and Airflow settings a
     developer's shell may hold (a workspace uses its own stores), plus ``extra``."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    for inherited in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_ARTIFACT_ROOT", "AIRFLOW_HOME",
-                      "ANOMALY_PIPELINE_PROJECT", "ANOMALY_PIPELINE_RUNS"):
+    for inherited in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_RUN_ID", "MLFLOW_ARTIFACT_ROOT",
+                      "AIRFLOW_HOME", "ANOMALY_PIPELINE_PROJECT", "ANOMALY_PIPELINE_RUNS"):
         env.pop(inherited, None)
     return {**env, **(extra or {})}
 
@@ -114,6 +114,19 @@ def make_workspace(root: Path, params: dict | None = None, with_data: bool = Tru
     if with_data:
         write_batch(root / "data" / "landing", "batch-0001", seed=7, spec=TINY_SPEC)
     return root
+
+
+@pytest.fixture(autouse=True)
+def _forget_mlflow_uris():
+    """mlflow.set_tracking_uri is process-global and exports MLFLOW_TRACKING_URI to every later
+    subprocess: a test that points this process at its store must not point the next test there."""
+    yield
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        mlflow.set_tracking_uri(None)  # also unsets MLFLOW_TRACKING_URI
+        mlflow.set_registry_uri(None)
+        os.environ.pop("MLFLOW_REGISTRY_URI", None)
 
 
 @pytest.fixture(scope="session")

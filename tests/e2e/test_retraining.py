@@ -221,7 +221,8 @@ def test_mlflow_models_serve_answers_invocations_like_the_pyfunc(ws, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
-    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")  # process-global: every in-process load sets both
+    mlflow.set_registry_uri(f"sqlite:///{ws / 'mlflow.db'}")
     local = mlflow.pyfunc.load_model("models:/anomaly-detector@champion").predict(pd.DataFrame({"image": images}))
     assert [row["is_anomaly"] for row in served] == local["is_anomaly"].tolist()
     assert [row["anomaly_score"] for row in served] == pytest.approx(local["anomaly_score"].tolist(), rel=1e-6)

@@ -188,12 +188,14 @@ def test_unreadable_files_are_refused_by_name(champion, landing):
     assert "every file's content matches its extension" in output
 
 
-def test_served_champion_applies_the_decoding_limits_it_was_trained_with(champion, monkeypatch):
+def test_served_champion_applies_the_decoding_limits_it_was_trained_with(champion):
     """Security: the registered pyfunc carries max_pixels/max_bytes and refuses a bomb when it scores."""
     import mlflow
 
     root, _ = champion
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)  # process-global, and an earlier test may have set it: say it here
+    mlflow.set_registry_uri(uri)
     model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
     import pandas as pd
 

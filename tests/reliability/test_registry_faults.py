@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_workspace, run_cli
+from conftest import clean_env, dvc, make_workspace, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -148,9 +148,7 @@ def test_8_server_dies_during_register_and_the_retry_registers_exactly_one_clean
     before = _files(server.artifacts)
 
     first = subprocess.Popen([sys.executable, "-m", "pipeline", "register"], cwd=ws, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True,
-                             env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}"
-                                  f"{os.environ['PATH']}", **env})
+                             stderr=subprocess.STDOUT, text=True, env=clean_env(env))
     deadline = time.monotonic() + 300
     while not any("/models/" in p.as_posix() for p in _files(server.artifacts) - before):  # the model's upload began
         assert first.poll() is None, "register ended before it uploaded a model: " + first.stdout.read()[-3000:]
@@ -179,7 +177,8 @@ def test_8_a_version_whose_model_files_are_incomplete_is_never_promoted(ws, serv
 
     client = _client(server)
     champion = _alias(server, "champion")
-    mlflow.set_tracking_uri(server.uri)
+    mlflow.set_tracking_uri(server.uri)  # process-global: every in-process load sets both
+    mlflow.set_registry_uri(server.uri)
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/{champion}", dst_path=str(tmp_path / "m")))
     weights = [p for p in local.rglob("*.pt")]
     assert weights, list(local.rglob("*"))
@@ -204,9 +203,7 @@ PROMOTE = [sys.executable, "-m", "pipeline", "promote"]
 def _gated(server: Server, folder: Path, train: dict) -> tuple[Path, str]:
     """A project trained with ``train`` and registered (gated against today's champion), not promoted."""
     root = _project(folder, server, train)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    subprocess.run([sys.executable, "-m", "dvc", "repro", "--quiet"], cwd=root, env=env, check=True)
+    dvc(root, "repro", "--quiet")
     out = run_cli(root, "register").stdout
     assert "all gates passed" in out, out[-2000:]
     return root, out.split("register: anomaly-detector v", 1)[1].split()[0]
@@ -232,9 +229,7 @@ def _reset(server: Server, champion: str, previous: str | None) -> None:
 def test_9_two_promotions_at_once_end_on_the_better_model(server, candidates):
     champion, (fair, fair_version), (good, good_version) = candidates
     previous = _alias(server, "previous")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    both = [subprocess.Popen(PROMOTE, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    both = [subprocess.Popen(PROMOTE, cwd=root, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for root in (fair, good)]
     outputs = [p.communicate(timeout=600)[0] for p in both]
     assert both[1].returncode == 0 and both[0].returncode in (0, 3), outputs  # 3: fair was not promoted

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from benchmarks.common import deep_update, make_project
 from components.synthetic import BatchSpec, write_batch
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -28,15 +29,6 @@ TINY_PARAMS = {
     "validate": {"min_good": 10, "min_anomalies": 5},
     "calibration": {"target_fpr": 0.1},
 }
-
-
-def deep_update(base: dict, extra: dict) -> dict:
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            deep_update(base[key], value)
-        else:
-            base[key] = value
-    return base
 
 
 def set_params(root: Path, **sections) -> None:
@@ -93,24 +85,8 @@ for name in names:
 
 
 def make_workspace(root: Path, params: dict | None = None, with_data: bool = True) -> Path:
-    """A self-contained project copy: code, dvc.yaml, params, git, DVC with a local remote."""
-    root.mkdir(parents=True, exist_ok=True)
-    for name in ("components", "pipeline", "dags"):
-        shutil.copytree(PROJECT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
-        shutil.copy2(PROJECT / name, root / name)
-    deep_update_params = deep_update(yaml.safe_load((PROJECT / "params.yaml").read_text()),
-                                     deep_update(yaml.safe_load(yaml.safe_dump(TINY_PARAMS)), params or {}))
-    (root / "params.yaml").write_text(yaml.safe_dump(deep_update_params, sort_keys=False))
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    dvc = [sys.executable, "-m", "dvc"]
-    subprocess.run([*dvc, "init", "-q"], cwd=root, check=True)
-    subprocess.run([*dvc, "config", "core.analytics", "false"], cwd=root, check=True)
-    subprocess.run([*dvc, "remote", "add", "-d", "local", str(root / "dvc-remote")], cwd=root, check=True,
-                   capture_output=True)
-    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
-    subprocess.run([*git, "commit", "-q", "-m", "workspace"], cwd=root, check=True)
+    """A self-contained project copy (benchmarks.common.make_project) with TINY_PARAMS, plus one tiny batch."""
+    make_project(root, deep_update(yaml.safe_load(yaml.safe_dump(TINY_PARAMS)), params or {}))
     if with_data:
         write_batch(root / "data" / "landing", "batch-0001", seed=7, spec=TINY_SPEC)
     return root

@@ -1,0 +1,1 @@
+"""The benchmark suite (python -m benchmarks, make bench); see benchmarks/README.md."""

@@ -1,0 +1,159 @@
+"""What every benchmark shares: repeated timing, a child's peak memory, the figure record.
+
+A benchmark module (benchmarks/<name>.py) has a ``TITLE`` and ``run(ctx) -> list[Figure]``.
+Each figure keeps all its samples; results.json and RESULTS.md show the median and the
+min-max range. Ratios are computed from repetitions taken side by side in one run (A, B,
+A, B, ...), never against a figure from another run: these machines are shared and noisy.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+
+@dataclass
+class Figure:
+    """One measured quantity. ``key`` is stable across runs (the before/after column uses it)."""
+
+    key: str
+    label: str
+    unit: str
+    samples: list[float]
+    target: str = ""          # in words, e.g. ">= 0.95"; empty: informational
+    met: bool | None = None   # None: no target, or not measurable here
+    note: str = ""
+    higher_is_better: bool | None = None
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.samples) if self.samples else None
+
+    def as_dict(self) -> dict:
+        record = asdict(self)
+        record.update(median=self.median, min=min(self.samples) if self.samples else None,
+                      max=max(self.samples) if self.samples else None)
+        return record
+
+
+@dataclass
+class Context:
+    """What the runner hands each benchmark."""
+
+    quick: bool                       # small sizes and few repetitions: a smoke run, not figures to quote
+    repeats: int
+    scratch: Path                     # a private folder, removed after the run
+    log: Callable[[str], None] = print
+    extra: dict = field(default_factory=dict)
+
+    def folder(self, name: str) -> Path:
+        path = self.scratch / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def check(figure: Figure, at_least: float | None = None, at_most: float | None = None) -> Figure:
+    """Set target text and met from a bound on the median."""
+    if at_least is not None:
+        figure.target, figure.met = f">= {at_least:g}", figure.median is not None and figure.median >= at_least
+    elif at_most is not None:
+        figure.target, figure.met = f"<= {at_most:g}", figure.median is not None and figure.median <= at_most
+    return figure
+
+
+def ratios(numerators: Sequence[float], denominators: Sequence[float]) -> list[float]:
+    """Pairwise ratios of side-by-side repetitions (the i-th of one against the i-th of the other)."""
+    return [a / b for a, b in zip(numerators, denominators) if b]
+
+
+@dataclass
+class ChildRun:
+    seconds: float
+    peak_rss_mb: float     # the largest resident set of the child or any process it waited for
+    returncode: int
+    output: str
+
+
+def run_child(command: Sequence[str], cwd: Path | None = None, env: dict | None = None,
+              check_rc: bool = True, timeout: float = 3600) -> ChildRun:
+    """Run a command to its end; its wall time and peak memory (wait4's ru_maxrss, which
+    covers the child and every descendant it reaped: dvc -> stage, for instance)."""
+    started = time.perf_counter()
+    process = subprocess.Popen(list(command), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    # read the output first (a full pipe would block the child), then reap it with wait4
+    deadline = started + timeout
+    chunks = []
+    assert process.stdout is not None
+    for line in process.stdout:
+        chunks.append(line)
+        if time.perf_counter() > deadline:
+            process.kill()
+            break
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - started
+    output = "".join(chunks)
+    if check_rc and process.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, command))} exited {process.returncode}:\n{output[-3000:]}")
+    return ChildRun(seconds, usage.ru_maxrss / 1024, process.returncode, output)
+
+
+def bench_env(**extra: str) -> dict[str, str]:
+    """The environment for a child: this venv first on PATH, no tracking URI of the caller's."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AIRFLOW_CTX_"))}
+    env["PATH"] = f"{Path(PYTHON).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("PYTHONHASHSEED", "0")
+    env.update(extra)
+    return env
+
+
+def timed(fn: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def deep_update(base: dict, extra: dict) -> dict:
+    """Merge ``extra`` into ``base`` key by key (nested dicts merged, other values replaced)."""
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def make_project(root: Path, params: dict | None = None) -> Path:
+    """A self-contained copy of the project: code, dvc.yaml, params.yaml (the project's, with
+    ``params`` merged in), its own git and DVC repositories and a local DVC remote. No data.
+
+    The tests' scratch workspaces and the benchmarks' are made here, so both run the code
+    exactly as a user's checkout would: `python -m pipeline run` in ``root``.
+    """
+    import shutil
+
+    import yaml
+
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("components", "pipeline", "dags"):
+        shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy2(ROOT / name, root / name)
+    merged = deep_update(yaml.safe_load((ROOT / "params.yaml").read_text()), params or {})
+    (root / "params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))
+    dvc = [PYTHON, "-m", "dvc"]
+    for command in (["git", "init", "-q"], [*dvc, "init", "-q"], [*dvc, "config", "core.analytics", "false"],
+                    [*dvc, "remote", "add", "-d", "local", str(root / "dvc-remote")], ["git", "add", "-A"],
+                    ["git", "-c", "user.name=bench", "-c", "user.email=bench@example.invalid", "commit", "-q",
+                     "-m", "workspace"]):
+        subprocess.run(command, cwd=root, check=True, capture_output=True)
+    return root

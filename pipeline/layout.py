@@ -5,6 +5,7 @@ project spells a path out.
 """
 from __future__ import annotations
 
+import configparser
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,14 @@ class Layout:
     @property
     def index(self) -> Path:
         return self.processed / "index.parquet"
+
+    @property
+    def preprocess_cache(self) -> Path | None:
+        """preprocess's decoded-image cache: a folder inside the DVC cache this workspace uses
+        (so every run workspace of a project shares it, and `dvc gc` leaves it alone); None
+        outside a DVC repository. Not a DVC output: it outlives runs on purpose."""
+        cache = dvc_cache_dir(self.root)
+        return cache / "anomaly-preprocess" if cache is not None else None
 
     # train
     @property
@@ -137,3 +146,24 @@ class Layout:
     @property
     def dvc_lock(self) -> Path:
         return self.root / "dvc.lock"
+
+
+def dvc_cache_dir(root: Path) -> Path | None:
+    """The DVC cache folder of the repository at ``root``, as DVC resolves it from the repo's
+    own config: ``[cache] dir`` of .dvc/config.local, else of .dvc/config (a relative path is
+    relative to .dvc/), else .dvc/cache. None when ``root`` has no .dvc folder. (A cache dir set
+    only in the user's global or system DVC config is not read: the workspaces set theirs locally.)"""
+    dvc = Path(root) / ".dvc"
+    if not dvc.is_dir():
+        return None
+    for name in ("config.local", "config"):
+        parser = configparser.ConfigParser(strict=False, interpolation=None)
+        try:
+            parser.read(dvc / name, encoding="utf-8")
+        except (configparser.Error, OSError, UnicodeDecodeError):
+            continue
+        value = parser.get("cache", "dir", fallback="").strip().strip("'\"")
+        if value:
+            path = Path(value).expanduser()
+            return path if path.is_absolute() else (dvc / path).resolve()
+    return dvc / "cache"

@@ -6,24 +6,58 @@ from the manifest (a function of each file's content hash).
 The whole output folder is written under a temporary name and renamed into place
 only when every file in it is complete, so a stage that runs out of disk (or finds
 its folder unwritable) leaves nothing under the name the next stage reads; the error
-says which file, and why, in one line.
+says which file, and why, in one line. Rows are written through a small buffer, not a
+memory map of the whole array, so the stage's memory does not grow with the image count.
+
+Decoded images are cached across runs, because nothing else survives from one run to the
+next (each run works in a fresh workspace, and DVC deletes a stage's outputs before it
+runs it): a nightly batch that adds 10 % more images decodes only those. The cache lives
+in the DVC cache folder the workspace uses (shared by every run workspace of a project;
+`dvc gc` leaves folders it does not know alone), under
+``anomaly-preprocess/<namespace>/``, where the namespace is a hash of everything that
+changes a decoded array: image_size, channels, the decoding limits, the source of
+components/images.py and Pillow's version. A file is found there by its content's sha256
+(the manifest's), so a cached row can only be the decoding of those very bytes.
+Each run that decoded something appends one pack: ``<id>.pack.npy`` (uint8 N x C x S x S)
+and ``<id>.keys.npy`` (the sha256 of each row), both written under temporary names,
+synced and renamed (keys last: a pack is listed by its keys), so runs at once never see
+each other's half-written packs. Past MAX_PACKS packs, a run merges them into one.
+The cache is only an optimisation: a pack that vanished, is malformed or cannot be read
+means decoding those files again (with a warning), and a cache that cannot be written
+(a full disk, a read-only cache) costs a warning, never the stage. The output is the
+same bytes whether its rows were decoded or read from the cache.
 """
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
+import json
+import math
 import os
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from components.images import DecodeLimits, ImageDecodeError, decode_to_array
+from components.images import DecodeLimits, ImageDecodeError, content_hash, decode_to_array
 from pipeline.config import Config
-from pipeline.io import DataError, StageError, atomic_path
+from pipeline.io import _HOST, DataError, StageError, _alive, atomic_path
 from pipeline.layout import Layout
 
 SPLITS = ("train", "calibration", "test")
+
+CACHE_FORMAT = 1             # the pack layout; a new one starts a new namespace
+MAX_PACKS = 8                # more packs than this are merged into one
+NAMESPACE_TTL_DAYS = 30      # a namespace no run has used for this long is removed
+BUFFER_BYTES = 4 * 2**20     # rows are written and merged this many bytes at a time
+KEY_DTYPE = "S64"            # a sha256 in hex, as the manifest holds it
+CACHE_ENV = "ANOMALY_PIPELINE_PREPROCESS_CACHE"  # "off": neither read nor write the cache (benchmarks, debugging)
 
 # OSErrors of a write that running again with the same disk cannot fix; said in words
 WRITE_FAILURES = {
@@ -43,24 +77,389 @@ def decode_limits(config: Config) -> DecodeLimits:
     return DecodeLimits(max_pixels=config.preprocess.max_pixels, max_bytes=config.preprocess.max_bytes)
 
 
-def _write_split(target: Path, paths: list[Path], size: int, channels: int, limits: DecodeLimits) -> None:
-    array = np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=(len(paths), channels, size, size))
-    if hasattr(os, "posix_fallocate"):
-        # reserve every block now: a memory-mapped write to a full disk would kill the
-        # process with SIGBUS half-way instead of raising ENOSPC here
-        with open(target, "r+b") as handle:
-            os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
-    for position, path in enumerate(paths):
+def _warn(message: str) -> None:
+    print(f"preprocess: {message}", file=sys.stderr, flush=True)
+
+
+def _why(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.errno is not None:
+        return WRITE_FAILURES.get(error.errno) or f"[Errno {error.errno}] {error.strerror}"
+    return str(error) or type(error).__name__
+
+
+class _Rows:
+    """A uint8 .npy of ``count`` rows written in order through a small buffer, so the
+    resident memory stays a few MB at any count. Its header is numpy's own (open_memmap),
+    and every block is reserved up front (posix_fallocate), so a full disk fails here, at
+    the start, with ENOSPC."""
+
+    def __init__(self, path: Path, count: int, shape: tuple[int, ...]):
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(count, *shape))
+        offset = array.offset
+        del array
+        self.handle = open(path, "r+b")
         try:
-            data = path.read_bytes()
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(self.handle.fileno(), 0, os.fstat(self.handle.fileno()).st_size)
+            self.handle.seek(offset)
+        except BaseException:
+            self.handle.close()
+            raise
+        self.count = count
+        self.buffer = np.empty((max(1, min(count, BUFFER_BYTES // max(1, math.prod(shape)))), *shape), np.uint8)
+        self.filled = self.written = 0
+
+    def put(self, row: np.ndarray) -> None:
+        if self.written + self.filled >= self.count:
+            raise ValueError(f"more than {self.count} rows")
+        self.buffer[self.filled] = row
+        self.filled += 1
+        if self.filled == len(self.buffer):
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.filled:
+            self.handle.write(memoryview(self.buffer[:self.filled]).cast("B"))
+            self.written += self.filled
+            self.filled = 0
+
+    def close(self) -> None:
+        """Write what is buffered, sync to disk (before any rename makes the file visible)."""
+        try:
+            self._flush()
+            if self.written != self.count:
+                raise ValueError(f"{self.written} rows written of {self.count}")
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
+        finally:
+            self.handle.close()
+
+    def discard(self) -> None:
+        try:
+            self.handle.close()
+        except OSError:
+            pass
+
+
+def cache_namespace(size: int, channels: int, limits: DecodeLimits) -> str:
+    """The cache folder's name for these settings: a decoded array is reused only when
+    every input of the decoding is the same (the decoder's source and Pillow included)."""
+    import PIL
+
+    from components import images
+
+    decoder = hashlib.sha256(Path(images.__file__).read_bytes()).hexdigest()
+    inputs = {"format": CACHE_FORMAT, "image_size": size, "channels": channels, **limits.as_dict(),
+              "decoder": decoder, "pillow": PIL.__version__}
+    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
+    return f"{channels}x{size}x{size}-{digest}"
+
+
+def _pread_exact(fd: int, count: int, offset: int) -> bytes:
+    chunks, got = [], 0
+    while got < count:
+        chunk = os.pread(fd, count - got, offset + got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def _remove_pack(keys_path: Path, data_path: Path) -> None:
+    """Keys first: a pack is listed by its keys, so no listing finds keys without data."""
+    for path in (keys_path, data_path):
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+@dataclass
+class _Pack:
+    name: str
+    keys_path: Path
+    data_path: Path
+    keys: list[bytes]
+    fd: int
+    offset: int
+
+
+class _PackWriter:
+    """One new pack, filled row by row, published only when complete: data synced and renamed
+    into place, then its keys (so listing by keys never finds a half pack). An OSError (a full
+    disk, a read-only cache) abandons it with a warning: the cache is an optimisation."""
+
+    def __init__(self, folder: Path, expected: set[bytes], shape: tuple[int, ...], what: str = "new images"):
+        self.expected, self.what = expected, what
+        self.keys: list[bytes] = []
+        self.seen: set[bytes] = set()
+        name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:12]}"
+        self.data_path, self.keys_path = folder / f"{name}.pack.npy", folder / f"{name}.keys.npy"
+        self._context = None
+        self._rows: _Rows | None = None
+        try:
+            context = atomic_path(self.data_path)
+            temporary = context.__enter__()
+            self._context = context
+            self._rows = _Rows(temporary, len(expected), shape)
         except OSError as error:
-            raise StageError(f"preprocess: cannot read {path}: {error.strerror or error}") from error
+            self.abandon(error)
+
+    @property
+    def alive(self) -> bool:
+        return self._context is not None
+
+    def put(self, key: bytes, row: np.ndarray) -> None:
+        if not self.alive or key not in self.expected or key in self.seen:
+            return
         try:
-            array[position] = decode_to_array(data, size, channels, limits)
-        except ImageDecodeError as error:  # validation passed it under other limits or other bytes
-            raise DataError(f"preprocess: {path}: {error}") from None
-    array.flush()
-    del array
+            self._rows.put(row)
+        except OSError as error:
+            self.abandon(error)
+            return
+        self.keys.append(key)
+        self.seen.add(key)
+
+    def abandon(self, error: BaseException, quiet: bool = False) -> None:
+        if self._rows is not None:
+            self._rows.discard()
+            self._rows = None
+        if self._context is not None:
+            context, self._context = self._context, None
+            try:  # the temporary is removed by atomic_path's own clean-up
+                context.__exit__(type(error), error, error.__traceback__)
+            except BaseException:  # noqa: BLE001 - the clean-up of an optimisation must not fail the stage
+                pass
+        if not quiet:
+                _warn(f"cannot write the decoded-image cache ({self.what}) in {self.data_path.parent}: "
+                  f"{_why(error)}; the stage goes on without it")
+
+    def finish(self) -> bool:
+        """Publish when every expected row is in; else abandon. True when published."""
+        if not self.alive:
+            return False
+        if len(self.keys) != len(self.expected):
+            self.abandon(ValueError(f"{len(self.expected) - len(self.keys)} of {len(self.expected)} rows missing "
+                                    "(files whose bytes no longer match the manifest's sha256?)"))
+            return False
+        try:
+            rows, self._rows = self._rows, None
+            rows.close()
+            with atomic_path(self.keys_path) as temporary:
+                with open(temporary, "wb") as handle:
+                    np.save(handle, np.array(self.keys, dtype=KEY_DTYPE), allow_pickle=False)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                context, self._context = self._context, None
+                context.__exit__(None, None, None)  # the data under its name first, then the keys
+        except (OSError, ValueError) as error:
+            if self._context is not None:
+                self.abandon(error)
+            else:
+                _remove_pack(self.keys_path, self.data_path)
+                _warn(f"cannot write the decoded-image cache ({self.what}) in {self.data_path.parent}: "
+                      f"{_why(error)}; the stage goes on without it")
+            return False
+        return True
+
+
+class DecodedCache:
+    """The packs of one namespace, opened for reading (one file descriptor each, so a pack
+    that another run removes after this listing can still be read), or a disabled cache."""
+
+    def __init__(self, folder: Path | None, shape: tuple[int, ...]):
+        self.folder, self.shape = folder, shape
+        self.row_bytes = math.prod(shape)
+        self.packs: list[_Pack] = []
+        self.where: dict[bytes, tuple[int, int]] = {}
+        self.broken: set[int] = set()
+
+    @classmethod
+    def open(cls, folder: Path | None, shape: tuple[int, ...]) -> "DecodedCache":
+        cache = cls(folder, shape)
+        if folder is None or not folder.is_dir():
+            return cache
+        cache._remove_orphans()
+        for keys_path in sorted(folder.glob("*.keys.npy")):
+            cache._add(keys_path)
+        return cache
+
+    def _remove_orphans(self) -> None:
+        """Temporaries of killed runs on this host (their names are unique, so atomic_path's
+        own clean-up of a name never meets them)."""
+        for stale in self.folder.glob(".*.tmp-*"):
+            host_pid = stale.name.rsplit(".tmp-", 1)[-1]
+            host, _, pid = host_pid.rpartition("-")
+            if host == _HOST and pid.isdigit() and not _alive(int(pid)):
+                try:
+                    stale.unlink()
+                except OSError:
+                    pass
+
+    def _add(self, keys_path: Path) -> None:
+        name = keys_path.name[:-len(".keys.npy")]
+        data_path = keys_path.with_name(f"{name}.pack.npy")
+        try:
+            fd = os.open(data_path, os.O_RDONLY)
+        except FileNotFoundError:
+            _warn(f"cache pack {name} vanished (merged by another run?); its images are decoded again")
+            return
+        except OSError as error:
+            _warn(f"cannot open cache pack {name}: {_why(error)}; its images are decoded again")
+            return
+        problem = None
+        try:
+            keys = np.load(keys_path, allow_pickle=False)
+            with os.fdopen(os.dup(fd), "rb") as handle:
+                version = np.lib.format.read_magic(handle)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) \
+                    else np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = read_header(handle)
+                offset, size = handle.tell(), os.fstat(handle.fileno()).st_size
+            if keys.dtype != np.dtype(KEY_DTYPE) or keys.ndim != 1:
+                problem = f"keys are {keys.dtype} {keys.shape}"
+            elif tuple(shape) != (len(keys), *self.shape) or fortran or dtype != np.uint8:
+                problem = f"rows are {dtype} {tuple(shape)}{' (Fortran order)' if fortran else ''}, " \
+                          f"expected uint8 {(len(keys), *self.shape)}"
+            elif size != offset + len(keys) * self.row_bytes:
+                problem = f"{size} bytes, expected {offset + len(keys) * self.row_bytes}"
+        except FileNotFoundError:
+            os.close(fd)
+            _warn(f"cache pack {name} vanished (merged by another run?); its images are decoded again")
+            return
+        except OSError as error:
+            os.close(fd)
+            _warn(f"cannot read cache pack {name}: {_why(error)}; its images are decoded again")
+            return
+        except (ValueError, EOFError) as error:
+            problem = str(error) or type(error).__name__
+        if problem is not None:
+            os.close(fd)
+            _remove_pack(keys_path, data_path)  # published complete and synced: malformed for good
+            _warn(f"cache pack {name} is malformed ({problem}): removed; its images are decoded again")
+            return
+        index = len(self.packs)
+        key_list = keys.tolist()
+        self.packs.append(_Pack(name, keys_path, data_path, key_list, fd, offset))
+        for row, key in enumerate(key_list):
+            self.where.setdefault(key, (index, row))
+
+    def has(self, key: bytes) -> bool:
+        found = self.where.get(key)
+        return found is not None and found[0] not in self.broken
+
+    def read(self, key: bytes) -> np.ndarray | None:
+        """The cached row of this content, or None (not cached, or its pack cannot be read)."""
+        found = self.where.get(key)
+        if found is None or found[0] in self.broken:
+            return None
+        index, row = found
+        pack = self.packs[index]
+        try:
+            data = _pread_exact(pack.fd, self.row_bytes, pack.offset + row * self.row_bytes)
+        except OSError as error:
+            data, why = b"", _why(error)
+        else:
+            why = "the file is shorter than its header says"
+        if len(data) != self.row_bytes:
+            self.broken.add(index)
+            _warn(f"cannot read cache pack {pack.name}: {why}; its images are decoded again")
+            return None
+        return np.frombuffer(data, np.uint8).reshape(self.shape)
+
+    def close(self) -> None:
+        for pack in self.packs:
+            try:
+                os.close(pack.fd)
+            except OSError:
+                pass
+        self.packs, self.where = [], {}
+
+    def compact(self) -> bool:
+        """Merge every pack into one when there are more than MAX_PACKS (streaming, a buffer
+        at a time; every distinct key is kept). True when it merged."""
+        packs = [pack for index, pack in enumerate(self.packs) if index not in self.broken]
+        if self.folder is None or len(packs) <= MAX_PACKS:
+            return False
+        writer = _PackWriter(self.folder, set(self.where), self.shape, what=f"merging {len(packs)} packs")
+        step = max(1, BUFFER_BYTES // self.row_bytes)
+        for pack in packs:
+            for start in range(0, len(pack.keys), step):
+                if not writer.alive:
+                    return False
+                count = min(step, len(pack.keys) - start)
+                try:
+                    data = _pread_exact(pack.fd, count * self.row_bytes, pack.offset + start * self.row_bytes)
+                except OSError as error:
+                    writer.abandon(error)
+                    return False
+                if len(data) != count * self.row_bytes:
+                    writer.abandon(ValueError(f"pack {pack.name} is shorter than its header says"))
+                    return False
+                block = np.frombuffer(data, np.uint8).reshape(count, *self.shape)
+                for key, row in zip(pack.keys[start:start + count], block):
+                    writer.put(key, row)
+        if not writer.finish():
+            return False
+        for pack in packs:
+            _remove_pack(pack.keys_path, pack.data_path)
+        print(f"preprocess: merged {len(packs)} cache packs into one ({len(writer.keys)} images)")
+        return True
+
+
+def _cache_folder(layout: Layout, size: int, channels: int, limits: DecodeLimits) -> Path | None:
+    """This run's namespace folder (None outside a DVC repository); marks it used and removes
+    namespaces no run has used for NAMESPACE_TTL_DAYS (old sizes, old decoders)."""
+    root = layout.preprocess_cache
+    if root is None or os.environ.get(CACHE_ENV, "").strip().lower() in ("off", "0", "false", "no"):
+        return None
+    folder = root / cache_namespace(size, channels, limits)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / ".used").touch()
+    except OSError as error:
+        _warn(f"cannot use the decoded-image cache in {root}: {_why(error)}; every image is decoded")
+        return folder if folder.is_dir() else None
+    horizon = time.time() - NAMESPACE_TTL_DAYS * 86400
+    for other in root.iterdir():
+        try:
+            used = (other / ".used").stat().st_mtime if (other / ".used").exists() else other.stat().st_mtime
+            if other != folder and other.is_dir() and used < horizon:
+                shutil.rmtree(other, ignore_errors=True)
+        except OSError:
+            pass
+    return folder
+
+
+def _write_split(target: Path, rows: pd.DataFrame, raw: Path, shape: tuple[int, ...], limits: DecodeLimits,
+                 cache: DecodedCache, writer: _PackWriter | None, counts: dict[str, int]) -> None:
+    channels, size = shape[0], shape[1]
+    out = _Rows(target, len(rows), shape)
+    try:
+        for relpath, digest in zip(rows["path"], rows["sha256"]):
+            key = digest.encode()
+            row = cache.read(key)
+            if row is not None:
+                counts["from_cache"] += 1
+            else:
+                path = raw / relpath
+                try:
+                    data = path.read_bytes()
+                except OSError as error:
+                    raise StageError(f"preprocess: cannot read {path}: {error.strerror or error}") from error
+                try:
+                    row = decode_to_array(data, size, channels, limits)
+                except ImageDecodeError as error:  # validation passed it under other limits or other bytes
+                    raise DataError(f"preprocess: {path}: {error}") from None
+                counts["decoded"] += 1
+                if writer is not None and content_hash(data).encode() == key:  # keyed by the bytes decoded
+                    writer.put(key, row)
+            out.put(row)
+    except BaseException:
+        out.discard()
+        raise
+    out.close()
 
 
 def _cannot_write(error: OSError, layout: Layout, writing: Path) -> StageError:
@@ -80,6 +479,7 @@ def _cannot_write(error: OSError, layout: Layout, writing: Path) -> StageError:
 def run(layout: Layout) -> dict:
     config = layout.config
     size, channels = config.preprocess.image_size, config.preprocess.channels
+    shape = (channels, size, size)
     limits = decode_limits(config)
     manifest = pd.read_parquet(layout.manifest)
     manifest = manifest[manifest["decode_ok"]].sort_values("path", kind="stable")
@@ -90,19 +490,27 @@ def run(layout: Layout) -> dict:
             raise StageError(f"the {split} split is empty: add images or change preprocess.split")
         split_rows[split] = rows
 
+    cache = DecodedCache.open(_cache_folder(layout, size, channels, limits), shape)
+    missing = {key for key in (d.encode() for rows in split_rows.values() for d in rows["sha256"])
+               if not cache.has(key)}
+    writer = _PackWriter(cache.folder, missing, shape) if cache.folder is not None and missing else None
+    published = False
     index_parts, counts = [], {}
+    decoding = {"decoded": 0, "from_cache": 0}
     writing = layout.processed
     try:
         with atomic_path(layout.processed) as staging:
             staging.mkdir()
             for split, rows in split_rows.items():
                 writing = layout.split_images(split)
-                _write_split(staging / writing.relative_to(layout.processed),
-                             [layout.raw / relpath for relpath in rows["path"]], size, channels, limits)
+                _write_split(staging / writing.relative_to(layout.processed), rows, layout.raw, shape, limits,
+                             cache, writer, decoding)
                 part = rows[["path", "batch", "label", "is_anomaly", "sha256", "split"]].copy()
                 part["row"] = np.arange(len(rows))
                 index_parts.append(part)
                 counts[split] = {"images": len(rows), "anomalies": int(rows["is_anomaly"].sum())}
+            if writer is not None:  # every row is decoded: kept even if the index cannot be written
+                published, writer = writer.finish(), None
             writing = layout.index
             buffer = io.BytesIO()  # Python's own write below raises an OSError with its errno
             pd.concat(index_parts, ignore_index=True).to_parquet(buffer, index=False)
@@ -112,6 +520,18 @@ def run(layout: Layout) -> dict:
         if error.errno not in WRITE_FAILURES:
             raise
         raise _cannot_write(error, layout, writing) from error
-    print("preprocess: " + ", ".join(f"{s} {c['images']} ({c['anomalies']} anomalies)" for s, c in counts.items())
-          + f" at {channels}x{size}x{size}")
+    finally:
+        if writer is not None:  # the stage failed before every row was decoded
+            writer.abandon(RuntimeError("the stage failed"), quiet=True)
+        cache.close()
+    if published:
+        merged = DecodedCache.open(cache.folder, shape)
+        try:
+            merged.compact()
+        finally:
+            merged.close()
+    counts.update(decoding)
+    print("preprocess: " + ", ".join(f"{s} {counts[s]['images']} ({counts[s]['anomalies']} anomalies)"
+                                     for s in SPLITS)
+          + f" at {channels}x{size}x{size}; decoded {decoding['decoded']}, from the cache {decoding['from_cache']}")
     return counts

@@ -242,3 +242,31 @@ def test_dvc_gc_leaves_the_cache_alone(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert _packs(root / ".dvc" / "cache") == packs
     assert preprocess.run(_workspace(tmp_path / "again", root / ".dvc" / "cache", ONE))["decoded"] == 0
+
+
+def test_a_cache_that_cannot_be_written_never_fails_the_stage(tmp_path, monkeypatch, capsys):
+    scratch = _workspace(tmp_path / "scratch", None, ONE)
+    preprocess.run(scratch)
+    expected = _outputs(scratch)
+
+    blocked = tmp_path / "a-file"  # the cache folder cannot be made: a file is in the way
+    blocked.write_text("")
+    layout = _workspace(tmp_path / "blocked", blocked / "cache", ONE)
+    assert preprocess.run(layout)["decoded"] == 42
+    assert "cannot use the decoded-image cache" in capsys.readouterr().err
+    assert _outputs(layout) == expected
+
+    real = preprocess._Rows._flush
+
+    def disk_full_in_the_cache(self):
+        if "anomaly-preprocess" in str(self.handle.name):
+            raise OSError(28, "No space left on device")
+        return real(self)
+
+    monkeypatch.setattr(preprocess._Rows, "_flush", disk_full_in_the_cache)  # the disk fills up mid-pack
+    cache = tmp_path / "cache"
+    layout = _workspace(tmp_path / "full-disk", cache, ONE)
+    assert preprocess.run(layout)["decoded"] == 42
+    assert "cannot write the decoded-image cache (new images)" in capsys.readouterr().err
+    assert _outputs(layout) == expected
+    assert _packs(cache) == [] and not [p for p in cache.rglob("*") if ".tmp" in p.name]

@@ -274,6 +274,8 @@ class DecodedCache:
         self.packs: list[_Pack] = []
         self.where: dict[bytes, tuple[int, int]] = {}
         self.broken: set[int] = set()
+        self._block: tuple[int, int, np.ndarray] = (-1, 0, np.empty((0, *shape), np.uint8))  # read ahead
+        self._last: tuple[int, int] = (-1, -1)
 
     @classmethod
     def open(cls, folder: Path | None, shape: tuple[int, ...]) -> "DecodedCache":
@@ -350,23 +352,35 @@ class DecodedCache:
         return found is not None and found[0] not in self.broken
 
     def read(self, key: bytes) -> np.ndarray | None:
-        """The cached row of this content, or None (not cached, or its pack cannot be read)."""
+        """The cached row of this content, or None (not cached, or its pack cannot be read).
+
+        Rows asked for in the pack's own order (a snapshot that grew by new files: its old
+        files come in the order the pack was written) are read ahead a buffer at a time."""
         found = self.where.get(key)
         if found is None or found[0] in self.broken:
             return None
         index, row = found
+        block_index, first, block = self._block
+        if block_index == index and first <= row < first + len(block):
+            self._last = found
+            return block[row - first]
         pack = self.packs[index]
+        count = 1
+        if self._last == (index, row - 1):
+            count = max(1, min(BUFFER_BYTES // self.row_bytes, len(pack.keys) - row))
         try:
-            data = _pread_exact(pack.fd, self.row_bytes, pack.offset + row * self.row_bytes)
+            data = _pread_exact(pack.fd, count * self.row_bytes, pack.offset + row * self.row_bytes)
         except OSError as error:
             data, why = b"", _why(error)
         else:
             why = "the file is shorter than its header says"
-        if len(data) != self.row_bytes:
+        if len(data) != count * self.row_bytes:
             self.broken.add(index)
             _warn(f"cannot read cache pack {pack.name}: {why}; its images are decoded again")
             return None
-        return np.frombuffer(data, np.uint8).reshape(self.shape)
+        block = np.frombuffer(data, np.uint8).reshape(count, *self.shape)
+        self._block, self._last = (index, row, block), found
+        return block[0]
 
     def close(self) -> None:
         for pack in self.packs:

@@ -56,21 +56,29 @@ def select_device(preference: str) -> torch.device:
     return torch.device("cpu")
 
 
-def make_deterministic(seed: int, num_threads: int) -> None:
-    """Same seed, data and thread count on the CPU -> bit-identical weights."""
+def make_deterministic(seed: int, num_threads: int, device: torch.device) -> None:
+    """Same seed, data and thread count on the CPU -> bit-identical weights.
+
+    ``use_deterministic_algorithms`` is switched on for CUDA only: it changes nothing for
+    the CPU kernels these models use (their results depend on the thread count alone,
+    which train.json records), and in torch 2.14 the call imports torch._inductor and
+    torch._dynamo, 6 s of every train stage here (benchmarks/training.py measured it).
+    """
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     if num_threads > 0:
         torch.set_num_threads(num_threads)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = False
+    if device.type == "cuda":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
 
 
 def to_tensor(batch: np.ndarray, device: torch.device) -> torch.Tensor:
-    tensor = torch.from_numpy(np.array(batch, copy=True))  # memmap slices are read-only
+    # a slice of a read-only memmap must be copied; a fancy-indexed batch is a copy already
+    tensor = torch.from_numpy(batch if batch.flags.writeable else np.array(batch, copy=True))
     if device.type == "cuda":
         tensor = tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.float().div_(255.0)
+    return tensor.to(torch.float32, copy=True).div_(255.0)  # never scales the caller's array in place
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -137,8 +145,8 @@ def train(
 
     if len(images) == 0:
         raise ValueError("no training images")
-    make_deterministic(settings.seed, settings.num_threads)
     device = select_device(settings.device)
+    make_deterministic(settings.seed, settings.num_threads, device)
     labels = np.asarray(labels, dtype=np.float32)
     spec = dict(spec)
     if spec["family"] == "classifier":

@@ -1,0 +1,115 @@
+"""1. Training overhead: the train stage against a plain PyTorch loop on the same arrays.
+
+Both run as fresh processes with the same model (components.models.build of the stage's
+spec), data (the stage's memory-mapped train split), batch size, epochs, seed, device
+and thread count. The plain loop is what an engineer would write by hand: the whole
+split as one float tensor in memory, a shuffled index per epoch, forward, loss,
+backward, step; no checkpoints, no progress bar, no BatchNorm re-estimate, no scoring.
+
+The target is judged on the training loop's samples per second (train.json's
+``samples_per_second``, which includes the stage's per-epoch checkpoint, the Deep SAD
+centre and the BatchNorm pass) against the plain loop's. Whole-process figures (with
+imports, the held-out scoring and file writing) are shown beside it.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from benchmarks.common import PYTHON, Context, Figure, bench_env, check, make_project, ratios, run_child
+
+TITLE = "1. Training overhead: train stage vs a plain PyTorch loop"
+
+PLAIN_LOOP = r"""
+import json, sys, time
+import numpy as np, pandas as pd, torch
+from components.models import build
+spec_path, images_path, index_path, epochs, batch_size, lr, wd, seed = sys.argv[1:9]
+epochs, batch_size, lr, wd, seed = int(epochs), int(batch_size), float(lr), float(wd), int(seed)
+spec = json.load(open(spec_path))
+index = pd.read_parquet(index_path)
+labels = torch.from_numpy(index[index["split"] == "train"].sort_values("row")["is_anomaly"].to_numpy(np.float32))
+x_all = torch.from_numpy(np.load(images_path)).float().div_(255.0)
+torch.manual_seed(seed)
+model = build(spec)
+optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=wd)
+started = time.perf_counter()
+if spec["family"] == "deep_sad":   # the method needs its centre; the same one-pass mean the stage computes
+    model.train()
+    model.init_center(x_all[i:i + batch_size][labels[i:i + batch_size] < 0.5] for i in range(0, len(x_all), batch_size))
+for epoch in range(epochs):
+    model.train()
+    order = torch.randperm(len(x_all))
+    for start in range(0, len(x_all), batch_size):
+        idx = order[start:start + batch_size]
+        loss = model.loss(x_all[idx], labels[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+seconds = time.perf_counter() - started
+print(json.dumps({"samples_per_second": len(x_all) * epochs / seconds, "seconds": seconds,
+                  "threads": torch.get_num_threads()}))
+"""
+
+
+def prepared_project(ctx: Context, name: str, params: dict, batch: "BatchSpec | None" = None,
+                     stages: tuple[str, ...] = ("ingest", "validate", "preprocess")) -> Path:
+    """A scratch project with one default batch (make run's data) and the named stages run.
+
+    A quick run uses a small batch and a small model (the tests' sizes): it checks that the
+    benchmark works, its figures mean nothing."""
+    from benchmarks.common import deep_update
+    from components.synthetic import BatchSpec, write_batch
+
+    if ctx.quick:
+        params = deep_update({"preprocess": {"image_size": 32}, "model": {"width": 8, "latent_dim": 16},
+                              "calibration": {"target_fpr": 0.1}, "validate": {"min_anomalies": 5}}, params)
+    root = make_project(ctx.folder(name) / "project", params)
+    spec = batch or (BatchSpec(n_good=150, n_per_defect=12, size=64) if ctx.quick else BatchSpec())
+    write_batch(root / "data" / "landing", "batch-0001", seed=43, spec=spec)
+    for stage in stages:
+        run_child([PYTHON, "-m", "pipeline", stage], cwd=root, env=bench_env())
+    return root
+
+
+def run(ctx: Context) -> list[Figure]:
+    import yaml
+
+    epochs = 2 if ctx.quick else 10
+    root = prepared_project(ctx, "training", {"train": {"epochs": epochs}})
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    train = params["train"]
+    stage_loop, stage_process, plain_loop, plain_process = [], [], [], []
+    for repetition in range(min(ctx.repeats, 3)):  # each is two whole trainings: 3 pairs at most
+        shutil.rmtree(root / "models", ignore_errors=True)  # no checkpoint to resume from: train every epoch
+        done = run_child([PYTHON, "-m", "pipeline", "train"], cwd=root, env=bench_env())
+        metrics = json.loads((root / "reports" / "train.json").read_text())
+        assert metrics["resumed_from_epoch"] == 0, "the stage resumed instead of training"
+        stage_loop.append(metrics["samples_per_second"])
+        stage_process.append(metrics["train_images"] * epochs / done.seconds)
+        spec = json.loads((root / "models" / "spec.json").read_text())["spec"]
+        spec_file = ctx.folder("training") / "spec.json"
+        spec_file.write_text(json.dumps(spec))
+        plain = run_child([PYTHON, "-c", PLAIN_LOOP, str(spec_file), str(root / "data/processed/train_images.npy"),
+                           str(root / "data/processed/index.parquet"), str(epochs), str(train["batch_size"]),
+                           str(train["learning_rate"]), str(train["weight_decay"]), str(params["base"]["seed"])],
+                          cwd=root, env=bench_env())
+        result = json.loads(plain.output.strip().splitlines()[-1])
+        assert result["threads"] == metrics["threads"], "the two loops ran with different thread counts"
+        plain_loop.append(result["samples_per_second"])
+        plain_process.append(metrics["train_images"] * epochs / plain.seconds)
+        ctx.log(f"  repetition {repetition + 1}: stage {stage_loop[-1]:.0f}/s, plain {plain_loop[-1]:.0f}/s")
+    family = params["model"]["type"]
+    note = f"{family}, {metrics['train_images']} images x {epochs} epochs, batch {train['batch_size']}, " \
+           f"{metrics['threads']} threads, {metrics['device']}"
+    return [
+        Figure("training.stage_loop_samples_per_s", "train stage, training loop", "samples/s", stage_loop,
+               note=note, higher_is_better=True),
+        Figure("training.plain_loop_samples_per_s", "plain PyTorch loop", "samples/s", plain_loop,
+               higher_is_better=True),
+        check(Figure("training.ratio", "stage / plain loop (training loop)", "ratio",
+                     ratios(stage_loop, plain_loop), higher_is_better=True), at_least=0.95),
+        Figure("training.process_ratio", "stage / plain loop (whole process: imports, scoring, writes)", "ratio",
+               ratios(stage_process, plain_process), higher_is_better=True),
+    ]

@@ -134,7 +134,8 @@ def register(project: Path, run_id: str) -> dict:
             if code != 0:
                 print("register: WARNING dvc push to the remote failed; the data is still in the DVC cache")
         report = register_stage.run(layout, run_id=ws.mlflow_run_id)
-    return {key: report[key] for key in ("version", "passed", "failed", "reasons", "model_name", "run_id")}
+    return {key: report.get(key) for key in ("version", "passed", "failed", "reasons", "model_name", "run_id",
+                                             "unchanged_of")}
 
 
 def promote(project: Path, run_id: str) -> dict:
@@ -150,7 +151,8 @@ def promote(project: Path, run_id: str) -> dict:
     with environ(store_env(ws.project)):
         report = read_json(layout.gates)
         outcome = promote_stage.run(layout, version=str(report["version"]), force=force, reason=reason)
-        if not outcome.get("promoted") and str(outcome.get("champion")) == str(report["version"]):
+        if not outcome.get("promoted") and not outcome.get("unchanged") and \
+                str(outcome.get("champion")) == str(report["version"]):
             outcome["promoted"] = True  # a retry after the alias moved: the move is this run's
         started = ws.record.get("started")
         runner.finish(layout, ws.mlflow_run_id, report, outcome,

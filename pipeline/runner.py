@@ -227,7 +227,7 @@ def finish(layout: Layout, run_id: str, report: dict, promotion: dict, seconds: 
                "validation": _validation(layout), "train": read_json(layout.train_metrics),
                "calibration": read_json(layout.threshold), "metrics": read_json(layout.metrics),
                "gates": {k: report[k] for k in ("passed", "failed", "reasons")},
-               "version": report["version"], "promotion": promotion}
+               "version": report["version"], "unchanged_of": report.get("unchanged_of"), "promotion": promotion}
     write_json(layout.run_summary, summary)
     _print_summary(layout, summary, tracking.store(layout).tracking_uri)
     return summary
@@ -314,7 +314,9 @@ def _print_summary(layout: Layout, summary: dict, tracking_uri: str) -> None:
             f"test         AUROC {_fmt(metrics['auroc'])}  AP {_fmt(metrics['average_precision'])}  "
             f"precision {_fmt(metrics['precision'])}  recall {_fmt(metrics['recall'])}  F1 {_fmt(metrics['f1'])}  "
             f"FPR {_fmt(metrics['fpr'])}  ({metrics['n']} images, {metrics['n_anomalous']} anomalous)",
-            f"registered   {name} v{summary['version']} (MLflow run {summary['run_id']})",
+            f"registered   {name} v{summary['version']} (MLflow run {summary['run_id']})" if not
+            summary.get("unchanged_of") else f"registered   nothing: data, params, code and weights are those of "
+            f"{name} v{summary['version']} (MLflow run {summary['run_id']})",
         ]
         promotion = summary["promotion"]
         if promotion.get("promoted"):

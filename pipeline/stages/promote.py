@@ -53,9 +53,13 @@ def run(layout: Layout, version: str | None = None, force: bool = False, reason:
         if gates is None:
             raise StageError(f"no gate report at {layout.gates}: run register first, or name --version")
         version = gates["version"]
-    passed = bool(gates and str(gates.get("version")) == str(version) and gates["passed"])
+    same_report = bool(gates and str(gates.get("version")) == str(version))
+    if same_report and gates.get("unchanged_of") and not force:
+        return _unchanged(layout, str(version), gates)
+    # a forced promotion of an unchanged model is recorded as forced: its gates are an older night's
+    passed = same_report and bool(gates["passed"]) and not gates.get("unchanged_of")
     if not passed and not force:
-        reasons = gates["reasons"] if gates and str(gates.get("version")) == str(version) else \
+        reasons = gates["reasons"] if same_report else \
             [f"no gate report for v{version}"]
         print(f"promote: {name} v{version} NOT promoted; the champion stays. Failed gates:")
         for line in reasons:
@@ -80,6 +84,21 @@ def run(layout: Layout, version: str | None = None, force: bool = False, reason:
     print(f"promote: {name} champion -> v{outcome['champion']} (previous: {outcome.get('previous')})"
           + (" [FORCED: " + reason + "]" if force and not passed else ""))
     return {**outcome, "version": str(version)}
+
+
+def _unchanged(layout: Layout, version: str, gates: dict) -> dict:
+    """Register found this run's model registered already as ``version``: nothing to move."""
+    from components.registry import CHAMPION, alias_version
+
+    name = layout.config.registry.model_name
+    champion = alias_version(_client(layout), name, CHAMPION)
+    if champion == version:
+        why = f"nothing changed since v{version}, which is the champion already"
+    else:
+        failed = "; ".join(gates.get("reasons") or []) or "it was not promoted"
+        why = f"nothing changed since v{version}, which is not the champion (v{champion}): {failed}"
+    print(f"promote: {why}")
+    return {"promoted": False, "version": version, "unchanged": True, "reasons": [why]}
 
 
 def rollback(layout: Layout, reason: str) -> dict:

@@ -4,7 +4,9 @@ gates. It never moves the champion itself; ``promote`` does, from the gate repor
 """
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from pipeline.io import read_json, write_json
 from pipeline.layout import Layout
 
 CODE_DIR = Path(__file__).resolve().parents[2] / "components"
+FINGERPRINT_TAG = "model_fingerprint"
 SCORE_CHUNK = 256
 
 
@@ -50,7 +53,7 @@ def _example_png(data: bytes, size: int) -> bytes:
         return buffer.getvalue()
 
 
-def _log_run_record(layout: Layout, client, run_id: str, metrics: dict, calibration: dict) -> None:
+def _log_run_record(layout: Layout, client, run_id: str, metrics: dict, calibration: dict, patch: bytes) -> None:
     import mlflow
 
     from pipeline import tracking
@@ -82,7 +85,6 @@ def _log_run_record(layout: Layout, client, run_id: str, metrics: dict, calibrat
                  layout.roc_points, layout.train_history):
         if path.is_file():
             mlflow.log_artifact(str(path), "pipeline")
-    patch = tracking.uncommitted_patch(layout.root)
     if patch:  # the code was not exactly the commit: keep the difference, so reproduce can rebuild it
         import tempfile
 
@@ -92,6 +94,37 @@ def _log_run_record(layout: Layout, client, run_id: str, metrics: dict, calibrat
     env = tracking.environment()
     mlflow.log_text(env.pop("packages"), "environment/requirements.txt")
     mlflow.log_dict(env, "environment/python.json")
+
+
+def model_fingerprint(layout: Layout, origin: dict, spec: dict, calibration: dict, patch: bytes) -> str:
+    """What makes two runs' models the same model: the data version, every setting, the
+    code (commit and uncommitted patch), the weights, the served spec and the threshold."""
+    digest = hashlib.sha256()
+    for part in (origin["data_version"], origin["git_commit"], json.dumps(layout.config.flat(), sort_keys=True,
+                 default=str), json.dumps(spec, sort_keys=True), repr(float(calibration["threshold"]))):
+        digest.update(part.encode() + b"\0")
+    digest.update(hashlib.sha256(patch).digest())
+    digest.update(hashlib.sha256(layout.weights.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def unchanged_version(client, name: str, fingerprint: str, run_id: str | None) -> tuple[str, dict] | None:
+    """The version, with its tags, that this run would register again: one with the same
+    fingerprint that is the champion or the newest version. A night with unchanged data,
+    code and params then registers nothing (DVC already trained nothing). An older twin
+    that is neither is registered again, so it is gated against today's champion. A version
+    this same MLflow run made is no twin: that is a retried register, which reuses it."""
+    from components.registry import CHAMPION, alias_version
+
+    twins = {str(v.version): v for v in client.search_model_versions(
+        f"name='{name}' and tags.{FINGERPRINT_TAG}='{fingerprint}'") if not run_id or v.run_id != run_id}
+    if not twins:
+        return None
+    newest = max((int(v.version) for v in client.search_model_versions(f"name='{name}'")), default=None)
+    for candidate in (alias_version(client, name, CHAMPION), str(newest)):
+        if candidate in twins:
+            return candidate, dict(twins[candidate].tags)
+    return None
 
 
 def test_split(layout: Layout) -> tuple[list[bytes], np.ndarray]:
@@ -151,12 +184,18 @@ def run(layout: Layout, run_id: str | None = None) -> dict:
     origin = {**tracking.git_info(layout.root), "data_version": tracking.data_version(layout),
               "airflow_run_id": os.environ.get("AIRFLOW_CTX_DAG_RUN_ID", ""), "model_type": config.model.type}
 
+    patch = tracking.uncommitted_patch(layout.root)
+    fingerprint = model_fingerprint(layout, origin, spec, calibration, patch)
+    twin = unchanged_version(client, name, fingerprint, run_id)
+    if twin is not None:
+        return _unchanged(layout, client, name, run_id, experiment_id, origin, twin, store.tracking_uri)
+
     test_bytes, labels = test_split(layout)
 
     with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id) as active:
         run_id = active.info.run_id
         mlflow.set_tags(origin)
-        _log_run_record(layout, client, run_id, metrics, calibration)
+        _log_run_record(layout, client, run_id, metrics, calibration, patch)
         earlier = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
         if earlier:  # a retried register: the version this run made already, not one more
             version = str(max(int(v.version) for v in earlier))
@@ -185,7 +224,7 @@ def run(layout: Layout, run_id: str | None = None) -> dict:
         mlflow.log_metric("serving_parity_max_abs_diff", parity)
         mlflow.log_dict(report, "gates/gates.json")
         tag_version(client, name, version, {
-            **origin, "run_id": run_id, "threshold": calibration["threshold"],
+            **origin, "run_id": run_id, "threshold": calibration["threshold"], FINGERPRINT_TAG: fingerprint,
             "calibration_method": calibration["method"], "fpr_bound": calibration.get("fpr_bound"),
             "gate_status": "passed" if report["passed"] else "failed",
             "gates_failed": ",".join(report["failed"]), "gate_reasons": "; ".join(report["reasons"])[:4900],
@@ -194,4 +233,28 @@ def run(layout: Layout, run_id: str | None = None) -> dict:
     write_json(layout.gates, report)
     verdict = "all gates passed" if report["passed"] else "gates FAILED: " + "; ".join(report["reasons"])
     print(f"register: {name} v{version} (run {run_id}); {verdict}")
+    return report
+
+
+def _unchanged(layout: Layout, client, name: str, run_id: str | None, experiment_id: str, origin: dict,
+               twin: tuple[str, dict], tracking_uri: str) -> dict:
+    """Register nothing: this run's model is version ``twin`` already. The run records
+    which version it would have been; the gate report is that version's own."""
+    import mlflow
+
+    version, tags = twin
+    passed = tags.get("gate_status") == "passed"
+    failed = [f for f in tags.get("gates_failed", "").split(",") if f]
+    report = {"passed": passed, "failed": failed, "reasons": [r for r in tags.get("gate_reasons", "").split("; ")
+                                                             if r], "model_name": name, "version": version,
+              "model_uri": f"models:/{name}/{version}", "run_id": run_id, "unchanged_of": version,
+              "gated_against": None, "threshold": float(tags["threshold"]) if tags.get("threshold") else None,
+              "tracking_uri": tracking_uri}
+    with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id) as active:
+        report["run_id"] = active.info.run_id
+        mlflow.set_tags({**origin, "unchanged_of": version, "gate_status": tags.get("gate_status", "")})
+        mlflow.log_dict(report, "gates/gates.json")
+    write_json(layout.gates, report)
+    print(f"register: nothing changed since {name} v{version} (same data, params, code and weights): "
+          "no new version registered")
     return report

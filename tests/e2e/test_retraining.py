@@ -84,6 +84,20 @@ def test_dvc_repro_right_after_a_run_does_no_work(ws):
     assert ((ws / "models" / "model.pt").stat().st_mtime_ns, (ws / "dvc.lock").read_text()) == before
 
 
+def test_a_run_with_nothing_changed_trains_nothing_and_registers_nothing(ws):
+    """The no-op night: DVC runs no stage, register finds the same model (data, params, code,
+    weights) as the champion and adds no version, promote leaves the champion."""
+    result = run_cli(ws, "run")
+    assert "Running stage" not in result.stdout
+    assert "nothing changed since anomaly-detector v1" in result.stdout, result.stdout[-3000:]
+    assert "registered   nothing: data, params, code and weights are those of anomaly-detector v1" in result.stdout
+    assert "which is the champion already" in result.stdout
+    assert len(_versions(ws)) == 1 and _alias(ws, "champion") == "1" and _alias(ws, "previous") is None
+    run_id = json.loads((ws / "reports" / "gates.json").read_text())["run_id"]
+    run = _client(ws).get_run(run_id)
+    assert run.data.tags["unchanged_of"] == "1" and run.info.status == "FINISHED"
+
+
 def test_a_better_model_takes_over_and_the_old_one_becomes_previous(ws):
     set_params(ws, train={"epochs": 8, "learning_rate": 0.003})
     result = run_cli(ws, "run")

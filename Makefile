@@ -7,10 +7,10 @@ BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 PIP_FILTER := grep -v -e 'is ignored: it is neither a file nor a directory' || true
 
-.PHONY: run test venv browser data airflow mlflow score clean-outputs help
+.PHONY: run test bench venv browser data airflow mlflow score clean-outputs help
 
 help:
-	@echo "make run | make test | make airflow | make mlflow | make score FOLDER=... | make clean-outputs"
+	@echo "make run | make test | make bench | make airflow | make mlflow | make score FOLDER=... | make clean-outputs"
 
 $(BIN)/.installed: requirements.txt requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
@@ -35,6 +35,11 @@ airflow: venv data
 
 test: venv browser
 	$(BIN)/python -m pytest
+
+# the benchmark suite (not tests): benchmarks/results.json and benchmarks/RESULTS.md; about an hour here.
+# One of them: make bench BENCH="--only training"; a smoke run: make bench BENCH=--quick
+bench: venv
+	$(BIN)/python -m benchmarks $(BENCH)
 
 # Debian's chromium for the browser test of the Airflow UI (Playwright drives it; no browser download)
 browser:

@@ -1,4 +1,4 @@
-"""What every benchmark shares: repeated timing, a child's peak memory, the figure record.
+"""What every benchmark shares: the figure record, side-by-side ratios, child processes, scratch projects.
 
 A benchmark module (benchmarks/<name>.py) has a ``TITLE`` and ``run(ctx) -> list[Figure]``.
 Each figure keeps all its samples; results.json and RESULTS.md show the median and the
@@ -77,34 +77,23 @@ def ratios(numerators: Sequence[float], denominators: Sequence[float]) -> list[f
 @dataclass
 class ChildRun:
     seconds: float
-    peak_rss_mb: float     # the largest resident set of the child or any process it waited for
     returncode: int
     output: str
 
 
 def run_child(command: Sequence[str], cwd: Path | None = None, env: dict | None = None,
               check_rc: bool = True, timeout: float = 3600) -> ChildRun:
-    """Run a command to its end; its wall time and peak memory (wait4's ru_maxrss, which
-    covers the child and every descendant it reaped: dvc -> stage, for instance)."""
+    """Run a command to its end (stdout and stderr together); its wall time and output.
+
+    Peak memory is not taken here: wait4's ru_maxrss starts from the parent's peak at
+    fork (Linux keeps it across exec), so benchmarks/scale.py samples /proc instead."""
     started = time.perf_counter()
-    process = subprocess.Popen(list(command), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
-    # read the output first (a full pipe would block the child), then reap it with wait4
-    deadline = started + timeout
-    chunks = []
-    assert process.stdout is not None
-    for line in process.stdout:
-        chunks.append(line)
-        if time.perf_counter() > deadline:
-            process.kill()
-            break
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
+    done = subprocess.run(list(command), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=timeout)
     seconds = time.perf_counter() - started
-    output = "".join(chunks)
-    if check_rc and process.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, command))} exited {process.returncode}:\n{output[-3000:]}")
-    return ChildRun(seconds, usage.ru_maxrss / 1024, process.returncode, output)
+    if check_rc and done.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, command))} exited {done.returncode}:\n{done.stdout[-3000:]}")
+    return ChildRun(seconds, done.returncode, done.stdout)
 
 
 def bench_env(**extra: str) -> dict[str, str]:

@@ -25,6 +25,10 @@ as four batches generated in parallel (batch-0001..0004, seeds 1-4); each count
 hard-links a prefix of every batch (write_batch's images are a function of seed, label
 and index, so a prefix is exactly the batch a smaller spec would write).
 Composition: 6 % of the images per defect kind (four kinds: 24 % anomalies), the rest good.
+
+BENCH_SCALE_COUNTS=1000,10000 replaces the counts (a machine where 50k does not fit the time).
+CPU times (all threads) of the same spans are reported beside the wall times: on a shared
+machine they move less with other people's load.
 """
 from __future__ import annotations
 
@@ -48,6 +52,7 @@ QUICK_COUNTS = (100, 400)     # two counts: every code path, in about a minute
 BATCHES = 4                   # the pool's batches, generated in parallel (fixed, so the data is the same anywhere)
 DEFECT_SHARE = 0.06           # per defect kind, of all images
 IMAGE_SIZE = 64               # not BatchSpec's 128: generating 50k at 128 px takes ~5 min here, at 64 ~2
+COUNTS_ENV = "BENCH_SCALE_COUNTS"  # comma-separated counts instead of the mode's (each a multiple of 4)
 MEMORY_LIMIT_MB = 2048
 FLATNESS_LIMIT = 1.2
 SAMPLE_EVERY_S = 0.05
@@ -66,7 +71,7 @@ RSS (VmHWM) includes the touched pages of the memory-mapped arrays; peak anonymo
 process tree, sampled every {int(SAMPLE_EVERY_S * 1000)} ms) is the streaming figure; growth = anonymous
 peak at the largest count / at the smallest (target <= {FLATNESS_LIMIT}, our reading of "independent of
 the count"). Every repetition is cold (outputs, checkpoints and the decoded-image cache removed).
-Repetitions (full mode): 5 at 1k, 2 at 10k, 1 at 50k. The machine's load average is logged per step.
+Repetitions (full mode): 3 at 1k, 2 at 10k, 1 at 50k. The machine's load average is logged per step.
 """
 
 # Runs one stage as `python -m pipeline <stage>` would, and prints how long the stage took
@@ -76,12 +81,24 @@ import sys, time, importlib
 started = time.perf_counter()
 for name in sys.argv[2:]:
     importlib.import_module(name)
-imported = time.perf_counter()
+imported, imported_cpu = time.perf_counter(), time.process_time()
+loop_cpu = []
+if sys.argv[1] == "train":  # CPU time of components.training.train, the span of train.json's seconds
+    import components.training as training
+    fit = training.train
+    def timed_fit(*args, **kwargs):
+        cpu = time.process_time()
+        try:
+            return fit(*args, **kwargs)
+        finally:
+            loop_cpu.append(time.process_time() - cpu)
+    training.train = timed_fit
 from pipeline.cli import main
 code = main([sys.argv[1]])
-worked = time.perf_counter() - imported
+worked, worked_cpu = time.perf_counter() - imported, time.process_time() - imported_cpu
 peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-print("{MARK} imports=%.6f work=%.6f vmhwm_kb=%d" % (imported - started, worked, peak_kb), flush=True)
+print("{MARK} imports=%.6f work=%.6f work_cpu=%.6f loop_cpu=%.6f vmhwm_kb=%d"
+      % (imported - started, worked, worked_cpu, sum(loop_cpu), peak_kb), flush=True)
 raise SystemExit(code)
 """
 PRE_IMPORTS = {
@@ -154,6 +171,8 @@ class AnonSampler(threading.Thread):
 class StageRun:
     seconds: float             # wall time of the child
     work_seconds: float        # the stage after its imports
+    work_cpu_seconds: float    # CPU time (all threads) of the same span: less sensitive to other load
+    loop_cpu_seconds: float    # train: CPU time of components.training.train (train.json's seconds span)
     peak_rss_mb: float
     peak_anon_mb: float
     output: str
@@ -182,7 +201,8 @@ def run_stage(stage: str, project: Path) -> StageRun:
     # VmHWM, not wait4's ru_maxrss: Linux carries the parent's peak RSS over fork and exec
     # into the child's ru_maxrss, so a child of this process (torch imported: ~500 MB)
     # would report at least that. VmHWM is the peak of the child's own address space.
-    return StageRun(seconds, float(values["work"]), int(values["vmhwm_kb"]) / 1024, peak_anon_mb, output)
+    return StageRun(seconds, float(values["work"]), float(values["work_cpu"]), float(values["loop_cpu"]),
+                    int(values["vmhwm_kb"]) / 1024, peak_anon_mb, output)
 
 
 # ---------------------------------------------------------------- data
@@ -265,8 +285,12 @@ class CountResult:
     loop_seconds: list[float] = field(default_factory=list)
 
 
-def measure(ctx: Context, pool: Path, count: int, repeats: int) -> CountResult:
-    project = make_project(ctx.folder(f"n{count}") / "project", {"train": {"epochs": 1}})
+def measure(ctx: Context, project: Path, fresh: set[str], pool: Path, count: int, repeats: int) -> CountResult:
+    """One count in ``project``, first brought back to ``fresh`` (its listing when made): one
+    project for every count, since making one costs seconds of git and dvc start-up."""
+    for data in ("data/landing", "data/raw"):
+        shutil.rmtree(project / data, ignore_errors=True)
+    remove_new(project, fresh)
     link_subset(pool, project / "data" / "landing", count)
     env = bench_env()
     result = CountResult(count)
@@ -283,7 +307,7 @@ def measure(ctx: Context, pool: Path, count: int, repeats: int) -> CountResult:
         cached = re.search(r"from the cache (\d+)", r.output)
         if cached and int(cached.group(1)):
             raise RuntimeError(f"preprocess read {cached.group(1)} images from its cache: the repetition was not cold")
-        ctx.log(f"  {label(count)}: preprocess {r.seconds:.1f} s (work {r.work_seconds:.1f} s), "
+        ctx.log(f"  {label(count)}: preprocess {r.seconds:.1f} s (work {r.work_seconds:.1f} s, CPU {r.work_cpu_seconds:.1f} s), "
                 f"peak RSS {r.peak_rss_mb:.0f} MB, anon {r.peak_anon_mb:.0f} MB; {load()}")
     before = listing(project)
     for rep in range(repeats):
@@ -296,24 +320,28 @@ def measure(ctx: Context, pool: Path, count: int, repeats: int) -> CountResult:
         result.loop_seconds.append(metrics["seconds"])
         r = result.train[-1]
         ctx.log(f"  {label(count)}: train {r.seconds:.1f} s (work {r.work_seconds:.1f} s, loop "
-                f"{metrics['seconds']:.1f} s on {metrics['train_images']} images, "
+                f"{metrics['seconds']:.1f} s, CPU {r.loop_cpu_seconds:.1f} s, on {metrics['train_images']} images, "
                 f"{metrics['samples_per_second']} samples/s), peak RSS {r.peak_rss_mb:.0f} MB, "
                 f"anon {r.peak_anon_mb:.0f} MB; {load()}")
-    shutil.rmtree(project, ignore_errors=True)  # the 50k project holds gigabytes
     return result
 
 
 def repeats_for(ctx: Context, count: int, counts: tuple[int, ...]) -> int:
     if ctx.quick:
         return 1
-    return {0: ctx.repeats, 1: max(1, min(2, ctx.repeats))}.get(counts.index(count), 1)
+    return {0: min(3, ctx.repeats), 1: min(2, ctx.repeats)}.get(counts.index(count), 1)
 
 
 def run(ctx: Context) -> list[Figure]:
     counts = QUICK_COUNTS if ctx.quick else FULL_COUNTS
+    if os.environ.get(COUNTS_ENV):  # e.g. 1000,10000 on a machine where 50k does not fit the time
+        counts = tuple(sorted(int(n) for n in os.environ[COUNTS_ENV].split(",")))
     pool = ctx.folder("pool")
     generate_seconds = generate_pool(pool, counts[-1], ctx.log)
-    results = [measure(ctx, pool, count, repeats_for(ctx, count, counts)) for count in counts]
+    project = make_project(ctx.folder("project"), {"train": {"epochs": 1}})
+    fresh = listing(project)
+    results = [measure(ctx, project, fresh, pool, count, repeats_for(ctx, count, counts)) for count in counts]
+    shutil.rmtree(project, ignore_errors=True)  # the 50k project holds gigabytes
     shutil.rmtree(pool, ignore_errors=True)
 
     figures = [Figure("scale.generate_seconds", f"generating {counts[-1]} images ({IMAGE_SIZE} px, set-up)", "s",
@@ -329,8 +357,14 @@ def run(ctx: Context) -> list[Figure]:
                    ms([p.work_seconds for p in r.pre], n), higher_is_better=False),
             Figure(f"scale.preprocess_stage_ms_per_image.at_{at}", f"preprocess stage per image, {at} images", "ms",
                    ms([p.seconds for p in r.pre], n), note="with interpreter and imports", higher_is_better=False),
+            Figure(f"scale.preprocess_work_cpu_ms_per_image.at_{at}", f"preprocess work CPU per image, {at} images",
+                   "ms", ms([p.work_cpu_seconds for p in r.pre], n), note="CPU time, all threads",
+                   higher_is_better=False),
             Figure(f"scale.train_loop_ms_per_image.at_{at}", f"train loop per training image, {at} images", "ms",
                    ms(r.loop_seconds, r.train_images), note=f"{r.train_images} training images, one epoch",
+                   higher_is_better=False),
+            Figure(f"scale.train_loop_cpu_ms_per_image.at_{at}", f"train loop CPU per training image, {at} images",
+                   "ms", ms([t.loop_cpu_seconds for t in r.train], r.train_images), note="CPU time, all threads",
                    higher_is_better=False),
             Figure(f"scale.train_work_ms_per_image.at_{at}", f"train work per image, {at} images", "ms",
                    ms([t.work_seconds for t in r.train], n), note="loop, then scoring of the held-out splits",
@@ -358,6 +392,12 @@ def run(ctx: Context) -> list[Figure]:
                      flatness("scale.preprocess_work_ms_per_image"), higher_is_better=False), at_most=FLATNESS_LIMIT),
         check(Figure("scale.train_flatness", "train loop per image, max/min across counts", "x",
                      flatness("scale.train_loop_ms_per_image"), higher_is_better=False), at_most=FLATNESS_LIMIT),
+        Figure("scale.preprocess_cpu_flatness", "preprocess work CPU per image, max/min across counts", "x",
+               flatness("scale.preprocess_work_cpu_ms_per_image"), note="informational: less sensitive to other load",
+               higher_is_better=False),
+        Figure("scale.train_cpu_flatness", "train loop CPU per image, max/min across counts", "x",
+               flatness("scale.train_loop_cpu_ms_per_image"), note="informational: less sensitive to other load",
+               higher_is_better=False),
         Figure("scale.preprocess_stage_flatness", "preprocess stage per image, max/min across counts", "x",
                flatness("scale.preprocess_stage_ms_per_image"), note="informational: start-up weighs on the small count",
                higher_is_better=False),

@@ -45,7 +45,8 @@ PARAMS = {
 }
 BATCH = {"n_good": 100, "n_per_defect": 10, "size": 64}
 QUICK_BATCH = {"n_good": 40, "n_per_defect": 5, "size": 64}
-FULL_REPEATS = 3  # one Airflow + one direct run take ~3 minutes here: 5 pairs would not fit ~12 minutes
+FULL_REPEATS = 3  # one Airflow + one direct run: ~4 min on a quiet 2-core machine, ~7 min under load; 5 pairs
+                  # would not fit. Full mode: ~15 min quiet (30 min measured at load 9 on 2 cores).
 
 NOTES = (
     "Airflow vs direct: two fresh scratch projects per repetition (deep_sad width 8, 32 px, 2 epochs, "

@@ -186,14 +186,18 @@ def start(layout: Layout, trigger: str, tags: dict[str, str] | None = None) -> s
 
 
 def stage_env(layout: Layout, run_id: str) -> dict[str, str]:
-    """What a stage subprocess needs: the run to log into, the store, this venv's tools."""
+    """What a stage subprocess needs: the run to log into, the store, this venv's tools.
+
+    Light on purpose: every Airflow stage task calls it in its own process, and going
+    through tracking.store (components.registry) imported mlflow and pandas there, 7-10 s
+    per task (benchmarks/orchestration.py)."""
     from pipeline import tracking
 
-    store = tracking.store(layout)
-    env = {**os.environ, "MLFLOW_RUN_ID": run_id, "MLFLOW_TRACKING_URI": store.tracking_uri,
+    uri, artifacts = tracking.tracking_uri(layout), tracking.artifact_root(layout)
+    env = {**os.environ, "MLFLOW_RUN_ID": run_id, "MLFLOW_TRACKING_URI": uri,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    if store.artifact_root:
-        env["MLFLOW_ARTIFACT_ROOT"] = store.artifact_root
+    if artifacts:
+        env["MLFLOW_ARTIFACT_ROOT"] = artifacts
     return env
 
 

@@ -34,8 +34,10 @@ def machine() -> dict:
     import psutil
 
     def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
-        return done.stdout.strip()
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        except OSError:  # no git: the record says so instead of the run failing
+            return ""
 
     cpu = platform.processor()
     try:

@@ -24,6 +24,7 @@ TITLE = "1. Training overhead: train stage vs a plain PyTorch loop"
 PLAIN_LOOP = r"""
 import json, sys, time
 import numpy as np, pandas as pd, torch
+import torch._dynamo  # torch.optim imports it at the first step; the stage imports it before its clock too
 from components.models import build
 spec_path, images_path, index_path, epochs, batch_size, lr, wd, seed = sys.argv[1:9]
 epochs, batch_size, lr, wd, seed = int(epochs), int(batch_size), float(lr), float(wd), int(seed)

@@ -233,9 +233,9 @@ def _per_digit_table(per_digit: list[dict[str, dict[str, float]]], digits: list[
         lines += ["", f"**Digits, {name} on the test split per normal digit**", "",
                   "| normal digit | " + " | ".join(METHODS) + " |", "|---" * (len(METHODS) + 1) + "|"]
         for digit, results in zip(digits, per_digit):
-            best = max(results[m][metric] for m in METHODS)
-            cells = [(f"**{results[m][metric]:.3f}**" if results[m][metric] == best else f"{results[m][metric]:.3f}")
-                     for m in METHODS]
+            shown = [f"{results[m][metric]:.3f}" for m in METHODS]
+            best = f"{max(results[m][metric] for m in METHODS):.3f}"
+            cells = [f"**{text}**" if text == best else text for text in shown]  # ties as printed
             lines.append(f"| {digit} | " + " | ".join(cells) + " |")
         means = [statistics.fmean(r[m][metric] for r in per_digit) for m in METHODS]
         lines.append("| mean | " + " | ".join(f"{v:.3f}" for v in means) + " |")

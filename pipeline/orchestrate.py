@@ -151,7 +151,7 @@ def promote(project: Path, run_id: str) -> dict:
     with environ(store_env(ws.project)):
         report = read_json(layout.gates)
         outcome = promote_stage.run(layout, version=str(report["version"]), force=force, reason=reason)
-        if not outcome.get("promoted") and not outcome.get("unchanged") and \
+        if not outcome.get("promoted") and not report.get("unchanged_of") and \
                 str(outcome.get("champion")) == str(report["version"]):
             outcome["promoted"] = True  # a retry after the alias moved: the move is this run's
         started = ws.record.get("started")

@@ -320,7 +320,7 @@ def _print_summary(layout: Layout, summary: dict, tracking_uri: str) -> None:
             f"FPR {_fmt(metrics['fpr'])}  ({metrics['n']} images, {metrics['n_anomalous']} anomalous)",
             f"registered   {name} v{summary['version']} (MLflow run {summary['run_id']})" if not
             summary.get("unchanged_of") else f"registered   nothing: data, params, code and weights are those of "
-            f"{name} v{summary['version']} (MLflow run {summary['run_id']})",
+            f"{name} v{summary['version']} (this run: MLflow run {summary['run_id']})",
         ]
         promotion = summary["promotion"]
         if promotion.get("promoted"):

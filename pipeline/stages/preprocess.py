@@ -462,12 +462,15 @@ def _write_split(target: Path, rows: pd.DataFrame, raw: Path, shape: tuple[int, 
                     data = path.read_bytes()
                 except OSError as error:
                     raise StageError(f"preprocess: cannot read {path}: {error.strerror or error}") from error
+                if content_hash(data).encode() != key:  # only bytes validate checked may reach training
+                    raise DataError(f"preprocess: {path} changed since validate checked it (its sha256 differs "
+                                    "from the manifest's); run the pipeline again from ingest")
                 try:
                     row = decode_to_array(data, size, channels, limits)
-                except ImageDecodeError as error:  # validation passed it under other limits or other bytes
+                except ImageDecodeError as error:  # validation passed it under other limits
                     raise DataError(f"preprocess: {path}: {error}") from None
                 counts["decoded"] += 1
-                if writer is not None and content_hash(data).encode() == key:  # keyed by the bytes decoded
+                if writer is not None:
                     writer.put(key, row)
             out.put(row)
     except BaseException:
@@ -495,7 +498,8 @@ def run(layout: Layout) -> dict:
     size, channels = config.preprocess.image_size, config.preprocess.channels
     shape = (channels, size, size)
     limits = decode_limits(config)
-    manifest = pd.read_parquet(layout.manifest)
+    manifest = pd.read_parquet(layout.manifest, columns=["path", "batch", "label", "is_anomaly", "sha256", "split",
+                                                         "decode_ok"])
     manifest = manifest[manifest["decode_ok"]].sort_values("path", kind="stable")
     split_rows = {}
     for split in SPLITS:

@@ -32,7 +32,7 @@ def _regate(layout: Layout, client, gates: dict, current: str) -> list[str]:
         return []
     reasons = report["reasons"]
     tag_version(client, layout.config.registry.model_name, str(gates["version"]), {
-        "gate_status": "failed", "gates_failed": ",".join(report["failed"]),
+        "gate_status": "failed", "gates_failed": ",".join(report["failed"]), "gated_against": current,
         "gate_reasons": f"re-gated at promotion against v{current}: " + "; ".join(reasons)[:4800]})
     return reasons
 
@@ -94,9 +94,9 @@ def _unchanged(layout: Layout, version: str, gates: dict) -> dict:
     champion = alias_version(_client(layout), name, CHAMPION)
     if champion == version:
         why = f"nothing changed since v{version}, which is the champion already"
-    else:
-        failed = "; ".join(gates.get("reasons") or []) or "it was not promoted"
-        why = f"nothing changed since v{version}, which is not the champion (v{champion}): {failed}"
+    else:  # register counts only a twin that failed its gates against this same champion
+        failed = "; ".join(gates.get("reasons") or []) or "its gates failed"
+        why = f"nothing changed since v{version}, which failed its gates against champion v{champion}: {failed}"
     print(f"promote: {why}")
     return {"promoted": False, "version": version, "unchanged": True, "reasons": [why]}
 

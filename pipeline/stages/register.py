@@ -98,32 +98,53 @@ def _log_run_record(layout: Layout, client, run_id: str, metrics: dict, calibrat
 
 def model_fingerprint(layout: Layout, origin: dict, spec: dict, calibration: dict, patch: bytes) -> str:
     """What makes two runs' models the same model: the data version, every setting, the
-    code (commit and uncommitted patch), the weights, the served spec and the threshold."""
+    code (commit and uncommitted patch, and the files the served model ships), the
+    packages it pins, the weights, the served spec and the threshold."""
+    from pipeline import tracking
+
     digest = hashlib.sha256()
     for part in (origin["data_version"], origin["git_commit"], json.dumps(layout.config.flat(), sort_keys=True,
-                 default=str), json.dumps(spec, sort_keys=True), repr(float(calibration["threshold"]))):
+                 default=str), json.dumps(spec, sort_keys=True), repr(float(calibration["threshold"])),
+                 "\n".join(tracking.model_requirements())):
         digest.update(part.encode() + b"\0")
+    for path in sorted(CODE_DIR.rglob("*.py")):  # what log_detector ships, even outside git
+        digest.update(path.relative_to(CODE_DIR).as_posix().encode() + b"\0" + path.read_bytes())
     digest.update(hashlib.sha256(patch).digest())
     digest.update(hashlib.sha256(layout.weights.read_bytes()).digest())
     return digest.hexdigest()
 
 
 def unchanged_version(client, name: str, fingerprint: str, run_id: str | None) -> tuple[str, dict] | None:
-    """The version, with its tags, that this run would register again: one with the same
-    fingerprint that is the champion or the newest version. A night with unchanged data,
-    code and params then registers nothing (DVC already trained nothing). An older twin
-    that is neither is registered again, so it is gated against today's champion. A version
-    this same MLflow run made is no twin: that is a retried register, which reuses it."""
+    """The version, with its tags, that this run would only register again, or None.
+
+    A twin (same fingerprint) counts when it is the champion, or when it is the newest
+    version, failed its gates, and was gated against today's champion: a night with
+    unchanged data, code and params then registers nothing (DVC trained nothing). Any
+    other twin, one that passed but was never promoted (promote failed) or was gated
+    against another champion, is registered again and gated against today's champion.
+    A version this same MLflow run made is no twin: that is a retried register, which
+    reuses it. A registry that cannot search by tag makes this a normal registration.
+    """
+    from mlflow.exceptions import MlflowException
+
     from components.registry import CHAMPION, alias_version
 
-    twins = {str(v.version): v for v in client.search_model_versions(
-        f"name='{name}' and tags.{FINGERPRINT_TAG}='{fingerprint}'") if not run_id or v.run_id != run_id}
+    try:
+        twins = {str(v.version): v for v in client.search_model_versions(
+            f"name='{name}' and tags.{FINGERPRINT_TAG}='{fingerprint}'") if not run_id or v.run_id != run_id}
+    except MlflowException as error:
+        print(f"register: WARNING could not look for an identical version ({error.message[:200]}); registering")
+        return None
     if not twins:
         return None
-    newest = max((int(v.version) for v in client.search_model_versions(f"name='{name}'")), default=None)
-    for candidate in (alias_version(client, name, CHAMPION), str(newest)):
-        if candidate in twins:
-            return candidate, dict(twins[candidate].tags)
+    champion = alias_version(client, name, CHAMPION)
+    if champion in twins:
+        return champion, dict(twins[champion].tags)
+    newest = client.search_model_versions(f"name='{name}'", max_results=1, order_by=["version_number DESC"])
+    twin = twins.get(str(newest[0].version)) if newest else None
+    if twin is not None and twin.tags.get("gate_status") == "failed" and \
+            twin.tags.get("gated_against", "") == (champion or ""):
+        return str(twin.version), dict(twin.tags)
     return None
 
 
@@ -226,7 +247,7 @@ def run(layout: Layout, run_id: str | None = None) -> dict:
         tag_version(client, name, version, {
             **origin, "run_id": run_id, "threshold": calibration["threshold"], FINGERPRINT_TAG: fingerprint,
             "calibration_method": calibration["method"], "fpr_bound": calibration.get("fpr_bound"),
-            "gate_status": "passed" if report["passed"] else "failed",
+            "gate_status": "passed" if report["passed"] else "failed", "gated_against": gated_against or "",
             "gates_failed": ",".join(report["failed"]), "gate_reasons": "; ".join(report["reasons"])[:4900],
         })
         mlflow.set_tag("gate_status", "passed" if report["passed"] else "failed")

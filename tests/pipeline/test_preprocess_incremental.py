@@ -270,3 +270,17 @@ def test_a_cache_that_cannot_be_written_never_fails_the_stage(tmp_path, monkeypa
     assert "cannot write the decoded-image cache (new images)" in capsys.readouterr().err
     assert _outputs(layout) == expected
     assert _packs(cache) == [] and not [p for p in cache.rglob("*") if ".tmp" in p.name]
+
+
+def test_a_file_changed_after_validation_stops_the_stage_and_is_not_cached(tmp_path):
+    """Decoding skips Pillow's checksum pass (validation did it), so only the bytes validation
+    checked may be decoded: a file whose content no longer matches the manifest is refused."""
+    from pipeline.io import DataError
+
+    cache = tmp_path / "cache"
+    layout = _workspace(tmp_path / "ws", cache, ONE)
+    victim = sorted(layout.raw.rglob("*.png"))[0]
+    victim.write_bytes(victim.read_bytes()[:-12] + b"\0" * 12)  # same size, other bytes
+    with pytest.raises(DataError, match="changed since validate"):
+        preprocess.run(layout)
+    assert not layout.processed.exists() and _packs(cache) == []

@@ -86,6 +86,8 @@ def markdown(results: dict, baseline: dict | None) -> str:
         "performance work. What each benchmark does: benchmarks/README.md.",
         "",
     ]
+    if (baseline or {}).get("about"):
+        lines += [f"*before*: {baseline['about']}", ""]
     for name, bench in results["benchmarks"].items():
         lines += [f"## {bench.get('title', name)}", ""]
         if bench.get("error"):

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from benchmarks.common import PYTHON, ROOT, Context, Figure, bench_env, check, make_project, ratios, run_child
 
-TITLE = "Incremental batch: preprocess of a snapshot grown by 10 %, against a full preprocess"
+TITLE = "4. Incremental batch: preprocess of a snapshot grown by 10 %, against a full preprocess"
 
 TARGET = 0.25
 IMAGE_SIZE = 128          # generated images (components.synthetic's default); the stage makes 64 px of them

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from benchmarks.common import PYTHON, ROOT, Context, Figure, bench_env, check, make_project, ratios, run_child
 
-TITLE = "Orchestration cost: Airflow vs running the stages directly"
+TITLE = "6. Orchestration cost: Airflow vs running the stages directly"
 DAG_ID = "retrain_anomaly_detector"
 TASKS = ("ingest", "validate", "preprocess", "train", "calibrate", "evaluate", "register", "promote")
 HEAVY = ("torch", "mlflow", "great_expectations", "sklearn", "pandas")

@@ -45,7 +45,7 @@ from pathlib import Path
 
 from benchmarks.common import PYTHON, ROOT, Context, Figure, bench_env, check, make_project, run_child
 
-TITLE = "Scale: preprocess and one training epoch at 1k, 10k and 50k images"
+TITLE = "5. Scale: preprocess and one training epoch at 1k, 10k and 50k images"
 
 FULL_COUNTS = (1_000, 10_000, 50_000)
 QUICK_COUNTS = (100, 400)     # two counts: every code path, in about a minute

@@ -23,14 +23,12 @@ decoded/cached counts the stage prints are checked.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import shutil
-import subprocess
-import time
 from pathlib import Path
 
-from benchmarks.common import PYTHON, ROOT, Context, Figure, bench_env, check, make_project, ratios, run_child
+from benchmarks.common import PYTHON, Context, Figure, bench_env, check, make_project, ratios, run_child, \
+    write_batches
 
 TITLE = "4. Incremental batch: preprocess of a snapshot grown by 10 %, against a full preprocess"
 
@@ -75,24 +73,12 @@ def _composition(count: int) -> tuple[int, int]:
 
 
 def _generate(landing: Path, batches: list[tuple[str, int, int]], log) -> None:
-    """Batches (name, seed, images) written by parallel children, one per core at a time."""
-    code = ("import sys; from pathlib import Path; from components.synthetic import BatchSpec, write_batch; "
-            "write_batch(Path(sys.argv[1]), sys.argv[2], seed=int(sys.argv[3]), "
-            "spec=BatchSpec(n_good=int(sys.argv[4]), n_per_defect=int(sys.argv[5]), size=int(sys.argv[6])))")
-    started = time.perf_counter()
-    pending = [[PYTHON, "-c", code, str(landing), name, str(seed), *map(str, _composition(count)), str(IMAGE_SIZE)]
-               for name, seed, count in batches]
-    running: list[subprocess.Popen] = []
-    while pending or running:
-        while pending and len(running) < max(1, os.cpu_count() or 1):
-            running.append(subprocess.Popen(pending.pop(0), cwd=ROOT, env=bench_env()))
-        for process in list(running):
-            if process.poll() is not None:
-                running.remove(process)
-                if process.returncode != 0:
-                    raise RuntimeError(f"generating images failed: {process.args[3:]}")
-        time.sleep(0.05)
-    log(f"  set-up: generated {sum(count for *_, count in batches)} images in {time.perf_counter() - started:.0f} s")
+    """Batches (name, seed, images), written in parallel."""
+    from components.synthetic import BatchSpec
+
+    seconds = write_batches(landing, [(name, seed, BatchSpec(*_composition(count), IMAGE_SIZE))
+                                      for name, seed, count in batches])
+    log(f"  set-up: generated {sum(count for *_, count in batches)} images in {seconds:.0f} s")
 
 
 def _pipeline(project: Path, *stages: str) -> None:

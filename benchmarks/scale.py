@@ -36,14 +36,14 @@ import json
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.common import PYTHON, ROOT, Context, Figure, bench_env, check, make_project, run_child
+from benchmarks.common import PYTHON, Context, Figure, bench_env, check, make_project, run_child, \
+    write_batches
 
 TITLE = "5. Scale: preprocess and one training epoch at 1k, 10k and 50k images"
 
@@ -208,27 +208,13 @@ def run_stage(stage: str, project: Path) -> StageRun:
 # ---------------------------------------------------------------- data
 
 def generate_pool(folder: Path, count: int, log) -> float:
-    """The largest count's images as BATCHES batches, written by parallel children; its seconds."""
+    """The largest count's images as BATCHES batches, written in parallel; its seconds."""
+    from components.synthetic import BatchSpec
+
     good, per_defect = composition(count)
-    code = ("import sys; from pathlib import Path; from components.synthetic import BatchSpec, write_batch; "
-            "write_batch(Path(sys.argv[1]), sys.argv[2], seed=int(sys.argv[3]), "
-            "spec=BatchSpec(n_good=int(sys.argv[4]), n_per_defect=int(sys.argv[5]), size=int(sys.argv[6])))")
-    workers = max(1, min(BATCHES, os.cpu_count() or 1))
-    started = time.perf_counter()
-    pending = [[PYTHON, "-c", code, str(folder), f"batch-{i:04d}", str(i), str(good), str(per_defect),
-                str(IMAGE_SIZE)] for i in range(1, BATCHES + 1)]
-    running: list[subprocess.Popen] = []
-    while pending or running:
-        while pending and len(running) < workers:
-            running.append(subprocess.Popen(pending.pop(0), cwd=ROOT, env=bench_env()))
-        for process in list(running):
-            if process.poll() is not None:
-                running.remove(process)
-                if process.returncode != 0:
-                    raise RuntimeError(f"generating images failed: {process.args[3:]}")
-        time.sleep(0.1)
-    seconds = time.perf_counter() - started
-    log(f"  generated {count} images at {IMAGE_SIZE} px ({BATCHES} batches, {workers} at a time) in {seconds:.0f} s")
+    seconds = write_batches(folder, [(f"batch-{i:04d}", i, BatchSpec(good, per_defect, IMAGE_SIZE))
+                                     for i in range(1, BATCHES + 1)])
+    log(f"  generated {count} images at {IMAGE_SIZE} px ({BATCHES} batches) in {seconds:.0f} s")
     return seconds
 
 

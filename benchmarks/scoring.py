@@ -20,7 +20,7 @@ from benchmarks.training import prepared_project
 TITLE = "2. Scoring overhead: registered pyfunc vs decode + preprocess + forward by hand"
 
 
-def _by_hand(network, images: list[bytes], size: int, channels: int) -> "np.ndarray":
+def _by_hand(network, images: list[bytes], size: int, channels: int):
     import numpy as np
     import torch
     from PIL import Image

@@ -54,7 +54,7 @@ print(json.dumps({"samples_per_second": len(x_all) * epochs / seconds, "seconds"
 """
 
 
-def prepared_project(ctx: Context, name: str, params: dict, batch: "BatchSpec | None" = None,
+def prepared_project(ctx: Context, name: str, params: dict, batch=None,
                      stages: tuple[str, ...] = ("ingest", "validate", "preprocess")) -> Path:
     """A scratch project with one default batch (make run's data) and the named stages run.
 

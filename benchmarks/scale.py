@@ -7,7 +7,7 @@ child processes. Per image, for each stage:
 
 * the stage's wall time (interpreter, imports and all);
 * the work: the time of ``pipeline.cli.main([stage])`` in the child, measured after the
-  stage's modules are imported (pandas, PIL; torch for train) -- what grows with the data;
+  stage's modules are imported (pyarrow, PIL; torch and pandas for train) -- what grows with the data;
 * for train, the training part: ``seconds`` in reports/train.json (the Deep SAD centre pass,
   the epoch, the BatchNorm recalibration pass and the checkpoint), per training image.
 
@@ -102,7 +102,7 @@ print("{MARK} imports=%.6f work=%.6f work_cpu=%.6f loop_cpu=%.6f vmhwm_kb=%d"
 raise SystemExit(code)
 """
 PRE_IMPORTS = {
-    "preprocess": ["numpy", "pandas", "pyarrow.parquet", "PIL.Image", "pipeline.config", "pipeline.stages.preprocess"],
+    "preprocess": ["numpy", "pyarrow.parquet", "PIL.Image", "pipeline.config", "pipeline.stages.preprocess"],
     # torch._dynamo: torch.optim.Optimizer.__init__ imports it (3-8 s here), inside the timed loop of
     # train.json's `seconds`; imported first, the loop figure is the work per image
     "train": ["numpy", "pandas", "pyarrow.parquet", "torch", "torch._dynamo", "components.training",

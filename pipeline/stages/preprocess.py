@@ -41,16 +41,20 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from components.images import DecodeLimits, ImageDecodeError, content_hash, decode_to_array
 from pipeline.config import Config
 from pipeline.io import _HOST, DataError, StageError, _alive, atomic_path
 from pipeline.layout import Layout
 
+if TYPE_CHECKING:
+    import pyarrow as pa
+
 SPLITS = ("train", "calibration", "test")
+INDEX_COLUMNS = ("path", "batch", "label", "is_anomaly", "sha256", "split")  # processed/index.parquet, with "row"
 
 CACHE_FORMAT = 1             # the pack layout; a new one starts a new namespace
 MAX_PACKS = 8                # more packs than this are merged into one
@@ -446,10 +450,10 @@ def _cache_folder(layout: Layout, size: int, channels: int, limits: DecodeLimits
     return folder
 
 
-def _write_split(target: Path, rows: pd.DataFrame, raw: Path, shape: tuple[int, ...], limits: DecodeLimits,
+def _write_split(target: Path, rows: dict[str, list], raw: Path, shape: tuple[int, ...], limits: DecodeLimits,
                  cache: DecodedCache, writer: _PackWriter | None, counts: dict[str, int]) -> None:
     channels, size = shape[0], shape[1]
-    out = _Rows(target, len(rows), shape)
+    out = _Rows(target, len(rows["path"]), shape)
     try:
         for relpath, digest in zip(rows["path"], rows["sha256"]):
             key = digest.encode()
@@ -493,27 +497,54 @@ def _cannot_write(error: OSError, layout: Layout, writing: Path) -> StageError:
                       f"{shown(layout.processed)}; {fix}, then run the stage again")
 
 
+def _int64(values) -> pa.Array:
+    """An Arrow int64 array straight from numpy's buffer: pa.array() would import pandas."""
+    import pyarrow as pa
+
+    values = np.ascontiguousarray(values, dtype=np.int64)
+    return pa.Array.from_buffers(pa.int64(), len(values), [None, pa.py_buffer(values)])
+
+
+def _manifest_rows(layout: Layout) -> tuple[pa.Table, dict[str, dict[str, list]]]:
+    """The decodable rows of the validated manifest: the index to write (split by split, each
+    sorted by path, numbered by ``row`` within its split), and each split's paths, hashes and
+    labels as Python lists.
+
+    pyarrow without pandas, and without the calls that import it (read_table, pa.array,
+    pa.table): pandas' import alone (0.4 s here) was a fifth of a nightly preprocess that
+    decodes only the new images (benchmarks/incremental.py)."""
+    import pyarrow.parquet as pq
+
+    with pq.ParquetFile(layout.manifest) as manifest:
+        table = manifest.read(columns=[*INDEX_COLUMNS, "decode_ok"])
+    columns = table.to_pydict()
+    order = sorted((i for i, ok in enumerate(columns["decode_ok"]) if ok), key=columns["path"].__getitem__)
+    taken, rows, split_rows = [], [], {}
+    for split in SPLITS:
+        chosen = [i for i in order if columns["split"][i] == split]
+        if not chosen:
+            raise StageError(f"the {split} split is empty: add images or change preprocess.split")
+        split_rows[split] = {column: [columns[column][i] for i in chosen] for column in ("path", "sha256", "is_anomaly")}
+        taken += chosen
+        rows.append(np.arange(len(chosen)))
+    index = table.select(list(INDEX_COLUMNS)).take(_int64(taken)).replace_schema_metadata(None)
+    return index.append_column("row", _int64(np.concatenate(rows))), split_rows
+
+
 def run(layout: Layout) -> dict:
+    import pyarrow.parquet as pq
+
     config = layout.config
     size, channels = config.preprocess.image_size, config.preprocess.channels
     shape = (channels, size, size)
     limits = decode_limits(config)
-    manifest = pd.read_parquet(layout.manifest, columns=["path", "batch", "label", "is_anomaly", "sha256", "split",
-                                                         "decode_ok"])
-    manifest = manifest[manifest["decode_ok"]].sort_values("path", kind="stable")
-    split_rows = {}
-    for split in SPLITS:
-        rows = manifest[manifest["split"] == split].reset_index(drop=True)
-        if rows.empty:
-            raise StageError(f"the {split} split is empty: add images or change preprocess.split")
-        split_rows[split] = rows
-
+    index, split_rows = _manifest_rows(layout)
     cache = DecodedCache.open(_cache_folder(layout, size, channels, limits), shape)
     missing = {key for key in (d.encode() for rows in split_rows.values() for d in rows["sha256"])
                if not cache.has(key)}
     writer = _PackWriter(cache.folder, missing, shape) if cache.folder is not None and missing else None
     published = False
-    index_parts, counts = [], {}
+    counts = {}
     decoding = {"decoded": 0, "from_cache": 0}
     writing = layout.processed
     try:
@@ -523,15 +554,12 @@ def run(layout: Layout) -> dict:
                 writing = layout.split_images(split)
                 _write_split(staging / writing.relative_to(layout.processed), rows, layout.raw, shape, limits,
                              cache, writer, decoding)
-                part = rows[["path", "batch", "label", "is_anomaly", "sha256", "split"]].copy()
-                part["row"] = np.arange(len(rows))
-                index_parts.append(part)
-                counts[split] = {"images": len(rows), "anomalies": int(rows["is_anomaly"].sum())}
+                counts[split] = {"images": len(rows["path"]), "anomalies": sum(rows["is_anomaly"])}
             if writer is not None:  # every row is decoded: kept even if the index cannot be written
                 published, writer = writer.finish(), None
             writing = layout.index
             buffer = io.BytesIO()  # Python's own write below raises an OSError with its errno
-            pd.concat(index_parts, ignore_index=True).to_parquet(buffer, index=False)
+            pq.write_table(index, buffer)
             (staging / writing.relative_to(layout.processed)).write_bytes(buffer.getvalue())
             writing = layout.processed
     except OSError as error:

@@ -21,7 +21,8 @@ components/images.py and Pillow's version. A file is found there by its content'
 Each run that decoded something appends one pack: ``<id>.pack.npy`` (uint8 N x C x S x S)
 and ``<id>.keys.npy`` (the sha256 of each row), both written under temporary names,
 synced and renamed (keys last: a pack is listed by its keys), so runs at once never see
-each other's half-written packs. Past MAX_PACKS packs, a run merges them into one.
+each other's half-written packs. Past MAX_PACKS packs, a run merges them into one (one run
+at a time: the others leave it to that one).
 The cache is only an optimisation: a pack that vanished, is malformed or cannot be read
 means decoding those files again (with a warning), and a cache that cannot be written
 (a full disk, a read-only cache) costs a warning, never the stage. The output is the
@@ -59,6 +60,7 @@ INDEX_COLUMNS = ("path", "batch", "label", "is_anomaly", "sha256", "split")  # p
 CACHE_FORMAT = 1             # the pack layout; a new one starts a new namespace
 MAX_PACKS = 8                # more packs than this are merged into one
 NAMESPACE_TTL_DAYS = 30      # a namespace no run has used for this long is removed
+ORPHAN_PACK_AGE_S = 3600     # a pack's data this old with no keys beside it is a killed run's: removed
 BUFFER_BYTES = 4 * 2**20     # rows are written and merged this many bytes at a time
 KEY_DTYPE = "S64"            # a sha256 in hex, as the manifest holds it
 CACHE_ENV = "ANOMALY_PIPELINE_PREPROCESS_CACHE"  # "off": neither read nor write the cache (benchmarks, debugging)
@@ -293,7 +295,9 @@ class DecodedCache:
 
     def _remove_orphans(self) -> None:
         """Temporaries of killed runs on this host (their names are unique, so atomic_path's
-        own clean-up of a name never meets them)."""
+        own clean-up of a name never meets them), and data files whose keys never came (a run
+        killed between the two renames, which are milliseconds apart: after ORPHAN_PACK_AGE_S
+        no live run is still writing those keys)."""
         for stale in self.folder.glob(".*.tmp-*"):
             host_pid = stale.name.rsplit(".tmp-", 1)[-1]
             host, _, pid = host_pid.rpartition("-")
@@ -302,6 +306,15 @@ class DecodedCache:
                     stale.unlink()
                 except OSError:
                     pass
+        horizon = time.time() - ORPHAN_PACK_AGE_S
+        for data_path in self.folder.glob("*.pack.npy"):
+            keys_path = data_path.with_name(data_path.name[:-len(".pack.npy")] + ".keys.npy")
+            try:
+                if not keys_path.exists() and data_path.stat().st_mtime < horizon:
+                    data_path.unlink()
+                    _warn(f"removed {data_path.name}: a cache pack whose keys were never written (a killed run)")
+            except OSError:
+                pass
 
     def _add(self, keys_path: Path) -> None:
         name = keys_path.name[:-len(".keys.npy")]
@@ -426,6 +439,29 @@ class DecodedCache:
         return True
 
 
+def _compact(folder: Path, shape: tuple[int, ...]) -> None:
+    """Merge the packs when there are too many, one run at a time: under an exclusive lock
+    taken without waiting (a run that finds another merging leaves it to that one), and
+    listing the packs only once the lock is held, so two runs never merge the same packs."""
+    import fcntl
+
+    try:
+        lock = open(folder / ".compact.lock", "a")
+    except OSError as error:
+        _warn(f"cannot merge the cache packs in {folder}: {_why(error)}")
+        return
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return
+        merged = DecodedCache.open(folder, shape)
+        try:
+            merged.compact()
+        finally:
+            merged.close()
+
+
 def _cache_folder(layout: Layout, size: int, channels: int, limits: DecodeLimits) -> Path | None:
     """This run's namespace folder (None outside a DVC repository); marks it used and removes
     namespaces no run has used for NAMESPACE_TTL_DAYS (old sizes, old decoders)."""
@@ -517,7 +553,8 @@ def _manifest_rows(layout: Layout) -> tuple[pa.Table, dict[str, dict[str, list]]
 
     with pq.ParquetFile(layout.manifest) as manifest:
         table = manifest.read(columns=[*INDEX_COLUMNS, "decode_ok"])
-    columns = table.to_pydict()
+    # Python objects for these columns only (each costs ~100 bytes a row); not to_numpy: it imports pandas
+    columns = {name: table.column(name).to_pylist() for name in ("path", "sha256", "is_anomaly", "split", "decode_ok")}
     order = sorted((i for i, ok in enumerate(columns["decode_ok"]) if ok), key=columns["path"].__getitem__)
     taken, rows, split_rows = [], [], {}
     for split in SPLITS:
@@ -571,11 +608,7 @@ def run(layout: Layout) -> dict:
             writer.abandon(RuntimeError("the stage failed"), quiet=True)
         cache.close()
     if published:
-        merged = DecodedCache.open(cache.folder, shape)
-        try:
-            merged.compact()
-        finally:
-            merged.close()
+        _compact(cache.folder, shape)
     counts.update(decoding)
     print("preprocess: " + ", ".join(f"{s} {counts[s]['images']} ({counts[s]['anomalies']} anomalies)"
                                      for s in SPLITS)

@@ -98,7 +98,7 @@ def _unchanged(layout: Layout, version: str, gates: dict) -> dict:
         failed = "; ".join(gates.get("reasons") or []) or "its gates failed"
         why = f"nothing changed since v{version}, which failed its gates against champion v{champion}: {failed}"
     print(f"promote: {why}")
-    return {"promoted": False, "version": version, "unchanged": True, "reasons": [why]}
+    return {"promoted": False, "version": version, "unchanged_of": version, "reasons": [why]}
 
 
 def rollback(layout: Layout, reason: str) -> dict:

@@ -226,6 +226,42 @@ def test_compaction_merges_the_packs_and_keeps_every_entry(tmp_path, monkeypatch
     assert _outputs(layout) == _outputs(scratch)
 
 
+def test_a_run_that_finds_another_merging_leaves_the_packs_to_it(tmp_path, monkeypatch):
+    import fcntl
+
+    monkeypatch.setattr(preprocess, "MAX_PACKS", 1)
+    cache = tmp_path / "cache"
+    batches = [(f"batch-{n:04d}", n) for n in range(1, 4)]
+    preprocess.run(_workspace(tmp_path / "run1", cache, batches[:1]))
+    (folder,) = {pack.parent for pack in _packs(cache)}
+    with open(folder / ".compact.lock", "a") as held:  # another run, merging now
+        fcntl.flock(held, fcntl.LOCK_EX)
+        counts = preprocess.run(_workspace(tmp_path / "run2", cache, batches[:2]))
+        assert (counts["decoded"], counts["from_cache"]) == (42, 42)
+        assert len(_packs(cache)) == 2  # not merged under the other's feet
+    counts = preprocess.run(_workspace(tmp_path / "run3", cache, batches))
+    assert (counts["decoded"], counts["from_cache"]) == (42, 84)
+    assert len(_packs(cache)) == 1  # the lock is free again: merged
+
+
+def test_a_pack_whose_keys_never_came_is_removed_once_old(tmp_path, monkeypatch, capsys):
+    import os
+    import time
+
+    cache = tmp_path / "cache"
+    preprocess.run(_workspace(tmp_path / "run1", cache, ONE))
+    (pack,) = _packs(cache)
+    old, fresh = pack.with_name("00000000T000000-old.pack.npy"), pack.with_name("99999999T999999-new.pack.npy")
+    for orphan in (old, fresh):  # a run killed between the data's rename and the keys'
+        shutil.copy2(pack, orphan)
+    stale = time.time() - preprocess.ORPHAN_PACK_AGE_S - 60
+    os.utime(old, (stale, stale))
+    counts = preprocess.run(_workspace(tmp_path / "run2", cache, ONE))
+    assert (counts["decoded"], counts["from_cache"]) == (0, 42)
+    assert not old.exists() and old.name in capsys.readouterr().err
+    assert fresh.exists()  # its run may still be writing the keys
+
+
 @pytest.mark.slow
 def test_dvc_gc_leaves_the_cache_alone(tmp_path):
     """The packs live in DVC's cache folder, outside the object stores `dvc gc` cleans."""

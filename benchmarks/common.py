@@ -18,6 +18,11 @@ from typing import Callable, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
+# what preprocess imports (PIL's plugins: what Image.open's first call loads; pyarrow.compute:
+# what Table.take loads): a child that times the stage "after its imports" imports these first
+PREPROCESS_IMPORTS = ("numpy", "pyarrow.parquet", "pyarrow.compute", "PIL.Image", "PIL.BmpImagePlugin",
+                      "PIL.GifImagePlugin", "PIL.JpegImagePlugin", "PIL.PpmImagePlugin", "PIL.PngImagePlugin",
+                      "pipeline.config", "pipeline.stages.preprocess")
 
 
 @dataclass
@@ -101,6 +106,9 @@ def bench_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AIRFLOW_CTX_"))}
     env["PATH"] = f"{Path(PYTHON).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("PYTHONHASHSEED", "0")
+    # what `python -m pipeline` sets before pyarrow loads (pipeline/__main__.py); the children
+    # that time a stage after its imports call pipeline.cli.main directly, without it
+    env.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
     env.update(extra)
     return env
 

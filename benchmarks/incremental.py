@@ -17,7 +17,7 @@ Timed, side by side, ``repeats`` times, on the grown snapshot (1.1 N images):
 Each is ``python -m pipeline preprocess`` run as a child process in the project (through a
 small driver that runs the same ``pipeline.cli.main(["preprocess"])`` and also prints the
 stage's time after its imports: the in-process part, without the interpreter's start-up and
-the numpy/pyarrow/PIL imports). The outputs of both must be the same bytes, and the
+the numpy/pyarrow/PIL imports: benchmarks.common.PREPROCESS_IMPORTS). The outputs of both must be the same bytes, and the
 decoded/cached counts the stage prints are checked.
 """
 from __future__ import annotations
@@ -27,8 +27,8 @@ import re
 import shutil
 from pathlib import Path
 
-from benchmarks.common import PYTHON, Context, Figure, bench_env, check, make_project, ratios, run_child, \
-    write_batches
+from benchmarks.common import PREPROCESS_IMPORTS, PYTHON, Context, Figure, bench_env, check, make_project, \
+    ratios, run_child, write_batches
 
 TITLE = "4. Incremental batch: preprocess of a snapshot grown by 10 %, against a full preprocess"
 
@@ -44,7 +44,7 @@ Grown snapshot = N + N/10 generated {IMAGE_SIZE} px PNGs (N = {FULL_IMAGES} in f
 defaults (64 px, 3 channels). *full*: the decoded-image cache removed, every image decoded (and a cache pack
 written); *incremental*: the cache as the previous night (N images) left it, only the N/10 new images decoded.
 *process* is the whole `python -m pipeline preprocess` child; *stage* is `pipeline.cli.main(["preprocess"])`
-timed inside it after its imports (numpy, pyarrow, PIL). Ratios pair the i-th full run with the i-th
+timed inside it after its imports (numpy, pyarrow, PIL and its plugins). Ratios pair the i-th full run with the i-th
 incremental run (interleaved). Peak memory is the child's VmHWM. Both runs' outputs are checked to be the
 same bytes. The cache's pack was just written, so it is read from the page cache (as are the PNGs).
 """
@@ -52,7 +52,7 @@ same bytes. The cache's pack was just written, so it is read from the page cache
 CHILD = f"""
 import sys, time, importlib
 started = time.perf_counter()
-for name in ("numpy", "pyarrow.parquet", "PIL.Image", "pipeline.config", "pipeline.stages.preprocess"):
+for name in {PREPROCESS_IMPORTS!r}:
     importlib.import_module(name)
 imported = time.perf_counter()
 from pipeline.cli import main

@@ -124,7 +124,10 @@ def _run(layout: Layout) -> dict:
     parts = []
     for split in ("calibration", "test"):
         rows = index[index["split"] == split].sort_values("row").copy()
-        rows["score"] = score(result.model, np.load(layout.split_images(split), mmap_mode="r"))
+        # in training's batches: score's default (256) took ~100 MB more than the training loop
+        # and set the stage's peak (benchmarks/scale.py)
+        rows["score"] = score(result.model, np.load(layout.split_images(split), mmap_mode="r"),
+                              batch_size=settings.batch_size)
         parts.append(rows)
     scores = pd.concat(parts, ignore_index=True)
     if not np.isfinite(scores["score"]).all():

@@ -94,9 +94,12 @@ def _overlay_uncommitted(project: Path, root: Path) -> None:
 
 
 def _dvc_remotes(project: Path) -> dict[str, str]:
-    out = subprocess.run([sys.executable, "-m", "dvc", "remote", "list"], cwd=project, capture_output=True,
+    """Each remote's url, from ``dvc config --list`` (``remote.<name>.url=<url>``): not from
+    ``dvc remote list``, a table that DVC wraps at 80 columns, so a long path split the line
+    into a name and a url that were not theirs."""
+    out = subprocess.run([sys.executable, "-m", "dvc", "config", "--list"], cwd=project, capture_output=True,
                          text=True).stdout
-    return dict(line.split(None, 1) for line in out.splitlines() if len(line.split(None, 1)) == 2)
+    return {m.group(1): m.group(2) for m in re.finditer(r"^remote\.(.+)\.url=(.*)$", out, re.MULTILINE)}
 
 
 def share_dvc_stores(project: Path, root: Path) -> None:
@@ -106,7 +109,6 @@ def share_dvc_stores(project: Path, root: Path) -> None:
     subprocess.run([*dvc, "cache", "dir", "--local", cache or str(project / ".dvc" / "cache")], cwd=root, check=True,
                    capture_output=True)
     for name, url in _dvc_remotes(project).items():
-        url = url.split()[0]  # "url (default)" -> url
         if "://" not in url and not os.path.isabs(url):
             url = str((project / ".dvc" / url).resolve())
         subprocess.run([*dvc, "remote", "modify", "--local", name, "url", url], cwd=root, check=True,

@@ -40,12 +40,24 @@ def test_a_workspace_is_a_worktree_with_the_runs_params_and_the_projects_dvc_sto
     dvc = [sys.executable, "-m", "dvc"]
     cache = subprocess.run([*dvc, "cache", "dir"], cwd=ws.root, capture_output=True, text=True).stdout.strip()
     assert cache == str(project / ".dvc" / "cache")
-    remotes = subprocess.run([*dvc, "remote", "list"], cwd=ws.root, capture_output=True, text=True).stdout
-    assert str(project / "dvc-remote") in remotes
+    remote = subprocess.run([*dvc, "config", "remote.local.url"], cwd=ws.root, capture_output=True, text=True)
+    assert remote.stdout.strip() == str(project / "dvc-remote")
     # asking again (a later task, a retry) returns the same workspace and keeps its record
     again = workspace.create(project, "manual__2026-11-29T02:00:00+00:00", {"train.epochs": 99})
     assert again.root == ws.root and again.record["overrides"] == {"train.epochs": 3}
     assert workspace.latest(project) == ws.root
+
+
+def test_a_project_in_a_long_path_keeps_its_remote(tmp_path, monkeypatch):
+    """`dvc remote list` wraps its table at 80 columns: a long remote path came back as a
+    remote named "e" with the url "(default)", and every run workspace failed to start."""
+    monkeypatch.delenv(workspace.RUNS_ENV, raising=False)
+    project = make_workspace(tmp_path / ("a-long-folder-name-" * 4) / "project")
+    assert len(str(project / "dvc-remote")) > 80
+    ws = workspace.create(project, "manual__long", {})
+    remote = subprocess.run([sys.executable, "-m", "dvc", "config", "remote.local.url"], cwd=ws.root,
+                            capture_output=True, text=True)
+    assert remote.stdout.strip() == str(project / "dvc-remote")
 
 
 @pytest.mark.parametrize("overrides, key", [

@@ -445,6 +445,8 @@ def _compact(folder: Path, shape: tuple[int, ...]) -> None:
     listing the packs only once the lock is held, so two runs never merge the same packs."""
     import fcntl
 
+    if len(list(folder.glob("*.keys.npy"))) <= MAX_PACKS:  # most nights: no need to read every key again
+        return
     try:
         lock = open(folder / ".compact.lock", "a")
     except OSError as error:
@@ -455,7 +457,7 @@ def _compact(folder: Path, shape: tuple[int, ...]) -> None:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return
-        merged = DecodedCache.open(folder, shape)
+        merged = DecodedCache.open(folder, shape)  # compact() counts again: another run may have merged
         try:
             merged.compact()
         finally:

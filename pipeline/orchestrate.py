@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipeline import runner, workspace
+from pipeline import dvc_cli, runner, workspace
 from pipeline.config import ConfigError, load
 from pipeline.io import EXIT_DATA_ERROR, StageError, read_json
 from pipeline.layout import Layout
@@ -110,7 +110,7 @@ def stage(project: Path, run_id: str, name: str) -> dict:
     with environ(store_env(ws.project)):
         env = runner.stage_env(layout, ws.mlflow_run_id)
     started = time.time()
-    code, tail = _stream([sys.executable, "-m", "dvc", "repro", "--single-item", name], ws.root, env)
+    code, tail = _stream([*dvc_cli.COMMAND, "repro", "--single-item", name], ws.root, env)
     if code == 0:
         print(f"{name}: done in {time.time() - started:.1f} s in {ws.root}")
         return {"stage": name, "workspace": str(ws.root), "seconds": round(time.time() - started, 1)}

@@ -18,6 +18,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterator
 
+from pipeline import dvc_cli
 from pipeline.io import EXIT_DATA_ERROR, StageError, read_json, write_json
 from pipeline.layout import Layout
 
@@ -163,7 +164,7 @@ def failed_stage(tail: str) -> tuple[str | None, int | None, str]:
 
 
 def _dvc(args: list[str], root: Path, env: dict[str, str]) -> tuple[int, str]:
-    return stream([sys.executable, "-m", "dvc", *args], root, env, merge=False)
+    return stream([*dvc_cli.COMMAND, *args], root, env, merge=False)
 
 
 def start(layout: Layout, trigger: str, tags: dict[str, str] | None = None) -> str:

@@ -82,25 +82,37 @@ def run(ctx: Context) -> list[Figure]:
     params = yaml.safe_load((root / "params.yaml").read_text())
     train = params["train"]
     stage_loop, stage_process, plain_loop, plain_process = [], [], [], []
-    for repetition in range(min(ctx.repeats, 3)):  # each is two whole trainings: 3 pairs at most
+    spec_file = ctx.folder("training") / "spec.json"  # the stage's model spec, for the plain loop
+
+    def stage() -> None:
         shutil.rmtree(root / "models", ignore_errors=True)  # no checkpoint to resume from: train every epoch
         done = run_child([PYTHON, "-m", "pipeline", "train"], cwd=root, env=bench_env())
-        metrics = json.loads((root / "reports" / "train.json").read_text())
+        metrics.update(json.loads((root / "reports" / "train.json").read_text()))
         assert metrics["resumed_from_epoch"] == 0, "the stage resumed instead of training"
         stage_loop.append(metrics["samples_per_second"])
         stage_process.append(metrics["train_images"] * epochs / done.seconds)
-        spec = json.loads((root / "models" / "spec.json").read_text())["spec"]
-        spec_file = ctx.folder("training") / "spec.json"
-        spec_file.write_text(json.dumps(spec))
-        plain = run_child([PYTHON, "-c", PLAIN_LOOP, str(spec_file), str(root / "data/processed/train_images.npy"),
-                           str(root / "data/processed/index.parquet"), str(epochs), str(train["batch_size"]),
-                           str(train["learning_rate"]), str(train["weight_decay"]), str(params["base"]["seed"])],
-                          cwd=root, env=bench_env())
-        result = json.loads(plain.output.strip().splitlines()[-1])
-        assert result["threads"] == metrics["threads"], "the two loops ran with different thread counts"
+        spec_file.write_text(json.dumps(json.loads((root / "models" / "spec.json").read_text())["spec"]))
+
+    def plain() -> None:
+        done = run_child([PYTHON, "-c", PLAIN_LOOP, str(spec_file), str(root / "data/processed/train_images.npy"),
+                          str(root / "data/processed/index.parquet"), str(epochs), str(train["batch_size"]),
+                          str(train["learning_rate"]), str(train["weight_decay"]), str(params["base"]["seed"])],
+                         cwd=root, env=bench_env())
+        result = json.loads(done.output.strip().splitlines()[-1])
+        threads.append(result["threads"])
         plain_loop.append(result["samples_per_second"])
-        plain_process.append(metrics["train_images"] * epochs / plain.seconds)
-        ctx.log(f"  repetition {repetition + 1}: stage {stage_loop[-1]:.0f}/s, plain {plain_loop[-1]:.0f}/s")
+        plain_process.append(result["samples_per_second"] * result["seconds"] / done.seconds)  # samples / s
+
+    metrics, threads = {}, []
+    # Each pair is two whole trainings, 5 pairs at most. Who goes first alternates (the stage
+    # first in odd pairs: its spec is the plain loop's), so a load that rises or falls during
+    # the run (this machine is shared) does not favour one side.
+    for repetition in range(min(ctx.repeats, 5)):
+        for side in ((stage, plain) if repetition % 2 == 0 else (plain, stage)):
+            side()
+        ctx.log(f"  repetition {repetition + 1}: stage {stage_loop[-1]:.0f}/s, plain {plain_loop[-1]:.0f}/s"
+                f"{' (plain first)' if repetition % 2 else ''}")
+    assert set(threads) == {metrics["threads"]}, "the two loops ran with different thread counts"
     family = params["model"]["type"]
     note = f"{family}, {metrics['train_images']} images x {epochs} epochs, batch {train['batch_size']}, " \
            f"{metrics['threads']} threads, {metrics['device']}"

@@ -1,10 +1,8 @@
-"""DVC's own command line (``python -m pipeline.dvc_cli <dvc args>``) with one fix to its run
-cache, for the ``dvc repro`` of ``pipeline run`` and of each Airflow stage task. Run
+"""DVC's own command line (``COMMAND <dvc args>``) with one fix to its run cache, for every
+``dvc repro`` the pipeline runs (``pipeline run``, each Airflow stage task, reproduce). Run
 workspaces share the project's DVC cache, and with it the run cache
 (``<cache>/runs/<stage key>/<entry>``), so two runs at once can write and read one stage's
-entries at the same moment. (pipeline.reproduce keeps plain DVC: it rebuilds an old commit,
-whose tree may predate this module and which ``-m`` would import from, and its
-``--no-run-cache`` never reads the run cache; the other commands never touch it.)
+entries at the same moment. (The other DVC commands the pipeline runs never read it.)
 
 The bug (DVC 3.67.1, ``dvc.stage.cache.StageCache._load``): a run about to start a stage
 lists the stage's entries, takes the newest by mtime and reads it; if that does not parse,
@@ -23,8 +21,14 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
-COMMAND = [sys.executable, "-m", "pipeline.dvc_cli"]
+# This module by its path, not ``-m pipeline.dvc_cli``: -m looks in the working directory first,
+# a run's workspace or reproduce's checkout of an old commit, whose pipeline package may
+# predate this module (an Airflow retry of a run made before an upgrade). Only an editable
+# install's import hook would then still find it.
+COMMAND = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); "
+           "from pipeline.dvc_cli import main; sys.exit(main(sys.argv[1:]))"]
 
 
 def _is_entry(name: str) -> bool:

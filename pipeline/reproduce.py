@@ -29,6 +29,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline import dvc_cli
 from pipeline.io import StageError, read_json
 from pipeline.layout import Layout
 
@@ -176,7 +177,8 @@ def reproduce(layout: Layout, ref: str, tolerance: float | None = None, keep: bo
         stages = [s for s in graph.stages(root) if raw not in s.outs]
         for stage in stages:
             print(f"reproduce: running {stage.name}")
-            if _run([*dvc, "repro", "--force", "--no-run-cache", "--single-item", stage.name], root, env) != 0:
+            if _run([*dvc_cli.COMMAND, "repro", "--force", "--no-run-cache", "--single-item", stage.name], root,
+                    env) != 0:
                 raise StageError(f"reproduce: stage {stage.name} failed in {root}")
 
         # paths from the recorded params as they are: an old record need not pass today's schema

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from conftest import clean_env
+from pipeline import dvc_cli
 
-PROJECT = Path(__file__).resolve().parents[2]
-
+DVC = [sys.executable, "-m", "dvc"]
 DVC_YAML = """\
 stages:
   copy:
@@ -29,9 +29,7 @@ stages:
 
 
 def _run(root: Path, *command: str) -> subprocess.CompletedProcess:
-    env = clean_env({"PYTHONPATH": str(PROJECT)})
-    result = subprocess.run([sys.executable, *command], cwd=root, env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(list(command), cwd=root, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 
@@ -41,9 +39,13 @@ def repo(tmp_path: Path) -> Path:
     root = tmp_path / "repo"
     root.mkdir()
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    _run(root, "-m", "dvc", "init", "-q")
-    _run(root, "-m", "dvc", "config", "core.analytics", "false")
+    _run(root, *DVC, "init", "-q")
+    _run(root, *DVC, "config", "core.analytics", "false")
     (root / "dvc.yaml").write_text(DVC_YAML)
+    # what a run workspace made before pipeline/dvc_cli.py existed holds: an older pipeline
+    # package, first on `python -m`'s path here (COMMAND names the module by its path)
+    (root / "pipeline").mkdir()
+    (root / "pipeline" / "__init__.py").write_text("")
     return root
 
 
@@ -53,10 +55,10 @@ def _in_flight_entry(root: Path) -> tuple[Path, Path]:
     just opened and not yet filled: an empty ``.<token>.tmp``, newer than the real entry."""
     runs = root / ".dvc" / "cache" / "runs"
     (root / "in.txt").write_text("one\n")
-    _run(root, "-m", "dvc", "repro", "copy")
+    _run(root, *DVC, "repro", "copy")
     (folder,) = {path.parent for path in runs.glob("*/*/*")}
     (root / "in.txt").write_text("two\n")
-    _run(root, "-m", "dvc", "repro", "copy")
+    _run(root, *DVC, "repro", "copy")
     (root / "in.txt").write_text("one\n")
     planted = folder / ".Kq3vW0aJtH2bXyZ1mN4pQw.tmp"
     planted.touch()
@@ -67,7 +69,7 @@ def _in_flight_entry(root: Path) -> tuple[Path, Path]:
 
 def test_a_run_that_reads_the_run_cache_leaves_another_runs_entry_in_progress_alone(repo):
     folder, planted = _in_flight_entry(repo)
-    result = _run(repo, "-m", "pipeline.dvc_cli", "repro", "copy")
+    result = _run(repo, *dvc_cli.COMMAND, "repro", "copy")
     assert planted.exists(), "the other run's entry in progress was deleted under it"
     assert "Stage 'copy' is cached - skipping run" in result.stdout + result.stderr
     assert (repo / "out.txt").read_text() == "one\n"
@@ -78,6 +80,6 @@ def test_plain_dvc_still_deletes_it(repo):
     """The bug pipeline.dvc_cli works around, in the DVC this project pins. When this test
     fails, DVC has fixed it: remove pipeline/dvc_cli.py and call ``python -m dvc`` again."""
     _, planted = _in_flight_entry(repo)
-    result = _run(repo, "-m", "dvc", "repro", "copy")
+    result = _run(repo, *DVC, "repro", "copy")
     assert not planted.exists()
     assert "corrupted cache file" in result.stdout + result.stderr

@@ -142,7 +142,7 @@ def stream(command: list[str], cwd: Path, env: dict[str, str], merge: bool = Tru
                 with _signals_ignored():  # a second Ctrl-C or SIGTERM must not cut the clean-up short
                     stop_tree(process)
             if isinstance(error, Interrupted):
-                shown = " ".join(command[2:] if command[1:2] == ["-m"] else command)
+                shown = _shown(command)
                 raise Interrupted(f"{error} while running '{shown}'; it and its child processes were stopped") \
                     from None
             raise
@@ -152,6 +152,13 @@ def stream(command: list[str], cwd: Path, env: dict[str, str], merge: bool = Tru
                     if pipe is not None:
                         pipe.close()
     return process.returncode, "".join(tail)
+
+
+def _shown(command: list[str]) -> str:
+    """A command as a person would type it: ``dvc repro …``, not the interpreter and its -c script."""
+    if command[:len(dvc_cli.COMMAND)] == dvc_cli.COMMAND:
+        return " ".join(["dvc", *command[len(dvc_cli.COMMAND):]])
+    return " ".join(command[2:] if command[1:2] == ["-m"] else command)
 
 
 def failed_stage(tail: str) -> tuple[str | None, int | None, str]:

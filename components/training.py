@@ -91,9 +91,9 @@ release_freed_memory = _malloc_trim()
 # 10k to 50k images and varied by 300 MB between runs, with no more live data (memray at the
 # peak: 112 MB of heap). Handing it back every TRIM_EVERY batches and after each pass keeps
 # the stage's memory independent of the data set's size (benchmarks/scale.py). A trim took
-# about 1 ms here (10 ms the first time), against about 9 s of training per TRIM_EVERY batches;
-# trimming more often (after every epoch of a small set) costs more: what was handed back is
-# faulted in again by the next batches.
+# about 1 ms here (10 ms the first time), against about 9 s of training per TRIM_EVERY batches.
+# Batches are counted across epochs, so a small set's short epochs do not each end in a trim
+# (what is handed back is faulted in again by the next batches).
 TRIM_EVERY = 50
 
 

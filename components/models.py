@@ -147,9 +147,15 @@ def build(spec: dict[str, Any]) -> nn.Module:
     common = dict(channels=spec["channels"], image_size=spec["image_size"], width=spec["width"],
                   latent_dim=spec["latent_dim"])
     if family == "autoencoder":
-        return ConvAutoencoder(**common)
-    if family == "deep_sad":
-        return DeepSAD(**common, eta=spec.get("eta", 1.0))
-    if family == "classifier":
-        return CNNClassifier(**common, pos_weight=spec.get("pos_weight", 1.0))
-    raise ValueError(f"unknown model family {family!r} (known: {', '.join(FAMILIES)})")
+        model: nn.Module = ConvAutoencoder(**common)
+    elif family == "deep_sad":
+        model = DeepSAD(**common, eta=spec.get("eta", 1.0))
+    elif family == "classifier":
+        model = CNNClassifier(**common, pos_weight=spec.get("pos_weight", 1.0))
+    else:
+        raise ValueError(f"unknown model family {family!r} (known: {', '.join(FAMILIES)})")
+    # Channels-last weights make the convolutions run in NHWC, which oneDNN's CPU kernels (and
+    # CUDA's tensor cores) are faster at: training took 13-27 % more samples/s here than with
+    # the default layout, depending on the family (benchmarks/training.py). Inputs can stay
+    # NCHW (a convolution follows its weight's layout); the values are the same either way.
+    return model.to(memory_format=torch.channels_last)

@@ -156,6 +156,7 @@ def build(spec: dict[str, Any]) -> nn.Module:
         raise ValueError(f"unknown model family {family!r} (known: {', '.join(FAMILIES)})")
     # Channels-last weights make the convolutions run in NHWC, which oneDNN's CPU kernels (and
     # CUDA's tensor cores) are faster at: training took 13-27 % more samples/s here than with
-    # the default layout, depending on the family (benchmarks/training.py). Inputs can stay
-    # NCHW (a convolution follows its weight's layout); the values are the same either way.
+    # the default layout, depending on the family (benchmarks/README.md). Inputs can stay NCHW
+    # (a convolution follows its weight's layout). The kernels differ, so results differ in
+    # float rounding from the default layout's, and are as deterministic.
     return model.to(memory_format=torch.channels_last)

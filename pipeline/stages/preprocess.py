@@ -542,21 +542,6 @@ def _int64(values) -> pa.Array:
     return pa.Array.from_buffers(pa.int64(), len(values), [None, pa.py_buffer(values)])
 
 
-def _column(values: list, name: str, type: pa.DataType) -> pa.Array:
-    """An int64 or (large) string Arrow array from a list, built from its buffers like _int64."""
-    import pyarrow as pa
-
-    if pa.types.is_int64(type) and None not in values:
-        return _int64(values)
-    if (pa.types.is_string(type) or pa.types.is_large_string(type)) and None not in values:
-        data = [value.encode() for value in values]
-        offsets = np.zeros(len(data) + 1, dtype=np.int64 if pa.types.is_large_string(type) else np.int32)
-        np.cumsum([len(item) for item in data], out=offsets[1:])
-        return pa.Array.from_buffers(type, len(data), [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(data))])
-    raise StageError(f"preprocess: the manifest's column {name!r} is {type}{' with nulls' if None in values else ''}; "
-                     "the index takes int64 and string columns without nulls. Run validate again to rebuild it")
-
-
 def _manifest_rows(layout: Layout) -> tuple[pa.Table, dict[str, dict[str, list]]]:
     """The decodable rows of the validated manifest: the index to write (split by split, each
     sorted by path, numbered by ``row`` within its split), and each split's paths, hashes (as
@@ -564,30 +549,25 @@ def _manifest_rows(layout: Layout) -> tuple[pa.Table, dict[str, dict[str, list]]
 
     pyarrow without pandas, and without the calls that import it (read_table, pa.array,
     pa.table): pandas' import alone (0.4 s here) was a fifth of a nightly preprocess that
-    decodes only the new images (benchmarks/incremental.py). Nor Table.take, which imports
-    pyarrow.compute (another 0.07 s)."""
-    import pyarrow as pa
+    decodes only the new images (benchmarks/incremental.py)."""
     import pyarrow.parquet as pq
 
     with pq.ParquetFile(layout.manifest) as manifest:
         table = manifest.read(columns=[*INDEX_COLUMNS, "decode_ok"])
     # Python objects for these columns only (each costs ~100 bytes a row); not to_numpy: it imports pandas
-    columns = {name: table.column(name).to_pylist() for name in (*INDEX_COLUMNS, "decode_ok")}
-    keys = [digest.encode() for digest in columns["sha256"]]
+    columns = {name: table.column(name).to_pylist() for name in ("path", "is_anomaly", "split", "decode_ok")}
+    columns["sha256"] = [digest.encode() for digest in table.column("sha256").to_pylist()]
     order = sorted((i for i, ok in enumerate(columns["decode_ok"]) if ok), key=columns["path"].__getitem__)
     taken, rows, split_rows = [], [], {}
     for split in SPLITS:
         chosen = [i for i in order if columns["split"][i] == split]
         if not chosen:
             raise StageError(f"the {split} split is empty: add images or change preprocess.split")
-        split_rows[split] = {"path": [columns["path"][i] for i in chosen], "sha256": [keys[i] for i in chosen],
-                             "is_anomaly": [columns["is_anomaly"][i] for i in chosen]}
+        split_rows[split] = {column: [columns[column][i] for i in chosen] for column in ("path", "sha256", "is_anomaly")}
         taken += chosen
         rows.append(np.arange(len(chosen)))
-    index = pa.Table.from_arrays(
-        [_column([columns[name][i] for i in taken], name, table.schema.field(name).type) for name in INDEX_COLUMNS]
-        + [_int64(np.concatenate(rows))], names=[*INDEX_COLUMNS, "row"])
-    return index, split_rows
+    index = table.select(list(INDEX_COLUMNS)).take(_int64(taken)).replace_schema_metadata(None)
+    return index.append_column("row", _int64(np.concatenate(rows))), split_rows
 
 
 def run(layout: Layout) -> dict:

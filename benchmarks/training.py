@@ -2,9 +2,10 @@
 
 Both run as fresh processes with the same model (components.models.build of the stage's
 spec), data (the stage's memory-mapped train split), batch size, epochs (params.yaml's, as
-a nightly run trains), seed, device and thread count. The plain loop is what an engineer would write by hand: the whole
-split as one float tensor in memory, a shuffled index per epoch, forward, loss,
-backward, step; no checkpoints, no progress bar, no BatchNorm re-estimate, no scoring.
+a nightly run trains), seed, device and thread count. The plain loop is what an engineer
+would write by hand: the whole split as one float tensor in memory, a shuffled index per
+epoch, forward, loss, backward, step; no checkpoints, no progress bar, no BatchNorm
+re-estimate, no scoring.
 
 The target is judged on the training loop's samples per second (train.json's
 ``samples_per_second``, which includes the stage's per-epoch checkpoint, the Deep SAD

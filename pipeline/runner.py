@@ -278,8 +278,9 @@ def run(layout: Layout, force: bool = False, reason: str = "") -> int:
 
 
 def has_remote(root: Path) -> bool:
-    config = root / ".dvc" / "config"
-    return config.is_file() and "remote" in config.read_text()
+    """A remote is set in the committed config or in the git-ignored local one."""
+    return any(config.is_file() and "remote" in config.read_text()
+               for config in (root / ".dvc" / "config", root / ".dvc" / "config.local"))
 
 
 def _validation(layout: Layout) -> dict:

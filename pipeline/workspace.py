@@ -103,8 +103,14 @@ def _dvc_remotes(project: Path) -> dict[str, str]:
 
 
 def share_dvc_stores(project: Path, root: Path) -> None:
-    """The run's DVC uses the project's cache, and its remotes with their paths made absolute."""
+    """The run's DVC uses the project's cache, and its remotes with their paths made absolute.
+
+    The project's ``.dvc/config.local`` (git-ignored, so not in the worktree) comes along
+    first: it is where a deployment keeps what must not be committed, such as an S3 remote's
+    ``endpointurl``, profile or keys, or a remote that replaces the committed default."""
     dvc = [sys.executable, "-m", "dvc"]
+    if (project / ".dvc" / "config.local").is_file():
+        shutil.copy2(project / ".dvc" / "config.local", root / ".dvc" / "config.local")
     cache = subprocess.run([*dvc, "cache", "dir"], cwd=project, capture_output=True, text=True).stdout.strip()
     subprocess.run([*dvc, "cache", "dir", "--local", cache or str(project / ".dvc" / "cache")], cwd=root, check=True,
                    capture_output=True)

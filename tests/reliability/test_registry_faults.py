@@ -13,18 +13,15 @@ each fault, so "nothing lost" is checked against the registry itself.
 """
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from conftest import clean_env, dvc, make_workspace, run_cli
+from servers import MlflowServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -36,75 +33,15 @@ GOOD = {"epochs": 8, "learning_rate": 0.003}          # about 0.97
 FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class Server:
-    """`mlflow server` with a SQLite backend and proxied artifacts in ``folder``."""
-
-    def __init__(self, folder: Path):
-        self.folder, self.port, self.process = folder, _free_port(), None
-        self.artifacts = folder / "artifacts"
-
-    @property
-    def uri(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 240) -> None:
-        log = open(self.folder / "server.log", "a")
-        self.process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
-             f"sqlite:///{self.folder / 'server.db'}", "--artifacts-destination", str(self.artifacts),
-             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"mlflow server exited {self.process.returncode}: "
-                                     + (self.folder / "server.log").read_text()[-3000:])
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.3)
-        raise AssertionError(f"mlflow server not healthy after {timeout} s")
-
-    def crash(self) -> None:
-        """The whole server at once, as an OOM kill or a lost host would."""
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=30)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                time.sleep(0.2)  # a worker still holds the port
-            except OSError:
-                return
-        raise AssertionError("the killed server still answers")
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("mlflow-server"))
+    srv = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
     srv.start()
     yield srv
     srv.stop()
 
 
-def _project(root: Path, server: Server, train: dict) -> Path:
+def _project(root: Path, server: MlflowServer, train: dict) -> Path:
     return make_workspace(root, {"train": train, "gates": LOW_GATES, "registry": {"tracking_uri": server.uri}})
 
 
@@ -116,13 +53,13 @@ def ws(server, tmp_path_factory) -> Path:
     return root
 
 
-def _client(server: Server):
+def _client(server: MlflowServer):
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=server.uri, registry_uri=server.uri)
 
 
-def _alias(server: Server, alias: str) -> str | None:
+def _alias(server: MlflowServer, alias: str) -> str | None:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -131,7 +68,7 @@ def _alias(server: Server, alias: str) -> str | None:
         return None
 
 
-def _versions(server: Server) -> list[int]:
+def _versions(server: MlflowServer) -> list[int]:
     return sorted(int(v.version) for v in _client(server).search_model_versions(f"name='{NAME}'"))
 
 
@@ -148,12 +85,12 @@ def test_8_server_dies_during_register_and_the_retry_registers_exactly_one_clean
     experiment = client.get_experiment_by_name(NAME).experiment_id
     run_id = client.create_run(experiment, tags={"trigger": "test"}).info.run_id  # as prepare does
     env = {**FAIL_FAST, "MLFLOW_RUN_ID": run_id}
-    before = _files(server.artifacts)
+    before = _files(Path(server.artifacts))
 
     first = subprocess.Popen([sys.executable, "-m", "pipeline", "register"], cwd=ws, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, env=clean_env(env))
     deadline = time.monotonic() + 300
-    while not any("/models/" in p.as_posix() for p in _files(server.artifacts) - before):  # the model's upload began
+    while not any("/models/" in p.as_posix() for p in _files(Path(server.artifacts)) - before):  # the model's upload began
         assert first.poll() is None, "register ended before it uploaded a model: " + first.stdout.read()[-3000:]
         assert time.monotonic() < deadline, "register never started uploading the model"
         time.sleep(0.02)
@@ -203,7 +140,7 @@ def test_8_a_version_whose_model_files_are_incomplete_is_never_promoted(ws, serv
 PROMOTE = [sys.executable, "-m", "pipeline", "promote"]
 
 
-def _gated(server: Server, folder: Path, train: dict) -> tuple[Path, str]:
+def _gated(server: MlflowServer, folder: Path, train: dict) -> tuple[Path, str]:
     """A project trained with ``train`` and registered (gated against today's champion), not promoted."""
     root = _project(folder, server, train)
     dvc(root, "repro", "--quiet")
@@ -222,7 +159,7 @@ def candidates(ws, server, tmp_path_factory):
     return champion, (fair, fair_version), (good, good_version)
 
 
-def _reset(server: Server, champion: str, previous: str | None) -> None:
+def _reset(server: MlflowServer, champion: str, previous: str | None) -> None:
     client = _client(server)
     client.set_registered_model_alias(NAME, "champion", champion)
     if previous:

@@ -7,10 +7,10 @@ BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 PIP_FILTER := grep -v -e 'is ignored: it is neither a file nor a directory' || true
 
-.PHONY: run test bench venv browser data airflow mlflow score clean-outputs help
+.PHONY: run test bench venv browser compose-cli data airflow mlflow score up down clean-outputs help
 
 help:
-	@echo "make run | make test | make bench | make airflow | make mlflow | make score FOLDER=... | make clean-outputs"
+	@echo "make run | make test | make bench | make airflow | make mlflow | make score FOLDER=... | make up | make down | make clean-outputs"
 
 $(BIN)/.installed: requirements.txt requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
@@ -33,7 +33,7 @@ run: venv data
 airflow: venv data
 	$(BIN)/python -m pipeline airflow standalone
 
-test: venv browser
+test: venv browser compose-cli
 	$(BIN)/python -m pytest
 
 # the benchmark suite (not tests): benchmarks/results.json and benchmarks/RESULTS.md; about an hour here.
@@ -47,6 +47,26 @@ browser:
 	  [ "$$(id -u)" = 0 ] && SUDO= || SUDO=sudo; \
 	  echo "installing Debian's chromium for the UI test"; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+
+# Debian's docker-compose (a compose implementation; no Docker engine needed) for the test
+# that validates docker/docker-compose.yaml
+compose-cli:
+	@command -v docker-compose >/dev/null || { \
+	  [ "$$(id -u)" = 0 ] && SUDO= || SUDO=sudo; \
+	  echo "installing Debian's docker-compose for the compose file's test"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends docker-compose >/dev/null; }
+
+# The scaled deployment (docker/docker-compose.yaml): needs a Docker engine with compose v2
+# (COMPOSE="docker-compose" for v1) and docker/.env (from docker/.env.example, secrets set)
+COMPOSE ?= docker compose
+COMPOSE_ARGS := --env-file docker/.env -f docker/docker-compose.yaml
+up:
+	@test -f docker/.env || { echo "error: docker/.env is missing: cp docker/.env.example docker/.env and set its secrets"; exit 1; }
+	@! grep -n '=change-me' docker/.env || { echo "error: docker/.env still holds change-me values (above): set them"; exit 1; }
+	$(COMPOSE) $(COMPOSE_ARGS) up -d --build --wait
+
+down:
+	$(COMPOSE) $(COMPOSE_ARGS) down
 
 mlflow: venv
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000

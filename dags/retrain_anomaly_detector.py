@@ -30,6 +30,7 @@ from airflow.sdk import CronTriggerTimetable, Param, dag, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from dags.common import CHAMPION, PARAMS, record_failure
 
+from pipeline.deploy import PASSED_TO_POD, Kubernetes, train_placement
 from pipeline.graph import stages
 
 # Where a retry can help: reading the landing folder (a network share), training (it
@@ -107,6 +108,42 @@ def run_stage(name: str, **context) -> dict:
         raise AirflowFailException(str(error)) from None
 
 
+def _train_pod(k8s: Kubernetes, settings: dict):
+    """train as a Kubernetes pod (ANOMALY_PIPELINE_TRAIN_ON=kubernetes, pipeline/deploy.py): the
+    project image runs the same stage command an in-process task runs, in the run's workspace
+    on the project's volume, with the GPUs, node selector and tolerations from the settings.
+    Imported here only: the provider takes seconds to import, and no other placement needs it."""
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from kubernetes.client import models as k8s_models
+
+    project = str(PROJECT)
+    return KubernetesPodOperator(
+        task_id="train", name="anomaly-pipeline-train", namespace=k8s.namespace, image=k8s.image,
+        cmds=["python", "-m", "pipeline"],
+        arguments=["--params", f"{project}/params.yaml", "run-stage", "{{ run_id }}", "train"],
+        container_resources=k8s_models.V1ResourceRequirements(limits={"nvidia.com/gpu": str(k8s.gpus)})
+        if k8s.gpus else None,
+        node_selector=k8s.node_selector or None,
+        tolerations=[k8s_models.V1Toleration(**t) for t in k8s.tolerations] or None,
+        volumes=[k8s_models.V1Volume(name="project", persistent_volume_claim=k8s_models.
+                                     V1PersistentVolumeClaimVolumeSource(claim_name=k8s.project_claim))],
+        volume_mounts=[k8s_models.V1VolumeMount(name="project", mount_path=project)],
+        env_vars={"ANOMALY_PIPELINE_PROJECT": project,
+                  **{name: os.environ[name] for name in PASSED_TO_POD if os.environ.get(name)}},
+        env_from=[k8s_models.V1EnvFromSource(secret_ref=k8s_models.V1SecretEnvSource(name=k8s.secret))]
+        if k8s.secret else None,
+        get_logs=True, on_finish_action="delete_succeeded_pod", **settings)
+
+
+def _stage_task(name: str):
+    settings = TASK_SETTINGS.get(name, NEW_STAGE_SETTINGS)
+    placement = train_placement() if name == "train" else None
+    if placement and placement.kubernetes:
+        return _train_pod(placement.kubernetes, settings)
+    queue = {"queue": placement.queue} if placement and placement.queue else {}
+    return run_stage.override(task_id=name, **queue, **settings)(name)
+
+
 @task(task_id="register", **TASK_SETTINGS["register"])
 def register(**context) -> dict:
     from pipeline.orchestrate import register as do_register
@@ -149,8 +186,7 @@ def promote(**context) -> dict:
 )
 def retrain_anomaly_detector():
     graph = stages(PROJECT)
-    tasks = {s.name: run_stage.override(task_id=s.name, **TASK_SETTINGS.get(s.name, NEW_STAGE_SETTINGS))(s.name)
-             for s in graph}
+    tasks = {s.name: _stage_task(s.name) for s in graph}
     for s in graph:
         for upstream in s.upstream:
             tasks[upstream] >> tasks[s.name]

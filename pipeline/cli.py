@@ -26,6 +26,10 @@ def _parser() -> argparse.ArgumentParser:
     for stage in STAGES:
         sub.add_parser(stage, help=f"run the {stage} stage only (what dvc.yaml calls)")
     sub.add_parser("register", help="log the run and model to MLflow, register a version, evaluate the gates")
+    in_run = sub.add_parser("run-stage", help="run one stage in an Airflow run's workspace, as its task does "
+                                              "(what a Kubernetes training pod runs)")
+    in_run.add_argument("run_id", help="the Airflow run id whose workspace (runs/<run>) the stage runs in")
+    in_run.add_argument("stage", choices=STAGES)
 
     promote = sub.add_parser("promote", help="move the champion alias to a version whose gates passed")
     promote.add_argument("--version", default=None, help="model version (default: the one register just gated)")
@@ -137,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
             import importlib
 
             importlib.import_module(f"pipeline.stages.{command}").run(layout)
+            return 0
+        if command == "run-stage":
+            from pipeline import orchestrate
+
+            orchestrate.stage(layout.root, args.run_id, args.stage)
             return 0
         if command == "promote":
             from pipeline.stages import promote

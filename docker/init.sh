@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# One-shot set-up of the stores, run by docker-compose.yaml's `init` service before the
+# other project services start. Every step is idempotent: `make up` runs it each time.
+set -euo pipefail
+cd "${ANOMALY_PIPELINE_PROJECT:-/opt/anomaly-pipeline}"
+
+python docker/create_buckets.py "${MLFLOW_BUCKET}" "${DVC_BUCKET}"
+
+# DVC's S3 remote goes in the git-ignored local config, so the committed default (a local
+# folder, for `make run`) stays as it is; run workspaces copy this file (pipeline/workspace.py)
+python -m dvc remote add --local --force --default s3 "s3://${DVC_BUCKET}/anomaly-pipeline"
+python -m dvc remote modify --local s3 endpointurl "${AWS_ENDPOINT_URL_S3}"
+
+airflow db migrate
+echo "init: buckets ${MLFLOW_BUCKET} and ${DVC_BUCKET}, the DVC remote and Airflow's database are ready"

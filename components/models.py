@@ -37,6 +37,10 @@ class ConvAutoencoder(nn.Module):
     drown a scratch in the texture's ordinary reconstruction noise.
     """
 
+    # its loss (and so its BatchNorm statistics) is over a batch's normal images only: how
+    # multi-process training (components/training.py) weighs each process's share
+    loss_over_normal_only = True
+
     def __init__(self, channels: int, image_size: int, width: int, latent_dim: int, top_fraction: float = 0.01):
         super().__init__()
         self.top_fraction = top_fraction

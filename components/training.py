@@ -4,6 +4,12 @@ resumable, and loud about a diverging loss.
 Inputs are uint8 arrays (N x C x S x S, as preprocess writes them; a memory-mapped
 array works) and float labels (0 normal, 1 anomaly). Nothing here knows about files
 other than the checkpoint folder it is handed.
+
+Called in every process of an initialised ``torch.distributed`` group (the train stage
+under torchrun), it trains with DistributedDataParallel: each process takes its share of
+every global batch, BatchNorm statistics are those of the whole global batch, and so the
+weights follow the single-process run with the same batch size (tests/components/
+test_distributed.py states how closely). Only the first process writes checkpoints.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from torch import nn
 
 from components.models import DeepSAD, build
 
@@ -154,6 +161,96 @@ def load_latest_checkpoint(folder: Path, fingerprint: str) -> dict[str, Any] | N
     return None
 
 
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside an initialised process group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class CpuSyncBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are those of the global batch across processes.
+
+    torch's SyncBatchNorm runs on GPUs only; this is the same for the gloo backend. The
+    per-channel sums and sums of squares (in float64, so E[x^2] - E[x]^2 keeps its digits) go
+    through an autograd-aware all_reduce, so gradients flow through the shared statistics as
+    they do through one process's. Evaluation uses the running statistics, as BatchNorm2d.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        channels = x.shape[1]
+        local = torch.cat([x.sum((0, 2, 3), dtype=torch.float64), (x * x).sum((0, 2, 3), dtype=torch.float64),
+                           torch.tensor([x.numel() / channels], dtype=torch.float64, device=x.device)])
+        total = all_reduce(local)
+        count = total[-1]
+        mean64 = total[:channels] / count
+        var64 = (total[channels:2 * channels] / count - mean64 * mean64).clamp_min(0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                unbiased = var64 * count / (count - 1).clamp_min(1)
+                self.running_mean.mul_(1 - factor).add_(mean64.to(x.dtype) * factor)
+                self.running_var.mul_(1 - factor).add_(unbiased.to(x.dtype) * factor)
+        mean, inv_std = mean64.to(x.dtype), torch.rsqrt(var64 + self.eps).to(x.dtype)
+        y = (x - mean[None, :, None, None]) * inv_std[None, :, None, None]
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return y
+
+
+def _sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.BatchNorm2d:
+                synced = CpuSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                          child.track_running_stats)
+                synced.load_state_dict(child.state_dict())
+                setattr(parent, name, synced)
+    return model
+
+
+class _Loss(nn.Module):
+    """The model's loss as a module's forward: DistributedDataParallel synchronises the
+    gradients of what runs through its own forward, and ``model.loss`` is not ``model()``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.model.loss(x, y)
+
+
+def _share(batch: np.ndarray, labels: np.ndarray, rank: int, world: int, normal_only: bool) -> tuple[np.ndarray, float]:
+    """This process's part of a global batch, and the factor that makes the mean of the
+    processes' losses the global batch's loss.
+
+    Normal and anomalous images are split separately, so every process gets normal images
+    (the autoencoder's loss and BatchNorm statistics are over those alone: ``normal_only``).
+    A batch with fewer images, or fewer normal images, than processes (an epoch's last) is
+    taken whole by every process: the same gradient everywhere, so their mean is that gradient.
+    """
+    if world == 1:
+        return batch, 1.0
+    normal = batch[labels[batch] < 0.5]
+    if len(batch) < world or len(normal) < world:
+        return batch, 1.0
+    anomalous = batch[labels[batch] >= 0.5]
+    part = np.sort(np.concatenate([np.array_split(normal, world)[rank], np.array_split(anomalous, world)[rank]]))
+    if normal_only:
+        return part, float((labels[part] < 0.5).sum() * world / len(normal))
+    return part, len(part) * world / len(batch)
+
+
 def train(
     spec: dict[str, Any],
     images: np.ndarray,
@@ -169,7 +266,10 @@ def train(
 
     if len(images) == 0:
         raise ValueError("no training images")
+    rank, world = _distributed()
     device = select_device(settings.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", torch.cuda.current_device())  # the stage set this process's GPU
     make_deterministic(settings.seed, settings.num_threads, device)
     labels = np.asarray(labels, dtype=np.float32)
     spec = dict(spec)
@@ -182,6 +282,8 @@ def train(
         raise ValueError("the autoencoder needs normal images in the training split; found none")
 
     model = build(spec).to(device)
+    if world > 1:
+        model = _sync_batchnorm(model, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
     generator = torch.Generator().manual_seed(settings.seed)
     history: list[dict[str, float]] = []
@@ -206,6 +308,13 @@ def train(
         model.init_center(to_tensor(images[normal[i:i + settings.batch_size]], device)
                           for i in range(0, len(normal), settings.batch_size))
 
+    if world > 1:  # after the checkpoint or the centre: every process starts from the same state
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(_Loss(model), device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        forward = model.loss
+    normal_only = getattr(model, "loss_over_normal_only", False)
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     n, step = len(images), 0
     for epoch in range(start_epoch + 1, settings.epochs + 1):
@@ -215,34 +324,52 @@ def train(
         batches = range(0, n, settings.batch_size)
         for start in tqdm(batches, desc=f"epoch {epoch}/{settings.epochs}", disable=progress is False or None,
                           leave=False):
-            index = np.sort(order[start:start + settings.batch_size])
+            batch = np.sort(order[start:start + settings.batch_size])
+            index, weight = _share(batch, labels, rank, world, normal_only)
             x = to_tensor(images[index], device)
             y = torch.from_numpy(labels[index]).to(device)
             with autocast:
-                loss = model.loss(x, y)
-            if not torch.isfinite(loss):
+                loss = forward(x, y)
+            if weight != 1.0:
+                loss = loss * weight
+            batch_loss = _global_mean(loss.detach(), world)  # every process sees a divergence at once
+            if not torch.isfinite(batch_loss):
                 raise TrainingDivergedError(
-                    f"the loss diverged: it became {loss.item()} at epoch {epoch}, batch "
+                    f"the loss diverged: it became {batch_loss.item()} at epoch {epoch}, batch "
                     f"{start // settings.batch_size + 1} (learning rate {settings.learning_rate:g})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss.detach()) * len(index)
-            seen += len(index)
+            total += float(batch_loss) * len(batch)
+            seen += len(batch)
             step += 1
             if step % TRIM_EVERY == 0:  # counted across epochs: a small data set's epoch is a few batches
                 release_freed_memory()
         record = {"epoch": float(epoch), "train_loss": total / seen}
         history.append(record)
         log.info("epoch %d/%d train_loss=%.6f", epoch, settings.epochs, record["train_loss"])
-        if checkpoint_dir is not None:
+        if checkpoint_dir is not None and rank == 0:
             _write_checkpoint(Path(checkpoint_dir), epoch, model, optimizer, generator, history, fingerprint)
         if on_epoch is not None:
             on_epoch(epoch, record)
 
     _recalibrate_batchnorm(model, images, settings.batch_size, device)
+    if world > 1:  # the plain modules again (same state): scoring and saving need no process group
+        plain = build(spec).to(device)
+        plain.load_state_dict(model.state_dict())
+        model = plain
     model.eval()
     return TrainResult(model=model, spec=spec, history=history, resumed_from_epoch=start_epoch, device=device.type)
+
+
+def _global_mean(value: torch.Tensor, world: int) -> torch.Tensor:
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    value = value.clone()
+    dist.all_reduce(value)
+    return value / world
 
 
 @torch.no_grad()
@@ -262,8 +389,13 @@ def _recalibrate_batchnorm(model: torch.nn.Module, images: np.ndarray, batch_siz
         m.reset_running_stats()
         m.momentum = None
     model.train()
+    rank, world = _distributed()
     for start in range(0, len(images), batch_size):
-        model(to_tensor(images[start:start + batch_size], device))
+        low, high = start, min(start + batch_size, len(images))
+        if world > 1:  # each process its share (maybe none): the synchronised statistics are the batch's
+            part = np.array_split(np.arange(low, high), world)[rank]
+            low, high = (int(part[0]), int(part[-1]) + 1) if len(part) else (low, low)
+        model(to_tensor(images[low:high], device))
         if (start // batch_size + 1) % TRIM_EVERY == 0:
             release_freed_memory()
     release_freed_memory()

@@ -121,6 +121,7 @@ class Train(_Section):
     weight_decay: float = Field(1e-6, ge=0, le=1)
     num_threads: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    devices: int = Field(1, ge=1, le=64)   # > 1: that many processes under torchrun with DDP
     eta: float = Field(1.0, gt=0)
 
 

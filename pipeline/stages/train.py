@@ -6,6 +6,11 @@ When the pipeline runner sets MLFLOW_RUN_ID, per-epoch losses go to that MLflow 
 SIGTERM (sent by Airflow, by the task that runs DVC, or by a node being drained) ends
 the stage with an error instead of killing it mid-write: temporary files are removed,
 the checkpoints of finished epochs stay, and the retry resumes from the last one.
+
+With ``train.devices`` above 1 the stage starts itself again under torchrun, one process
+per device (GPUs with NCCL; CPU processes with gloo where there is no GPU), and they train
+one model with DistributedDataParallel (components/training.py). The first process writes
+every output; the others only train.
 """
 from __future__ import annotations
 
@@ -78,13 +83,75 @@ def _sigterm_raises() -> Iterator[None]:
 def run(layout: Layout) -> dict:
     try:
         with _sigterm_raises():
+            if layout.config.train.devices > 1 and "LOCAL_RANK" not in os.environ:
+                return _launch(layout, layout.config.train.devices)
             return _run(layout)
     except _Terminated as signalled:
         raise StageError(f"train: stopped by {signalled}; the checkpoints of finished epochs are kept in "
                          f"{layout.checkpoints} and a retry resumes from the last one") from None
 
 
+def _launch(layout: Layout, processes: int) -> dict:
+    """This stage again, under torchrun, in ``processes`` processes on this machine.
+
+    torchrun passes a SIGTERM on to its processes, which stop as a single process does;
+    when this process is stopped (the SIGTERM raised here) it stops torchrun first."""
+    import subprocess
+    import sys
+
+    from pipeline.io import read_json
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+               "-m", "pipeline", "--params", str(layout.root / "params.yaml"), "train"]
+    print(f"train: {processes} processes with DistributedDataParallel (train.devices): {' '.join(command[1:])}",
+          flush=True)
+    launcher = subprocess.Popen(command, cwd=layout.root)
+    try:
+        code = launcher.wait()
+    except BaseException:
+        launcher.terminate()
+        try:
+            launcher.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            launcher.kill()
+        raise
+    if code != 0:
+        raise StageError(f"train: the {processes} training processes failed (torchrun exit {code}); their "
+                         "errors are in the output above. The checkpoints of finished epochs are kept in "
+                         f"{layout.checkpoints}")
+    return read_json(layout.train_metrics)
+
+
+def _join_process_group(device_preference: str) -> tuple[int, int]:
+    """Under torchrun: this process's (rank, world size) in the group, on its own GPU."""
+    import torch
+    import torch.distributed as dist
+
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+    if world == 1:
+        return 0, 1
+    cuda = device_preference != "cpu" and torch.cuda.is_available()
+    if cuda:
+        if torch.cuda.device_count() < world:
+            raise StageError(f"train: train.devices is {world} but this machine has {torch.cuda.device_count()} "
+                             "GPU(s); set train.devices to at most that (or train.device: cpu)")
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), world
+
+
 def _run(layout: Layout) -> dict:
+    try:
+        rank, world = _join_process_group(layout.config.train.device)
+        return _train_and_write(layout, rank, world)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train_and_write(layout: Layout, rank: int, world: int) -> dict:
     import torch
 
     from components.training import TrainingDivergedError, TrainSettings, score, train
@@ -93,10 +160,13 @@ def _run(layout: Layout) -> dict:
     index = pd.read_parquet(layout.index)
     train_rows = index[index["split"] == "train"].sort_values("row")
     images = np.load(layout.split_images("train"), mmap_mode="r")
+    threads = config.train.num_threads
+    if world > 1 and threads == 0:  # "all cores", shared by the processes on this machine
+        threads = max(1, (os.cpu_count() or 1) // world)
     settings = TrainSettings(
         epochs=config.train.epochs, batch_size=config.train.batch_size, learning_rate=config.train.learning_rate,
         weight_decay=config.train.weight_decay, seed=config.base.seed, device=config.train.device,
-        num_threads=config.train.num_threads)
+        num_threads=threads)
     spec = model_spec(layout)
     # torch.optim imports torch._dynamo at the first step (3-8 s here): start-up, not training,
     # so it is paid before the clock starts and samples_per_second measures the training
@@ -105,7 +175,7 @@ def _run(layout: Layout) -> dict:
     try:
         result = train(spec, images, train_rows["is_anomaly"].to_numpy(np.float32), settings,
                        checkpoint_dir=layout.checkpoints, fingerprint=_fingerprint(layout, spec, settings),
-                       on_epoch=_epoch_logger())
+                       on_epoch=_epoch_logger() if rank == 0 else None)
     except TrainingDivergedError as error:
         eta = ", or train.eta (the weight of labelled anomalies)" if spec["family"] == "deep_sad" else ""
         raise DataError(f"train: {error}. Lower train.learning_rate{eta}, or check the training data. "
@@ -113,6 +183,8 @@ def _run(layout: Layout) -> dict:
     except ValueError as error:
         raise StageError(f"train: {error}") from None
     seconds = time.perf_counter() - started
+    if rank != 0:  # the first process writes the outputs
+        return {}
 
     layout.models.mkdir(parents=True, exist_ok=True)
     with atomic_path(layout.weights) as tmp, open(tmp, "wb") as handle:
@@ -143,13 +215,14 @@ def _run(layout: Layout) -> dict:
     metrics = {
         "family": spec["family"], "device": result.device, "epochs": config.train.epochs,
         # what bit-for-bit equality on the CPU also depends on (pipeline reproduce compares them)
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "processes": world,
         "resumed_from_epoch": result.resumed_from_epoch, "final_train_loss": result.history[-1]["train_loss"],
         "train_images": int(len(train_rows)), "train_anomalies": int(train_rows["is_anomaly"].sum()),
         "seconds": round(seconds, 3),
         "samples_per_second": round(len(train_rows) * trained_epochs / seconds, 1) if seconds > 0 else None,
     }
     write_json(layout.train_metrics, metrics)
-    print(f"train: {spec['family']} on {result.device}, {len(train_rows)} images x {config.train.epochs} epochs "
+    print(f"train: {spec['family']} on {result.device}"
+          f"{f' x {world} processes' if world > 1 else ''}, {len(train_rows)} images x {config.train.epochs} epochs "
           f"in {seconds:.1f}s, final loss {metrics['final_train_loss']:.5f}")
     return metrics

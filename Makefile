@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 PIP_FILTER := grep -v -e 'is ignored: it is neither a file nor a directory' || true
 
-.PHONY: run test bench venv browser compose-cli data airflow mlflow score up down clean-outputs help
+.PHONY: run test bench venv test-packages data airflow mlflow score up down clean-outputs help
 
 help:
 	@echo "make run | make test | make bench | make airflow | make mlflow | make score FOLDER=... | make up | make down | make clean-outputs"
@@ -33,7 +33,7 @@ run: venv data
 airflow: venv data
 	$(BIN)/python -m pipeline airflow standalone
 
-test: venv browser compose-cli
+test: venv test-packages
 	$(BIN)/python -m pytest
 
 # the benchmark suite (not tests): benchmarks/results.json and benchmarks/RESULTS.md; about an hour here.
@@ -41,20 +41,20 @@ test: venv browser compose-cli
 bench: venv
 	$(BIN)/python -m benchmarks $(BENCH)
 
-# Debian's chromium for the browser test of the Airflow UI (Playwright drives it; no browser download)
-browser:
-	@command -v chromium >/dev/null || { \
+# Debian packages the tests use, installed with apt-get (as root or through sudo) when missing:
+# chromium for the browser test of the Airflow UI (Playwright drives it; no browser download),
+# docker-compose to validate docker/docker-compose.yaml (no Docker engine needed), and
+# postgresql for Airflow's and MLflow's metadata on a Postgres server the test starts.
+test-packages:
+	@missing=""; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
+	ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then \
 	  [ "$$(id -u)" = 0 ] && SUDO= || SUDO=sudo; \
-	  echo "installing Debian's chromium for the UI test"; \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
-
-# Debian's docker-compose (a compose implementation; no Docker engine needed) for the test
-# that validates docker/docker-compose.yaml
-compose-cli:
-	@command -v docker-compose >/dev/null || { \
-	  [ "$$(id -u)" = 0 ] && SUDO= || SUDO=sudo; \
-	  echo "installing Debian's docker-compose for the compose file's test"; \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends docker-compose >/dev/null; }
+	  echo "installing Debian's$$missing for the tests"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
 
 # The scaled deployment (docker/docker-compose.yaml): needs a Docker engine with compose v2
 # (COMPOSE="docker-compose" for v1) and docker/.env (from docker/.env.example, secrets set)

@@ -11,5 +11,7 @@ python docker/create_buckets.py "${MLFLOW_BUCKET}" "${DVC_BUCKET}"
 python -m dvc remote add --local --force --default s3 "s3://${DVC_BUCKET}/anomaly-pipeline"
 python -m dvc remote modify --local s3 endpointurl "${AWS_ENDPOINT_URL_S3}"
 
-airflow db migrate
-echo "init: buckets ${MLFLOW_BUCKET} and ${DVC_BUCKET}, the DVC remote and Airflow's database are ready"
+# Airflow's database and the `gpu` pool the train task runs in (ANOMALY_PIPELINE_GPU_SLOTS slots):
+# what `make run` does on its local Airflow (pipeline/airflow_local.py), here on Postgres
+python -m pipeline airflow pools list
+echo "init: buckets ${MLFLOW_BUCKET} and ${DVC_BUCKET}, the DVC remote, Airflow's database and pool are ready"

@@ -1,6 +1,6 @@
-"""Real servers the tests start on loopback and stop after: `mlflow server` and an
+"""Real servers the tests start on loopback and stop after: `mlflow server`, an
 S3-compatible server (moto's server mode, from PyPI; MinIO plays this part in
-docker/docker-compose.yaml).
+docker/docker-compose.yaml) and PostgreSQL (Debian's, which `make test` installs).
 
 Each runs in its own session, so stopping it reaches its workers too.
 """
@@ -112,18 +112,20 @@ class S3Server(_Process):
 
 
 class MlflowServer(_Process):
-    """`mlflow server` with a SQLite backend and proxied artifacts: in ``folder``/artifacts, or
-    at ``artifacts`` (an s3:// URI, with ``s3`` the server that holds it)."""
+    """`mlflow server` with a SQLite backend (or ``backend``) and proxied artifacts: in
+    ``folder``/artifacts, or at ``artifacts`` (an s3:// URI, with ``s3`` the server that holds it)."""
 
     name = "mlflow-server"
 
-    def __init__(self, folder: Path, artifacts: str | None = None, s3: S3Server | None = None):
+    def __init__(self, folder: Path, artifacts: str | None = None, s3: S3Server | None = None,
+                 backend: str | None = None):
         super().__init__(folder)
         self.artifacts = artifacts or str(self.folder / "artifacts")
         self.s3 = s3
+        self.backend = backend or f"sqlite:///{self.folder / 'server.db'}"
 
     def command(self) -> list[str]:
-        return [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.folder / 'server.db'}",
+        return [str(BIN / "mlflow"), "server", "--backend-store-uri", self.backend,
                 "--artifacts-destination", self.artifacts, "--host", "127.0.0.1", "--port", str(self.port),
                 "--workers", "1"]
 
@@ -134,3 +136,81 @@ class MlflowServer(_Process):
 
     def ready_url(self) -> str:
         return f"{self.uri}/health"
+
+
+class PostgresServer:
+    """A PostgreSQL cluster of its own (initdb in a fresh folder, trust authentication on
+    loopback only), its databases made by ``create``. The server refuses to run as root, so
+    under root (CI) it runs as Debian's ``postgres`` user, in a folder that user owns."""
+
+    USER = "pipeline"
+
+    def __init__(self):
+        import glob
+        import shutil
+        import tempfile
+
+        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"))
+        assert found, "PostgreSQL is not installed: `make test` installs Debian's (make test-packages)"
+        self.bin = Path(found[-1]).parent
+        self.port, self.process = free_port(), None
+        self.folder = Path(tempfile.mkdtemp(prefix="pg-"))
+        self.as_user: list[str] = []
+        if os.geteuid() == 0:
+            shutil.chown(self.folder, "postgres", "postgres")
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+
+    def uri(self, database: str) -> str:
+        return f"postgresql+psycopg2://{self.USER}@127.0.0.1:{self.port}/{database}"
+
+    def start(self, timeout: float = 120) -> None:
+        data, log = self.folder / "data", self.folder / "postgres.log"
+        subprocess.run([*self.as_user, str(self.bin / "initdb"), "-D", str(data), "-U", self.USER, "--auth=trust",
+                        "-E", "UTF8", "--no-sync"], check=True, capture_output=True, timeout=timeout)
+        self.process = subprocess.Popen(
+            [*self.as_user, str(self.bin / "postgres"), "-D", str(data), "-p", str(self.port), "-h", "127.0.0.1",
+             "-k", str(self.folder), "-c", "fsync=off"],
+            stdout=log.open("a") if not self.as_user else subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"postgres exited {self.process.returncode}")
+            ready = subprocess.run([str(self.bin / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)],
+                                   capture_output=True)
+            if ready.returncode == 0:
+                return
+            time.sleep(0.3)
+        raise AssertionError(f"postgres not ready after {timeout} s")
+
+    def connect(self, database: str = "postgres"):
+        import psycopg2
+
+        connection = psycopg2.connect(host="127.0.0.1", port=self.port, user=self.USER, dbname=database)
+        connection.autocommit = True
+        return connection
+
+    def execute(self, database: str, sql: str) -> list[tuple]:
+        connection = self.connect(database)  # not `with connection`: psycopg2 opens a transaction there
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(sql)
+                return cursor.fetchall() if cursor.description else []
+        finally:
+            connection.close()
+
+    def create(self, *databases: str) -> None:
+        for name in databases:
+            self.execute("postgres", f'CREATE DATABASE "{name}"')
+
+    def stop(self) -> None:
+        import shutil
+
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGINT)  # postgres' "fast" shutdown
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -37,7 +37,7 @@ AIRFLOW_SERVICES = {"airflow-apiserver", "airflow-scheduler", "airflow-dag-proce
 
 def _compose(*args: str, env_file: Path = ENV_EXAMPLE) -> subprocess.CompletedProcess:
     binary = shutil.which("docker-compose")
-    assert binary, "docker-compose is missing: `make test` installs Debian's (make compose-cli)"
+    assert binary, "docker-compose is missing: `make test` installs Debian's (make test-packages)"
     return subprocess.run([binary, "--env-file", str(env_file), "-f", str(COMPOSE_FILE), *args],
                           capture_output=True, text=True, timeout=120,
                           env={k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "DOCKER_"))})
@@ -130,6 +130,11 @@ def test_the_commands_parse_with_this_projects_airflow_and_mlflow(services):
     init = (DOCKER / "init.sh").read_text()
     assert services["init"]["command"] == ["bash", "docker/init.sh"]
     assert "docker/create_buckets.py" in init and (DOCKER / "create_buckets.py").is_file()
+    # the database and the pool train runs in, by the code that sets up `make run`'s Airflow
+    from pipeline.airflow_local import GPU_POOL
+
+    assert "python -m pipeline airflow " in init and GPU_POOL == "gpu"
+    assert _env(services["init"])["ANOMALY_PIPELINE_GPU_SLOTS"] == "1"
     assert {"MLFLOW_BUCKET": "mlflow", "DVC_BUCKET": "dvc"}.items() <= _env(services["init"]).items()
 
 

@@ -44,12 +44,13 @@ bench: venv
 # Debian packages the tests use, installed with apt-get (as root or through sudo) when missing:
 # chromium for the browser test of the Airflow UI (Playwright drives it; no browser download),
 # docker-compose to validate docker/docker-compose.yaml (no Docker engine needed), and
-# postgresql for Airflow's and MLflow's metadata on a Postgres server the test starts.
+# postgresql and redis-server for Airflow on Celery with Postgres (servers the tests start).
 test-packages:
 	@missing=""; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
 	ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	if [ -n "$$missing" ]; then \
 	  [ "$$(id -u)" = 0 ] && SUDO= || SUDO=sudo; \
 	  echo "installing Debian's$$missing for the tests"; \

@@ -1,6 +1,6 @@
 """Real servers the tests start on loopback and stop after: `mlflow server`, an
 S3-compatible server (moto's server mode, from PyPI; MinIO plays this part in
-docker/docker-compose.yaml) and PostgreSQL (Debian's, which `make test` installs).
+docker/docker-compose.yaml), PostgreSQL and Redis (Debian's, which `make test` installs).
 
 Each runs in its own session, so stopping it reaches its workers too.
 """
@@ -214,3 +214,40 @@ class PostgresServer:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class RedisServer:
+    """Debian's redis-server on loopback, nothing persisted: the Celery broker."""
+
+    def __init__(self):
+        import shutil
+
+        self.binary = shutil.which("redis-server")
+        assert self.binary, "redis-server is not installed: `make test` installs Debian's (make test-packages)"
+        self.port, self.process = free_port(), None
+
+    @property
+    def uri(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 60) -> None:
+        self.process = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                         "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"redis-server exited {self.process.returncode}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as connection:
+                    connection.sendall(b"PING\r\n")
+                    if connection.recv(64).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.2)
+        raise AssertionError(f"redis-server not ready after {timeout} s")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=30)

@@ -18,8 +18,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -58,6 +60,12 @@ class Airflow:
     logs: Path
     password: str
     token: str = ""
+    processes: tuple = ()
+
+    def check_alive(self) -> None:
+        """A component that died (a worker that cannot start) fails the wait at once, with its log."""
+        dead = [p for p in self.processes if p.poll() is not None]
+        assert not dead, f"an Airflow component exited ({[p.args[3:] for p in dead]}):\n{self.tail()}"
 
     def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
         data = json.dumps(body).encode() if body is not None else None
@@ -79,12 +87,16 @@ class Airflow:
         return "\n".join(f"--- {p.name} ---\n{p.read_text()[-3000:]}" for p in sorted(self.logs.glob("*.log")))
 
 
-@pytest.fixture(scope="module")
-def airflow(tmp_path_factory):
+COMPONENTS = {name: [sys.executable, "-m", "airflow", name] for name in ("api-server", "scheduler", "dag-processor")}
+
+
+@contextmanager
+def running_airflow(root: Path, ws: Path, extra_env: dict[str, str] | None = None,
+                    components: dict[str, list[str]] = COMPONENTS) -> Iterator[Airflow]:
+    """Airflow's components for the project ``ws`` on a free port, AIRFLOW_HOME in ``root``;
+    ``extra_env`` on top (another executor, database); logged in once the DAG is registered."""
     from pipeline import airflow_local
 
-    root = tmp_path_factory.mktemp("live")
-    ws = make_workspace(root / "project", LOW_GATES)
     port = free_port()
     saved_home = os.environ.pop("AIRFLOW_HOME", None)
     try:
@@ -99,6 +111,7 @@ def airflow(tmp_path_factory):
         "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
         "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
+        **(extra_env or {}),
     })
     for inherited in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_ARTIFACT_ROOT", "ANOMALY_PIPELINE_RUNS"):
         env.pop(inherited, None)
@@ -106,13 +119,13 @@ def airflow(tmp_path_factory):
     logs = root / "logs"
     logs.mkdir()
     processes = []
-    for component in ("api-server", "scheduler", "dag-processor"):
-        with (logs / f"{component}.log").open("w") as log:
-            processes.append(subprocess.Popen([sys.executable, "-m", "airflow", component], cwd=ws, env=env,
-                                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-    password = json.loads(airflow_local.password_file(env).read_text() if airflow_local.password_file(env).is_file()
-                          else "{}").get(airflow_local.ADMIN_USER, "")
-    server = Airflow(url=url, ws=ws, home=root / "airflow-home", logs=logs, password=password)
+    for name, command in components.items():
+        with (logs / f"{name}.log").open("w") as log:
+            # each component its own log-serving port (two Celery workers on one host would clash)
+            own = {**env, "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port())} if "worker" in name else env
+            processes.append(subprocess.Popen(command, cwd=ws, env=own, stdout=log, stderr=subprocess.STDOUT,
+                                              start_new_session=True))
+    server = Airflow(url=url, ws=ws, home=root / "airflow-home", logs=logs, password="", processes=tuple(processes))
     try:
         def healthy():
             status, body = server.request("GET", "/api/v2/monitor/health")
@@ -142,6 +155,39 @@ def airflow(tmp_path_factory):
                 process.wait(timeout=30)
 
 
+def trigger_and_wait(airflow: Airflow, conf: dict, timeout: float = 600) -> tuple[str, str]:
+    """Unpause, trigger with ``conf`` through the REST API, wait; (run id, final state)."""
+    status, body = airflow.request("PATCH", f"/api/v2/dags/{DAG_ID}", {"is_paused": False})
+    assert status == 200 and body["is_paused"] is False
+    status, run = airflow.request("POST", f"/api/v2/dags/{DAG_ID}/dagRuns", {"logical_date": None, "conf": conf})
+    assert status == 200, run
+    run_id = run["dag_run_id"]
+
+    def finished():
+        airflow.check_alive()
+        state = airflow.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}")[1].get("state")
+        return state if state in ("success", "failed") else None
+
+    try:
+        return run_id, wait_for(finished, timeout, f"run {run_id} to finish", every=3)
+    except AssertionError:
+        print(airflow.tail())
+        raise
+
+
+def task_instances(airflow: Airflow, run_id: str) -> dict[str, dict]:
+    status, body = airflow.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances")
+    assert status == 200, body
+    return {ti["task_id"]: ti for ti in body["task_instances"]}
+
+
+@pytest.fixture(scope="module")
+def airflow(tmp_path_factory):
+    root = tmp_path_factory.mktemp("live")
+    with running_airflow(root, make_workspace(root / "project", LOW_GATES)) as server:
+        yield server
+
+
 def mlflow_run_of(ws: Path, airflow_run_id: str):
     from mlflow import MlflowClient
 
@@ -153,25 +199,9 @@ def mlflow_run_of(ws: Path, airflow_run_id: str):
 
 
 def test_rest_api_trigger_with_a_changed_parameter_runs_to_success(airflow):
-    status, body = airflow.request("PATCH", f"/api/v2/dags/{DAG_ID}", {"is_paused": False})
-    assert status == 200 and body["is_paused"] is False
-    status, run = airflow.request("POST", f"/api/v2/dags/{DAG_ID}/dagRuns",
-                                  {"logical_date": None, "conf": {"epochs": 4}})
-    assert status == 200, run
-    run_id = run["dag_run_id"]
-
-    def finished():
-        state = airflow.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}")[1].get("state")
-        return state if state in ("success", "failed") else None
-
-    try:
-        state = wait_for(finished, 600, f"run {run_id} to finish", every=3)
-    except AssertionError:
-        print(airflow.tail())
-        raise
+    run_id, state = trigger_and_wait(airflow, {"epochs": 4})
     assert state == "success", airflow.tail()
-    status, body = airflow.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances")
-    states = {ti["task_id"]: ti["state"] for ti in body["task_instances"]}
+    states = {task: ti["state"] for task, ti in task_instances(airflow, run_id).items()}
     assert set(states.values()) == {"success"} and len(states) == 8, states
     run = mlflow_run_of(airflow.ws, run_id)
     assert run.data.params["train.epochs"] == "4"

@@ -142,6 +142,9 @@ def test_the_settings_agree_with_each_other_and_with_the_pipeline(services):
     from airflow.providers.celery.executors.celery_executor import CeleryExecutor  # installed with the project
     from pipeline.deploy import train_placement
 
+    import asyncpg  # noqa: F401  (Airflow 3's async connection to Postgres)
+    import psycopg2  # noqa: F401
+
     assert CeleryExecutor.__name__ == "CeleryExecutor"
     workers = {name: services[name]["command"] for name in ("airflow-worker", "airflow-gpu-worker")}
     queues = {name: command[command.index("--queues") + 1] for name, command in workers.items()}
@@ -156,6 +159,9 @@ def test_the_settings_agree_with_each_other_and_with_the_pipeline(services):
         assert s3.hostname == "minio" and f"{s3.port}:{s3.port}" in str(services["minio"]["ports"]) or \
             any(str(p.get("target")) == str(s3.port) for p in services["minio"]["ports"] if isinstance(p, dict))
         assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"].startswith("http://airflow-apiserver:8080/")
+        # the Postgres driver named, and installed: SQLAlchemy 2.1's default (psycopg 3) is not
+        for url in (env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"], env["AIRFLOW__CELERY__RESULT_BACKEND"]):
+            assert "postgresql+psycopg2://" in url and "@postgres:5432/airflow" in url, url
     assert queues["airflow-worker"] == "default"  # Airflow's default queue: every task but train
     (gpus,) = services["airflow-gpu-worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert gpus["driver"] == "nvidia" and "gpu" in gpus["capabilities"]

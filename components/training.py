@@ -325,6 +325,8 @@ def train(
         for start in tqdm(batches, desc=f"epoch {epoch}/{settings.epochs}", disable=progress is False or None,
                           leave=False):
             batch = np.sort(order[start:start + settings.batch_size])
+            if normal_only and not (labels[batch] < 0.5).any():
+                continue  # the autoencoder learns from normal images only: nothing here to step on
             index, weight = _share(batch, labels, rank, world, normal_only)
             x = to_tensor(images[index], device)
             y = torch.from_numpy(labels[index]).to(device)

@@ -128,3 +128,14 @@ def test_an_interrupted_checkpoint_save_leaves_no_temporary_file(tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         training._atomic_save({"epoch": 1}, tmp_path / "epoch-0001.pt")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_autoencoder_skips_a_batch_without_normal_images(arrays):
+    """Its loss is over normal images only: a batch of anomalies alone (an epoch's last, for
+    example) has nothing to learn from, and once crashed the run (no graph to step on)."""
+    images, labels = arrays
+    normal, anomalous = np.flatnonzero(labels < 0.5)[:2], np.flatnonzero(labels >= 0.5)[:30]
+    order = np.concatenate([normal, anomalous])  # 16 batches of 2, at most 2 of them with a normal image
+    settings = TrainSettings(**{**SETTINGS.__dict__, "batch_size": 2, "epochs": 2})
+    result = train(_spec("autoencoder"), images[order], labels[order], settings, progress=False)
+    assert len(result.history) == 2 and all(np.isfinite(h["train_loss"]) for h in result.history)

@@ -18,10 +18,12 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 import signal
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -80,12 +82,23 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+# Under torchrun: where a process that refuses the data (a diverged loss) leaves its message,
+# so that the launching stage fails as a data error too (no retry), not as torchrun's exit 1
+REFUSAL_FILE_ENV = "ANOMALY_PIPELINE_TRAIN_REFUSAL"
+
+
 def run(layout: Layout) -> dict:
     try:
         with _sigterm_raises():
             if layout.config.train.devices > 1 and "LOCAL_RANK" not in os.environ:
                 return _launch(layout, layout.config.train.devices)
-            return _run(layout)
+            try:
+                return _run(layout)
+            except DataError as refused:
+                if os.environ.get(REFUSAL_FILE_ENV):
+                    with open(os.environ[REFUSAL_FILE_ENV], "w") as handle:
+                        handle.write(str(refused))
+                raise
     except _Terminated as signalled:
         raise StageError(f"train: stopped by {signalled}; the checkpoints of finished epochs are kept in "
                          f"{layout.checkpoints} and a retry resumes from the last one") from None
@@ -105,7 +118,10 @@ def _launch(layout: Layout, processes: int) -> dict:
                "-m", "pipeline", "--params", str(layout.root / "params.yaml"), "train"]
     print(f"train: {processes} processes with DistributedDataParallel (train.devices): {' '.join(command[1:])}",
           flush=True)
-    launcher = subprocess.Popen(command, cwd=layout.root)
+    import tempfile
+
+    refusal = Path(tempfile.mkdtemp(prefix="train-")) / "refused.txt"
+    launcher = subprocess.Popen(command, cwd=layout.root, env={**os.environ, REFUSAL_FILE_ENV: str(refusal)})
     try:
         code = launcher.wait()
     except BaseException:
@@ -115,6 +131,11 @@ def _launch(layout: Layout, processes: int) -> dict:
         except subprocess.TimeoutExpired:
             launcher.kill()
         raise
+    finally:
+        refused = refusal.read_text() if refusal.is_file() else ""
+        shutil.rmtree(refusal.parent, ignore_errors=True)
+    if code != 0 and refused:
+        raise DataError(refused)
     if code != 0:
         raise StageError(f"train: the {processes} training processes failed (torchrun exit {code}); their "
                          "errors are in the output above. The checkpoints of finished epochs are kept in "

@@ -10,7 +10,8 @@ biases of convolutions that feed a BatchNorm are left out of the weight comparis
 the running means that absorb them): their exact gradient is zero, so Adam turns rounding
 noise into steps of up to the learning rate, and they change no output. The data makes each process's share uneven (batches
 of 31 split 16 + 15) and ends each epoch on a batch of one image, which both processes take
-whole. Then the train stage with ``train.devices: 2`` launches itself under torchrun.
+whole. Then the train stage with ``train.devices: 2`` launches itself under torchrun, and
+fails as a data error when its processes refuse the data.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_workspace, run_cli
+from conftest import make_workspace, run_cli, set_params
 
 pytestmark = pytest.mark.slow
 
@@ -116,3 +117,10 @@ def test_the_train_stage_with_two_devices_runs_two_processes_and_writes_one_mode
     assert (root / "models" / "model.pt").is_file() and (root / "models" / "scores.parquet").is_file()
     state = torch.load(root / "models" / "model.pt", weights_only=True)
     assert not any("module." in key for key in state)  # plain weights, loadable without a process group
+
+    # a process that refuses the data (the loss overflows: Deep SAD's anomaly weight absurdly
+    # high) fails the stage as a data error, exit 4 (no retry), with its message, as one process does
+    set_params(root, train={"eta": 1e39})
+    refused = run_cli(root, "train", check=False)
+    assert refused.returncode == 4, refused.stdout[-3000:] + refused.stderr[-3000:]
+    assert "train: the loss diverged: it became inf at epoch 1" in refused.stderr

@@ -119,15 +119,20 @@ def _train_pod(k8s: Kubernetes, settings: dict):
     project = str(PROJECT)
     return KubernetesPodOperator(
         task_id="train", name="anomaly-pipeline-train", namespace=k8s.namespace, image=k8s.image,
-        cmds=["python", "-m", "pipeline"],
+        # the image's tini first, as its entrypoint (which cmds replaces): signals reach the stage,
+        # and the processes under it are reaped
+        cmds=["/usr/bin/tini", "--", "python", "-m", "pipeline"],
         arguments=["--params", f"{project}/params.yaml", "run-stage", "{{ run_id }}", "train"],
         container_resources=k8s_models.V1ResourceRequirements(limits={"nvidia.com/gpu": str(k8s.gpus)})
         if k8s.gpus else None,
         node_selector=k8s.node_selector or None,
         tolerations=[k8s_models.V1Toleration(**t) for t in k8s.tolerations] or None,
         volumes=[k8s_models.V1Volume(name="project", persistent_volume_claim=k8s_models.
-                                     V1PersistentVolumeClaimVolumeSource(claim_name=k8s.project_claim))],
-        volume_mounts=[k8s_models.V1VolumeMount(name="project", mount_path=project)],
+                                     V1PersistentVolumeClaimVolumeSource(claim_name=k8s.project_claim)),
+                 # a pod's /dev/shm is 64 MB; NCCL (train.devices > 1) needs more
+                 k8s_models.V1Volume(name="dshm", empty_dir=k8s_models.V1EmptyDirVolumeSource(medium="Memory"))],
+        volume_mounts=[k8s_models.V1VolumeMount(name="project", mount_path=project),
+                       k8s_models.V1VolumeMount(name="dshm", mount_path="/dev/shm")],
         env_vars={"ANOMALY_PIPELINE_PROJECT": project,
                   **{name: os.environ[name] for name in PASSED_TO_POD if os.environ.get(name)}},
         env_from=[k8s_models.V1EnvFromSource(secret_ref=k8s_models.V1SecretEnvSource(name=k8s.secret))]

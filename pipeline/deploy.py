@@ -44,8 +44,10 @@ GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSc
 # a toleration's fields as Kubernetes spells them -> as its Python client names them
 TOLERATION_FIELDS = {"key": "key", "operator": "operator", "value": "value", "effect": "effect",
                      "tolerationSeconds": "toleration_seconds"}
-# Kubernetes object names (RFC 1123 labels; a namespace, claim or secret name)
-_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# Kubernetes names: a namespace is an RFC 1123 label (63 characters, no dots); a claim or a
+# Secret is a DNS subdomain (253 characters, dots allowed)
+_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_SUBDOMAIN = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 # settings a pod needs to reach the same stores as the workers; secrets go through K8S_SECRET
 PASSED_TO_POD = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION",
                  "ANOMALY_PIPELINE_RUNS")
@@ -86,15 +88,16 @@ def _json(env: Mapping[str, str], name: str, kind: type, default):
     return value
 
 
-def _name(env: Mapping[str, str], name: str, default: str | None = None, required: bool = False) -> str | None:
+def _name(env: Mapping[str, str], name: str, default: str | None = None, required: bool = False,
+          dots: bool = True) -> str | None:
     value = env.get(PREFIX + name, "").strip() or default
     if value is None:
         if required:
             raise DeploymentError(f"{PREFIX}{name} must be set when {PREFIX}TRAIN_ON is kubernetes")
         return None
-    if not _NAME.match(value) or len(value) > 63:
-        raise DeploymentError(f"{PREFIX}{name} must be a Kubernetes name (lower-case letters, digits and '-'), "
-                              f"not {value!r}")
+    if not (_SUBDOMAIN if dots else _LABEL).match(value):
+        allowed = "lower-case letters, digits, '-' and '.'" if dots else "lower-case letters, digits and '-'"
+        raise DeploymentError(f"{PREFIX}{name} must be a Kubernetes name ({allowed}), not {value!r}")
     return value
 
 
@@ -117,7 +120,7 @@ def _kubernetes(env: Mapping[str, str]) -> Kubernetes:
                               f"{json.dumps(GPU_TOLERATION)}, with the fields {', '.join(TOLERATION_FIELDS)}")
     tolerations = [{TOLERATION_FIELDS[k]: v for k, v in t.items()} for t in tolerations]
     return Kubernetes(image=image, project_claim=_name(env, "K8S_PROJECT_CLAIM", required=True),
-                      namespace=_name(env, "K8S_NAMESPACE", "default"), gpus=int(gpus_raw),
+                      namespace=_name(env, "K8S_NAMESPACE", "default", dots=False), gpus=int(gpus_raw),
                       node_selector=selector, tolerations=tolerations, secret=_name(env, "K8S_SECRET"))
 
 

@@ -50,8 +50,9 @@ class _Process:
 
     def start(self, timeout: float = 240) -> None:
         log = self.folder / f"{self.name}.log"
-        self.process = subprocess.Popen(self.command(), stdout=log.open("a"), stderr=subprocess.STDOUT,
-                                        env=self.env(), start_new_session=True)
+        with log.open("a") as handle:  # the child keeps its own copy of the descriptor
+            self.process = subprocess.Popen(self.command(), stdout=handle, stderr=subprocess.STDOUT,
+                                            env=self.env(), start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -62,6 +63,7 @@ class _Process:
                         return
             except OSError:
                 time.sleep(0.3)
+        self.stop()  # a fixture that fails here never reaches its own stop
         raise AssertionError(f"{self.name} not ready after {timeout} s: {log.read_text()[-3000:]}")
 
     def crash(self) -> None:
@@ -181,6 +183,7 @@ class PostgresServer:
             if ready.returncode == 0:
                 return
             time.sleep(0.3)
+        self.stop()
         raise AssertionError(f"postgres not ready after {timeout} s")
 
     def connect(self, database: str = "postgres"):
@@ -245,9 +248,14 @@ class RedisServer:
                         return
             except OSError:
                 time.sleep(0.2)
+        self.stop()
         raise AssertionError(f"redis-server not ready after {timeout} s")
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=30)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()

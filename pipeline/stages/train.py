@@ -40,9 +40,14 @@ def model_spec(layout: Layout) -> dict:
             "latent_dim": config.model.latent_dim, "eta": config.train.eta}
 
 
-def _fingerprint(layout: Layout, spec: dict, settings) -> str:
-    """Checkpoints are resumed only by a run with this exact model, settings and data."""
-    digest = hashlib.sha256(json.dumps([spec, settings.__dict__], sort_keys=True).encode())
+def _fingerprint(layout: Layout, spec: dict, settings, processes: int = 1) -> str:
+    """Checkpoints are resumed only by a run with this exact model, settings and data, and
+    with as many processes (a multi-process run's share of the cores, derived from this
+    machine's, is left out: a retry on another node resumes all the same)."""
+    identity = dict(settings.__dict__)
+    if processes > 1:
+        identity.update(num_threads=layout.config.train.num_threads, processes=processes)
+    digest = hashlib.sha256(json.dumps([spec, identity], sort_keys=True).encode())
     digest.update(layout.index.read_bytes())
     return digest.hexdigest()
 
@@ -195,7 +200,7 @@ def _train_and_write(layout: Layout, rank: int, world: int) -> dict:
     started = time.perf_counter()
     try:
         result = train(spec, images, train_rows["is_anomaly"].to_numpy(np.float32), settings,
-                       checkpoint_dir=layout.checkpoints, fingerprint=_fingerprint(layout, spec, settings),
+                       checkpoint_dir=layout.checkpoints, fingerprint=_fingerprint(layout, spec, settings, world),
                        on_epoch=_epoch_logger() if rank == 0 else None)
     except TrainingDivergedError as error:
         eta = ", or train.eta (the weight of labelled anomalies)" if spec["family"] == "deep_sad" else ""

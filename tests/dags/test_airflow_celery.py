@@ -22,9 +22,9 @@ def test_a_run_on_celery_sends_train_to_the_gpu_worker(tmp_path):
     import sys
 
     postgres, redis = PostgresServer(), RedisServer()
-    postgres.start()
-    redis.start()
     try:
+        postgres.start()
+        redis.start()
         postgres.create("airflow")
         database = postgres.uri("airflow")
         celery = {

@@ -144,15 +144,21 @@ def running_airflow(root: Path, ws: Path, extra_env: dict[str, str] | None = Non
         print(server.tail())
         raise
     finally:
-        for process in processes:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
+        for process in processes:  # the whole group: a leader that exited may have left children
+            _signal_group(process, signal.SIGTERM)
         for process in processes:
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+                _signal_group(process, signal.SIGKILL)
                 process.wait(timeout=30)
+
+
+def _signal_group(process: subprocess.Popen, signum: int) -> None:
+    try:
+        os.killpg(process.pid, signum)
+    except ProcessLookupError:  # nothing of the group is left
+        pass
 
 
 def trigger_and_wait(airflow: Airflow, conf: dict, timeout: float = 600) -> tuple[str, str]:

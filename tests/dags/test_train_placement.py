@@ -52,6 +52,11 @@ def test_the_kubernetes_setting_renders_a_gpu_pod_running_the_same_stage_command
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from airflow.utils.helpers import prune_dict
 
+    from pipeline.deploy import PASSED_TO_POD
+
+    for name in PASSED_TO_POD:  # only what K8S sets below reaches the pod, whatever this shell holds
+        monkeypatch.delenv(name, raising=False)
+
     bag, dag = _retrain(monkeypatch, K8S)
     assert bag.import_errors == {}
     train = dag.get_task("train")
@@ -67,15 +72,18 @@ def test_the_kubernetes_setting_renders_a_gpu_pod_running_the_same_stage_command
     (container,) = pod["spec"]["containers"]
     assert container["image"] == "registry.example.com/anomaly:1.4"
     # the command an in-process train task runs (orchestrate.stage), in the same project path
-    assert container["command"] == ["python", "-m", "pipeline"]
+    assert container["command"] == ["/usr/bin/tini", "--", "python", "-m", "pipeline"]
+    assert 'ENTRYPOINT ["/usr/bin/tini", "--"]' in (PROJECT / "docker" / "Dockerfile").read_text()
     assert container["args"] == ["--params", f"{PROJECT}/params.yaml", "run-stage", "{{ run_id }}", "train"]
     assert container["resources"]["limits"] == {"nvidia.com/gpu": "2"}
     assert pod["spec"]["node_selector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     assert pod["spec"]["tolerations"] == [{"key": "dedicated", "operator": "Equal", "value": "gpu",
                                            "effect": "NoSchedule", "toleration_seconds": 60}]
-    (volume,) = pod["spec"]["volumes"]
+    volume, shm = pod["spec"]["volumes"]
     assert volume["persistent_volume_claim"]["claim_name"] == "anomaly-project"
-    assert container["volume_mounts"] == [{"name": volume["name"], "mount_path": str(PROJECT)}]
+    assert shm["empty_dir"] == {"medium": "Memory"}
+    assert container["volume_mounts"] == [{"name": volume["name"], "mount_path": str(PROJECT)},
+                                          {"name": shm["name"], "mount_path": "/dev/shm"}]
     env = {item["name"]: item["value"] for item in container["env"]}
     assert env == {"ANOMALY_PIPELINE_PROJECT": str(PROJECT), "MLFLOW_TRACKING_URI": "http://mlflow.ml:5000"}
     assert container["env_from"] == [{"secret_ref": {"name": "anomaly-stores"}}]
@@ -85,6 +93,13 @@ def test_the_kubernetes_setting_renders_a_gpu_pod_running_the_same_stage_command
 
     args = _parser().parse_args(container["args"][:3] + ["scheduled__2026-11-30", "train"])
     assert (args.command, args.run_id, args.stage) == ("run-stage", "scheduled__2026-11-30", "train")
+
+
+def test_claim_and_secret_names_may_hold_dots_a_namespace_may_not():
+    dotted = {**K8S, "ANOMALY_PIPELINE_K8S_PROJECT_CLAIM": "anomaly.project", "ANOMALY_PIPELINE_K8S_SECRET": "s3.keys"}
+    assert train_placement(dotted).kubernetes.project_claim == "anomaly.project"
+    with pytest.raises(DeploymentError, match="ANOMALY_PIPELINE_K8S_NAMESPACE"):
+        train_placement({**K8S, "ANOMALY_PIPELINE_K8S_NAMESPACE": "ml.train"})
 
 
 def test_a_cpu_pod_asks_for_no_gpu_and_the_default_tolerates_the_gpu_taint():

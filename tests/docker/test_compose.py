@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+from fnmatch import fnmatch
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -106,7 +107,8 @@ def test_the_project_services_run_the_image_built_from_the_lock_file(services):
     assert user and user[-1] not in ("root", "0"), "the image must not run as root"
     assert re.search(r"^HEALTHCHECK ", dockerfile, re.M)
     ignored = set((ROOT / ".dockerignore").read_text().split())
-    assert {".venv", "data", "runs", "mlflow.db", "docker/.env"} <= ignored  # no data or secret in the image
+    # no data or secret in the image
+    assert {".venv", "data", "runs", "mlflow.db", "docker/.env", ".dvc/cache", ".dvc/config.local"} <= ignored
     assert subprocess.run(["bash", "-n", str(DOCKER / "init.sh")]).returncode == 0
 
 
@@ -156,8 +158,11 @@ def test_the_settings_agree_with_each_other_and_with_the_pipeline(services):
         tracking = urlsplit(env["MLFLOW_TRACKING_URI"])
         assert (tracking.hostname, tracking.port) == ("mlflow", 5000)
         s3 = urlsplit(env["AWS_ENDPOINT_URL_S3"])
-        assert s3.hostname == "minio" and f"{s3.port}:{s3.port}" in str(services["minio"]["ports"]) or \
-            any(str(p.get("target")) == str(s3.port) for p in services["minio"]["ports"] if isinstance(p, dict))
+        published = [str(p.get("target")) if isinstance(p, dict) else str(p).split(":")[-1]
+                     for p in services["minio"]["ports"]]
+        assert s3.hostname == "minio" and str(s3.port) in published, (s3, published)
+        # the image has no passwd entry for PIPELINE_UID: getpass.getuser() must find these
+        assert env["USER"] and env["LOGNAME"] and env["HOME"] == "/opt/airflow"
         assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"].startswith("http://airflow-apiserver:8080/")
         # the Postgres driver named, and installed: SQLAlchemy 2.1's default (psycopg 3) is not
         for url in (env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"], env["AIRFLOW__CELERY__RESULT_BACKEND"]):
@@ -171,6 +176,14 @@ def test_the_settings_agree_with_each_other_and_with_the_pipeline(services):
     assert _env(services["mlflow"])["AWS_ACCESS_KEY_ID"] == minio["MINIO_ROOT_USER"] == \
         _env(services["airflow-worker"])["AWS_ACCESS_KEY_ID"]
     assert _env(services["mlflow"])["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
+    # MLflow refuses a Host header it was not told (403): the workers' must be among them
+    command = services["mlflow"]["command"]
+    allowed = command[command.index("--allowed-hosts") + 1].split(",")
+    host = urlsplit(_env(services["airflow-worker"])["MLFLOW_TRACKING_URI"]).netloc
+    assert any(fnmatch(host, pattern) for pattern in allowed), (host, allowed)
+    assert _env(services["mlflow"])["USER"] == "pipeline"
+    # one key signs the api-server's log requests to the workers: the same everywhere
+    assert len({_env(services[name])["AIRFLOW__API__SECRET_KEY"] for name in AIRFLOW_SERVICES}) == 1
 
 
 def test_the_env_example_names_every_setting_and_holds_no_secret():

@@ -89,7 +89,7 @@ def test_a_run_pushes_to_s3_and_a_fresh_clone_pulls_the_data_and_scores_with_the
     assert not any(p.is_file() for p in (project / "dvc-remote").rglob("*"))
     # the model's files are on S3 and the server kept none on its own disk
     assert any("/artifacts/" in key for key in s3.keys(BUCKET, "mlflow/")), s3.keys(BUCKET, "mlflow/")[:20]
-    assert not (tracking.folder / "artifacts").exists()
+    assert not (tracking.folder / "artifacts").exists() and not (project / "mlartifacts").exists()
 
     client = MlflowClient(tracking_uri=tracking.uri, registry_uri=tracking.uri)
     champion = client.get_model_version_by_alias("anomaly-detector", "champion")

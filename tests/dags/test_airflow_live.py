@@ -111,6 +111,11 @@ def running_airflow(root: Path, ws: Path, extra_env: dict[str, str] | None = Non
         "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
         "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
+        # No scheduled runs: within 2.4 h after 02:00 UTC the unpause in trigger_and_wait would
+        # also start last night's run, whose model could take the champion first and make the
+        # test's own run skip its promote (CronTriggerTimetable's run_immediately=False
+        # still runs a cron time less than a tenth of the interval ago). Tests trigger their runs.
+        "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
         **(extra_env or {}),
     })
     for inherited in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_ARTIFACT_ROOT", "ANOMALY_PIPELINE_RUNS"):

@@ -1,7 +1,8 @@
-"""The three detector families, as small convolutional networks.
+"""The three detector families, as small convolutional networks for images and as
+MLPs for encoded table rows (data.kind table).
 
-All of them map a batch of images (float in [0, 1], N x C x S x S) to one anomaly
-score per image, higher meaning more anomalous, through ``score``. Everything a
+All of them map a batch of images (float in [0, 1], N x C x S x S), or of encoded rows
+(float, N x features), to one anomaly score per item, higher meaning more anomalous, through ``score``. Everything a
 model needs to be rebuilt is in its ``spec`` (a plain dict stored beside the weights).
 """
 from __future__ import annotations
@@ -145,8 +146,92 @@ class CNNClassifier(nn.Module):
         return self(x)
 
 
+def _mlp(sizes: list[int], bias: bool) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
+        layers.append(nn.Linear(a, b, bias=bias))
+        if i < len(sizes) - 2:
+            layers.append(nn.LeakyReLU(0.1))
+    return nn.Sequential(*layers)
+
+
+class MLPAutoencoder(nn.Module):
+    """Unsupervised, for encoded rows (data.kind table): trained on normal rows, scored by the
+    mean squared reconstruction error. The bottleneck is at most half the input's width:
+    one-hot blocks make the encoded rows lower-dimensional than their width, and a bottleneck
+    just under the width could still copy its input and score everything alike."""
+
+    loss_over_normal_only = True
+
+    def __init__(self, features: int, width: int, latent_dim: int):
+        super().__init__()
+        hidden, bottleneck = 2 * width, max(1, min(latent_dim, features // 2))
+        self.encoder = _mlp([features, hidden, bottleneck], bias=True)
+        self.decoder = _mlp([bottleneck, hidden, features], bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(F.leaky_relu(self.encoder(x), 0.1))
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        normal = y < 0.5
+        if not bool(normal.any()):
+            return x.sum() * 0.0
+        x = x[normal]
+        return F.mse_loss(self(x), x)
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        return (self(x) - x).pow(2).mean(dim=1)
+
+
+class MLPDeepSAD(DeepSAD):
+    """Deep SAD on encoded rows: a bias-free MLP encoder (no bias, so no trivial map onto c)."""
+
+    def __init__(self, features: int, width: int, latent_dim: int, eta: float = 1.0):
+        nn.Module.__init__(self)
+        self.eta = eta
+        self.net = _mlp([features, 2 * width, width, latent_dim], bias=False)
+        self.register_buffer("center", torch.zeros(latent_dim))
+        self.register_buffer("center_set", torch.tensor(False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class MLPClassifier(nn.Module):
+    """Supervised on encoded rows: the positive class weighted by the imbalance; the score is the logit."""
+
+    def __init__(self, features: int, width: int, latent_dim: int, pos_weight: float = 1.0):
+        super().__init__()
+        self.net = _mlp([features, 2 * width, width, 1], bias=True)
+        self.register_buffer("pos_weight", torch.tensor(float(pos_weight)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(1)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(self(x), y, pos_weight=self.pos_weight)
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        return self(x)
+
+
+def _build_table(spec: dict[str, Any]) -> nn.Module:
+    family = spec["family"]
+    common = dict(features=spec["features"], width=spec["width"], latent_dim=spec["latent_dim"])
+    if family == "autoencoder":
+        return MLPAutoencoder(**common)
+    if family == "deep_sad":
+        return MLPDeepSAD(**common, eta=spec.get("eta", 1.0))
+    if family == "classifier":
+        return MLPClassifier(**common, pos_weight=spec.get("pos_weight", 1.0))
+    raise ValueError(f"unknown model family {family!r} (known: {', '.join(FAMILIES)})")
+
+
 def build(spec: dict[str, Any]) -> nn.Module:
-    """Rebuild a model from its spec: family, channels, image_size, width, latent_dim (+ family options)."""
+    """Rebuild a model from its spec: family, channels, image_size, width, latent_dim (+ family
+    options); with ``input: table``, features instead of channels and image_size (an MLP)."""
+    if spec.get("input") == "table":
+        return _build_table(spec)
     family = spec["family"]
     common = dict(channels=spec["channels"], image_size=spec["image_size"], width=spec["width"],
                   latent_dim=spec["latent_dim"])

@@ -52,33 +52,43 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_root: str | None
         return client.get_experiment_by_name(name).experiment_id
 
 
-def model_signature():
+def model_signature(meta: dict[str, Any] | None = None):
+    """Images: one binary column ``image``. Tables: the feature columns, numbers as double
+    and categories as string, in the order the model was trained with."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, Schema
 
+    if meta and meta.get("kind") == "table":
+        transform = meta["transform"]
+        inputs = Schema([ColSpec(DataType.double if name in transform["numeric"] else DataType.string, name)
+                         for name in transform["columns"]])
+    else:
+        inputs = Schema([ColSpec(DataType.binary, "image")])
     return ModelSignature(
-        inputs=Schema([ColSpec(DataType.binary, "image")]),
+        inputs=inputs,
         outputs=Schema([ColSpec(DataType.double, "anomaly_score"), ColSpec(DataType.boolean, "is_anomaly")]),
     )
 
 
-def log_detector(weights: Path, spec: dict[str, Any], threshold: float, example_image: bytes, model_name: str,
+def log_detector(weights: Path, spec: dict[str, Any], threshold: float, example: pd.DataFrame, model_name: str,
                  pip_requirements: list[str], code_dir: Path) -> tuple[str, str]:
-    """Log the pyfunc in the active run and register it; returns (model_uri, version)."""
+    """Log the pyfunc in the active run and register it; returns (model_uri, version).
+
+    ``spec`` is the train stage's spec.json (with the decoding limits for images, the
+    encoding for tables); the threshold joins it in the model's own spec.json."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as scratch:
         spec_path = Path(scratch) / "spec.json"
-        spec_path.write_text(json.dumps({"spec": spec["spec"], "image_size": spec["image_size"],
-                                         "channels": spec["channels"], "threshold": threshold,
-                                         "decode_limits": spec.get("decode_limits")}, indent=2))
+        meta = {**spec, "threshold": threshold}
+        spec_path.write_text(json.dumps(meta, indent=2))
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(code_dir / "serving_entry.py"),
             artifacts={"weights": str(weights), "spec": str(spec_path)},
             code_paths=[str(code_dir)],
-            signature=model_signature(),
-            input_example=pd.DataFrame({"image": [example_image]}),
+            signature=model_signature(meta),
+            input_example=example,
             pip_requirements=pip_requirements,
             registered_model_name=model_name,
         )

@@ -1,4 +1,8 @@
-"""The served model: an MLflow pyfunc that takes encoded images and returns scores and flags.
+"""The served model: an MLflow pyfunc that takes encoded images (or, for data.kind table,
+records) and returns scores and flags.
+
+For tables the input DataFrame holds the feature columns its signature names; a missing
+column or a value of the wrong type is refused with an error that names it.
 
 Contract (ARCHITECTURE.md): input DataFrame with column ``image`` holding PNG/JPEG
 bytes (base64 text is accepted too, as JSON clients send it); output DataFrame with
@@ -47,9 +51,15 @@ class AnomalyDetector(mlflow.pyfunc.PythonModel):
         meta = json.loads(Path(context.artifacts["spec"]).read_text())
         self.spec = meta["spec"]
         self.threshold = float(meta["threshold"])
-        self.image_size = int(meta["image_size"])
-        self.channels = int(meta["channels"])
-        self.limits = DecodeLimits.from_dict(meta.get("decode_limits"))  # absent: the safe defaults
+        self.transform = None
+        if meta.get("kind") == "table":
+            from components.tables import Transform
+
+            self.transform = Transform.from_dict(meta["transform"])
+        else:
+            self.image_size = int(meta["image_size"])
+            self.channels = int(meta["channels"])
+            self.limits = DecodeLimits.from_dict(meta.get("decode_limits"))  # absent: the safe defaults
         self.model = build(self.spec)
         state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
         self.model.load_state_dict(state)
@@ -59,6 +69,8 @@ class AnomalyDetector(mlflow.pyfunc.PythonModel):
         from components.images import ImageDecodeError, decode_to_array
         from components.training import score
 
+        if self.transform is not None:
+            return self._predict_rows(model_input)
         if not isinstance(model_input, pd.DataFrame) or INPUT_COLUMN not in model_input.columns:
             raise ValueError(f"input must be a DataFrame with a column '{INPUT_COLUMN}' of encoded PNG/JPEG bytes")
         arrays = []
@@ -72,5 +84,17 @@ class AnomalyDetector(mlflow.pyfunc.PythonModel):
             scores = score(self.model, np.stack(arrays), batch_size=SCORE_BATCH, device="cpu")
         else:
             scores = np.zeros(0)
+        return pd.DataFrame({"anomaly_score": scores.astype(np.float64), "is_anomaly": scores > self.threshold},
+                            index=model_input.index)
+
+    def _predict_rows(self, model_input) -> pd.DataFrame:
+        """data.kind table: the feature columns (others are ignored), checked, then encoded
+        as in training; a missing column or a value of the wrong type is refused by name."""
+        from components.tables import check_frame
+        from components.training import score
+
+        frame = check_frame(model_input, self.transform)
+        rows = self.transform.apply(frame)
+        scores = score(self.model, rows, batch_size=4096, device="cpu") if len(rows) else np.zeros(0)
         return pd.DataFrame({"anomaly_score": scores.astype(np.float64), "is_anomaly": scores > self.threshold},
                             index=model_input.index)

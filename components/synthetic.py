@@ -123,6 +123,7 @@ def write_batch(landing: Path, batch: str, seed: int, spec: BatchSpec = BatchSpe
 
 def next_batch_name(landing: Path) -> tuple[str, int]:
     """The name and seed offset of the batch after the newest one in landing."""
-    numbers = [int(m.group(1)) for p in Path(landing).glob("batch-*") if (m := BATCH_PATTERN.match(p.name))]
+    numbers = [int(m.group(1)) for p in Path(landing).glob("batch-*")
+               if (m := BATCH_PATTERN.match(p.stem if p.is_file() else p.name))]  # a table's batch-0001.csv too
     number = max(numbers, default=0) + 1
     return f"batch-{number:04d}", number

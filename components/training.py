@@ -2,7 +2,7 @@
 resumable, and loud about a diverging loss.
 
 Inputs are uint8 arrays (N x C x S x S, as preprocess writes them; a memory-mapped
-array works) and float labels (0 normal, 1 anomaly). Nothing here knows about files
+array works), or float32 encoded table rows (N x features), and float labels (0 normal, 1 anomaly). Nothing here knows about files
 other than the checkpoint folder it is handed.
 
 Called in every process of an initialised ``torch.distributed`` group (the train stage
@@ -109,6 +109,8 @@ def to_tensor(batch: np.ndarray, device: torch.device) -> torch.Tensor:
     tensor = torch.from_numpy(batch if batch.flags.writeable else np.array(batch, copy=True))
     if device.type == "cuda":
         tensor = tensor.pin_memory().to(device, non_blocking=True)
+    if batch.dtype != np.uint8:  # encoded table rows: float already
+        return tensor.to(torch.float32, copy=True)
     return tensor.to(torch.float32, copy=True).div_(255.0)  # never scales the caller's array in place
 
 

@@ -48,6 +48,7 @@ class ValidationReport:
     failures: list[dict[str, Any]] = field(default_factory=list)
     gx_result: dict[str, Any] = field(default_factory=dict)
     gx_object: Any = field(default=None, repr=False)  # GX's result object, for its HTML renderer
+    unit: str = "files"                                # what n_files counts: files, or a table's rows
 
     def summary(self) -> dict[str, Any]:
         return {"success": self.success, "n_files": self.n_files, "label_counts": self.label_counts,
@@ -55,8 +56,8 @@ class ValidationReport:
 
     def describe(self) -> str:
         if self.success:
-            return f"validation passed: {self.n_files} files, labels {self.label_counts}"
-        lines = [f"validation FAILED: {len(self.failures)} expectation(s) not met on {self.n_files} files"]
+            return f"validation passed: {self.n_files} {self.unit}, labels {self.label_counts}"
+        lines = [f"validation FAILED: {len(self.failures)} expectation(s) not met on {self.n_files} {self.unit}"]
         for failure in self.failures:
             lines.append(f"  - {failure['description']}")
             for item in failure.get("offending_files", [])[:20]:
@@ -187,10 +188,7 @@ def quiet_gx_logging() -> None:
 
 def validate_manifest(manifest: pd.DataFrame, rules: Rules) -> ValidationReport:
     """Run the suite over the manifest; the report names failed expectations and files."""
-    import warnings
-
     quiet_gx_logging()
-    import great_expectations as gx
 
     label_counts = {str(k): int(v) for k, v in manifest["label"].value_counts().sort_index().items()} \
         if not manifest.empty else {}
@@ -200,23 +198,34 @@ def validate_manifest(manifest: pd.DataFrame, rules: Rules) -> ValidationReport:
             "description": "the batch holds at least one file: no files found", "unexpected_count": 0,
             "offending_files": []}])
 
+    errors = dict(zip(manifest["path"], manifest["error"]))
+    return _run_suite(manifest, "image_manifest", _expectations(rules), "path", errors, label_counts, "files")
+
+
+def _run_suite(frame: pd.DataFrame, name: str, expectations: list[tuple[Any, str]], key: str,
+               errors: dict[Any, str], label_counts: dict[str, int], unit: str) -> ValidationReport:
+    """Great Expectations' suite of (expectation, sentence) over ``frame``; offending rows are
+    named by their ``key`` column (with ``errors[key]`` where known)."""
+    import warnings
+
+    import great_expectations as gx
+
     context = gx.get_context(mode="ephemeral")
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    source = context.data_sources.add_pandas("manifest")
-    asset = source.add_dataframe_asset("images")
-    batch = asset.add_batch_definition_whole_dataframe("snapshot").get_batch(batch_parameters={"dataframe": manifest})
-    suite = gx.ExpectationSuite(name="image_manifest")
-    for expectation, sentence in _expectations(rules):
+    source = context.data_sources.add_pandas(name)
+    asset = source.add_dataframe_asset(name)
+    batch = asset.add_batch_definition_whole_dataframe("snapshot").get_batch(batch_parameters={"dataframe": frame})
+    suite = gx.ExpectationSuite(name=name)
+    for expectation, sentence in expectations:
         expectation.meta = {"description": sentence}
         suite.add_expectation(expectation)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = batch.validate(suite, result_format={
-            "result_format": "COMPLETE", "unexpected_index_column_names": ["path"]})
+            "result_format": "COMPLETE", "unexpected_index_column_names": [key]})
 
-    errors = dict(zip(manifest["path"], manifest["error"]))
     failures = []
     for outcome in result.results:
         if outcome.success:
@@ -225,22 +234,26 @@ def validate_manifest(manifest: pd.DataFrame, rules: Rules) -> ValidationReport:
         detail = outcome.result or {}
         offending = []
         for item in detail.get("unexpected_index_list") or []:
-            path = item.get("path") if isinstance(item, dict) else item
+            path = item.get(key) if isinstance(item, dict) else item
             reason = errors.get(path, "")
             offending.append(f"{path}: {reason}" if reason else str(path))
         observed = detail.get("observed_value")
         observed = observed.item() if isinstance(observed, np.generic) else observed
         sentence = (config.meta or {}).get("description", config.type)
+        exception = (outcome.exception_info or {}).get("exception_message") if not detail else None
         failures.append({
             "expectation": config.type,
             "column": config.kwargs.get("column"),
             "description": sentence + (f" (observed {observed!r})" if observed is not None else
-                                       f" ({detail.get('unexpected_count', 0)} files do not)"),
+                                       f" (could not be checked: {exception})" if exception else
+                                       f" ({detail['unexpected_count']} {unit} do not)" if "unexpected_count" in detail
+                                       else ""),
             "unexpected_count": int(detail.get("unexpected_count") or 0),
             "observed_value": observed if isinstance(observed, (int, float, str, type(None))) else str(observed),
             "offending_files": offending,
         })
-    return ValidationReport(bool(result.success), len(manifest), label_counts, failures, result.to_json_dict(), result)
+    return ValidationReport(bool(result.success), len(frame), label_counts, failures, result.to_json_dict(), result,
+                            unit)
 
 
 def _plain_observed_values(result) -> None:
@@ -272,3 +285,150 @@ def render_html(report: ValidationReport) -> str:
     if "<body" in body:
         return body.replace("<body>", "<body>" + banner, 1)
     return f"<html><body>{banner}{body}</body></html>"
+
+
+# ---- tables (data.kind: table) ----------------------------------------------------------------
+
+NUMERIC_TYPES = ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16", "float32",
+                 "float64", "Int8", "Int16", "Int32", "Int64", "Float32", "Float64", "bool", "int", "float"]
+
+
+@dataclass(frozen=True)
+class TableRules:
+    """The declared schema of a table and the bounds a snapshot of batches must meet; plain
+    values, built from params (``table`` and ``validate``) by the stage."""
+    columns: dict[str, dict[str, Any]]       # name -> {type, min, max, allowed, max_null_fraction}
+    label_column: str = "is_fraud"
+    key_column: str = "transaction_id"
+    min_rows: int = 100
+    max_rows: int | None = None
+    min_good: int = 10
+    min_anomalies: int = 10
+    anomaly_ratio: tuple[float, float] = (0.02, 0.6)
+    max_mean_shift: float = 0.5
+    max_quantile_shift: float = 1.0
+    quantiles: tuple[float, ...] = (0.1, 0.5, 0.9)
+
+
+def table_frame(frame: pd.DataFrame, rules: TableRules) -> pd.DataFrame:
+    """The snapshot with the columns the suite reads: ``is_anomaly`` / ``is_normal`` (0/1,
+    from the label; both 0 where the label is missing) and ``labelled``."""
+    out = frame.copy()
+    if rules.label_column in out.columns:
+        label = pd.to_numeric(out[rules.label_column], errors="coerce")
+        out["labelled"] = label.notna()
+        out["is_anomaly"] = (label == 1).astype(int)
+        out["is_normal"] = (label == 0).astype(int)
+    return out
+
+
+def _reference(frame: pd.DataFrame) -> tuple[str | None, str | None]:
+    """(newest batch, the batch before it): drift compares the first with the second."""
+    batches = sorted(frame["batch"].astype(str).unique())
+    return (batches[-1], batches[-2]) if len(batches) >= 2 else (batches[-1] if batches else None, None)
+
+
+def _table_expectations(frame: pd.DataFrame, rules: TableRules) -> list[tuple[Any, str]]:
+    import great_expectations as gx
+
+    E = gx.expectations
+    key, label = rules.key_column, rules.label_column
+    items: list[tuple[Any, str]] = [
+        (E.ExpectTableRowCountToBeBetween(min_value=rules.min_rows, max_value=rules.max_rows),
+         f"the snapshot holds at least {rules.min_rows} rows" + (f" and at most {rules.max_rows}" if rules.max_rows
+                                                                 else "")),
+    ]
+    for name in [key, label, *rules.columns]:
+        items.append((E.ExpectColumnToExist(column=name), f"the column '{name}' exists"))
+    present = set(frame.columns)
+    if key in present:
+        items += [(E.ExpectColumnValuesToNotBeNull(column=key), f"every row has a key ('{key}')"),
+                  (E.ExpectColumnValuesToBeUnique(column=key), f"no key ('{key}') appears twice")]
+    if label in present:
+        low, high = rules.anomaly_ratio
+        items += [
+            (E.ExpectColumnValuesToBeInSet(column=label, value_set=[0, 1, 0.0, 1.0]),
+             f"every label ('{label}') is 0 (normal), 1 (anomaly) or missing"),
+            (E.ExpectColumnSumToBeBetween(column="is_normal", min_value=rules.min_good),
+             f"at least {rules.min_good} rows labelled normal"),
+            (E.ExpectColumnSumToBeBetween(column="is_anomaly", min_value=rules.min_anomalies),
+             f"at least {rules.min_anomalies} rows labelled anomalous"),
+            (E.ExpectColumnMeanToBeBetween(column=label, min_value=low, max_value=high),
+             f"the anomaly ratio of the labelled rows is within [{low}, {high}]"),
+        ]
+    newest, reference = _reference(frame) if "batch" in present else (None, None)
+    for name, rule in rules.columns.items():
+        if name not in present:
+            continue
+        column = frame[name]
+        allowed_null = float(rule.get("max_null_fraction") or 0.0)
+        items.append((E.ExpectColumnValuesToNotBeNull(column=name, mostly=1.0 - allowed_null),
+                      f"at most {allowed_null:.0%} of '{name}' is missing"))
+        if rule["type"] == "numeric":
+            items.append((E.ExpectColumnValuesToBeInTypeList(column=name, type_list=NUMERIC_TYPES),
+                          f"'{name}' holds numbers"))
+            numeric = pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column)
+            if numeric and (rule.get("min") is not None or rule.get("max") is not None):
+                items.append((E.ExpectColumnValuesToBeBetween(column=name, min_value=rule.get("min"),
+                                                              max_value=rule.get("max")),
+                              f"'{name}' is within [{rule.get('min')}, {rule.get('max')}]"))
+            if numeric and reference is not None:
+                items += _drift(E, frame, name, newest, reference, rules)
+        else:
+            allowed = rule.get("allowed")
+            if allowed is not None:
+                items.append((E.ExpectColumnValuesToBeInSet(column=name, value_set=list(allowed)),
+                              f"every '{name}' is one of the declared categories ({', '.join(allowed)})"))
+            elif reference is not None:
+                seen = sorted(frame.loc[frame["batch"] != newest, name].dropna().astype(str).unique())
+                items.append((E.ExpectColumnValuesToBeInSet(column=name, value_set=seen,
+                                                            row_condition=f'batch == "{newest}"',
+                                                            condition_parser="pandas"),
+                              f"batch {newest} has no '{name}' category the earlier batches never had"))
+    return items
+
+
+def _drift(E, frame: pd.DataFrame, name: str, newest: str, reference: str, rules: TableRules) -> list:
+    """The newest batch's mean and quantiles of ``name`` within the bounds (in standard
+    deviations of the reference batch, the previous accepted one) around the reference's."""
+    ref = frame.loc[frame["batch"] == reference, name].dropna().astype(float)
+    if len(ref) < 2:
+        return []
+    std = float(ref.std()) or 1e-9
+    condition = {"row_condition": f'batch == "{newest}"', "condition_parser": "pandas"}
+    mean, k = float(ref.mean()), rules.max_mean_shift
+    items = [(E.ExpectColumnMeanToBeBetween(column=name, min_value=mean - k * std, max_value=mean + k * std,
+                                            **condition),
+              f"'{name}' has not drifted: the mean of batch {newest} is within {k:g} standard deviations of "
+              f"batch {reference}'s ({mean:.4g} +- {k * std:.4g})")]
+    q = rules.max_quantile_shift
+    ranges = [[float(v) - q * std, float(v) + q * std] for v in ref.quantile(list(rules.quantiles))]
+    items.append((E.ExpectColumnQuantileValuesToBeBetween(
+        column=name, quantile_ranges={"quantiles": list(rules.quantiles), "value_ranges": ranges}, **condition),
+        f"'{name}' has not drifted: batch {newest}'s quantiles {', '.join(f'{x:g}' for x in rules.quantiles)} are "
+        f"within {q:g} standard deviations of batch {reference}'s"))
+    return items
+
+
+def validate_table(frame: pd.DataFrame, rules: TableRules, unreadable: list[str] = ()) -> ValidationReport:
+    """The table suite over a snapshot of batches (``frame`` with a ``batch`` column, as
+    components.tables.read_batches gives it); files that could not be read fail it too."""
+    quiet_gx_logging()
+    frame = table_frame(frame, rules)
+    counts = {}
+    if "is_anomaly" in frame.columns:
+        counts = {"normal": int(frame["is_normal"].sum()), "anomaly": int(frame["is_anomaly"].sum()),
+                  "unlabelled": int((~frame["labelled"]).sum())}
+    failures = [{"expectation": "readable_files", "column": None, "description": f"a batch file cannot be read: "
+                 f"{reason}", "unexpected_count": 1, "offending_files": []} for reason in unreadable]
+    if frame.empty:
+        return ValidationReport(False, 0, counts, unit="rows", failures=failures + [{
+            "expectation": "expect_table_row_count_to_be_between", "column": None,
+            "description": "the snapshot holds at least one row: no rows found", "unexpected_count": 0,
+            "offending_files": []}])
+    key = rules.key_column if rules.key_column in frame.columns else "batch"
+    report = _run_suite(frame, "table", _table_expectations(frame, rules), key, {}, counts, "rows")
+    if failures:
+        report.failures[:0] = failures
+        report.success = False
+    return report

@@ -65,12 +65,15 @@ def _parser() -> argparse.ArgumentParser:
                                              "set up on first use; e.g. 'airflow dags test retrain_anomaly_detector'")
     airflow.add_argument("airflow_args", nargs=argparse.REMAINDER, help="arguments for airflow")
 
-    data = sub.add_parser("generate-data", help="write a synthetic batch of surface images into data.landing")
+    data = sub.add_parser("generate-data", help="write a synthetic batch into data.landing: surface images, or "
+                                                "card transactions (a CSV file) when data.kind is table")
     data.add_argument("--batch", default=None, help="batch folder name (default: the next batch-NNNN)")
     data.add_argument("--seed", type=int, default=None, help="default: base.seed + batch number")
     data.add_argument("--good", type=int, default=500, help="normal images")
     data.add_argument("--per-defect", type=int, default=40, help="images of each defect kind")
     data.add_argument("--size", type=int, default=128, help="side in pixels")
+    data.add_argument("--rows", type=int, default=5000, help="data.kind table: transactions in the batch")
+    data.add_argument("--fraud-rate", type=float, default=0.04, help="data.kind table: the share of fraud")
     data.add_argument("--if-empty", action="store_true", help="do nothing if the landing folder has a batch already")
     return parser
 
@@ -79,13 +82,25 @@ def _generate(layout, args) -> int:
     from components.synthetic import BatchSpec, next_batch_name, write_batch
 
     landing = layout.landing
-    if args.if_empty and landing.is_dir() and any(p.is_dir() for p in landing.iterdir()):
+    table = layout.config.data.kind == "table"
+    if args.if_empty and landing.is_dir() and any(p.is_dir() or (table and not p.name.startswith("."))
+                                                  for p in landing.iterdir()):
         print(f"generate-data: {landing} already holds data; nothing written")
         return 0
     landing.mkdir(parents=True, exist_ok=True)
     name, number = next_batch_name(landing)
     batch = args.batch or name
     seed = args.seed if args.seed is not None else layout.config.base.seed + number
+    if table:
+        from components.tables import generate_transactions
+        from pipeline.io import atomic_path
+
+        frame = generate_transactions(args.rows, seed, batch, fraud_rate=args.fraud_rate)
+        with atomic_path(landing / f"{batch}.csv") as tmp:
+            frame.to_csv(tmp, index=False)
+        print(f"generate-data: wrote {landing / f'{batch}.csv'} (seed {seed}: {args.rows} transactions, "
+              f"{int(frame['is_fraud'].sum())} fraud)")
+        return 0
     folder = write_batch(landing, batch, seed, BatchSpec(args.good, args.per_defect, args.size))
     print(f"generate-data: wrote {folder} (seed {seed}: {args.good} good, {args.per_defect} per defect kind)")
     return 0

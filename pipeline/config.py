@@ -33,6 +33,7 @@ class Paths(_Section):
 
 
 class Data(_Section):
+    kind: Literal["image", "table"] = "image"   # table: CSV/Parquet records, the ``table`` section
     landing: str = "data/landing"
     extensions: list[str] = [".png", ".jpg", ".jpeg"]
 
@@ -75,6 +76,59 @@ class Validate(_Section):
     def _sides(self) -> "Validate":
         if self.min_side > self.max_side:
             raise ValueError("min_side must not exceed max_side")
+        return self
+
+
+class ColumnRule(_Section):
+    """One declared feature column of a table: its type, range or categories, and null rate."""
+    type: Literal["numeric", "categorical"] = "numeric"
+    min: float | None = None
+    max: float | None = None
+    allowed: list[str] | None = None        # categorical: the categories a batch may hold (null = any)
+    max_null_fraction: float = Field(0.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ColumnRule":
+        if self.type == "categorical" and (self.min is not None or self.max is not None):
+            raise ValueError("min and max apply to numeric columns only")
+        if self.type == "numeric" and self.allowed is not None:
+            raise ValueError("allowed applies to categorical columns only")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError("min must not exceed max")
+        return self
+
+
+class Drift(_Section):
+    """How far the newest batch may move from the batch before it (the previous accepted one),
+    per numeric column, in units of that batch's standard deviation."""
+    max_mean_shift: float = Field(0.5, ge=0)
+    max_quantile_shift: float = Field(1.0, ge=0)    # at each of ``quantiles``
+    quantiles: list[float] = [0.1, 0.5, 0.9]
+
+    @field_validator("quantiles")
+    @classmethod
+    def _in_unit_interval(cls, value: list[float]) -> list[float]:
+        if not all(0 <= q <= 1 for q in value):
+            raise ValueError("quantiles must lie in [0, 1]")
+        return value
+
+
+class Table(_Section):
+    """data.kind: table. One batch per file (CSV or Parquet) or per folder of them in data.landing."""
+    label_column: str = "is_fraud"           # 1 = anomaly, 0 = normal, empty = unlabelled
+    key_column: str = "transaction_id"       # a stable row key: the split is a hash of it
+    columns: dict[str, ColumnRule] = {}      # the feature columns, in this order
+    min_rows: int = Field(100, ge=1)
+    max_rows: int | None = Field(None, ge=1)
+    drift: Drift = Drift()
+
+    @model_validator(mode="after")
+    def _names(self) -> "Table":
+        for name in (self.label_column, self.key_column):
+            if name in self.columns:
+                raise ValueError(f"{name!r} is the label or key column, not a feature column")
+        if self.label_column == self.key_column:
+            raise ValueError("label_column and key_column must differ")
         return self
 
 
@@ -186,6 +240,7 @@ class Config(_Section):
     base: Base = Base()
     paths: Paths = Paths()
     data: Data = Data()
+    table: Table = Table()
     validate_: Validate = Field(Validate(), alias="validate")
     preprocess: Preprocess = Preprocess()
     model: Model = Model()
@@ -202,6 +257,12 @@ class Config(_Section):
     @property
     def validation(self) -> Validate:
         return self.validate_
+
+    @model_validator(mode="after")
+    def _table_has_columns(self) -> "Config":
+        if self.data.kind == "table" and not self.table.columns:
+            raise ValueError("table.columns must declare the feature columns when data.kind is 'table'")
+        return self
 
     @model_validator(mode="after")
     def _method_needs_anomalies(self) -> "Config":

@@ -57,7 +57,20 @@ class Layout:
         return self._p(self.config.paths.processed)
 
     def split_images(self, split: str) -> Path:
+        """A split's model inputs: uint8 images, or float32 encoded rows for data.kind table."""
+        if self.config.data.kind == "table":
+            return self.processed / f"{split}_rows.npy"
         return self.processed / f"{split}_images.npy"
+
+    @property
+    def unit(self) -> str:
+        """What one item of the data is called in messages: images, or rows for a table."""
+        return "rows" if self.config.data.kind == "table" else "images"
+
+    @property
+    def transform(self) -> Path:
+        """data.kind table: the feature encoding fitted on the training rows (components/tables.py)."""
+        return self.processed / "transform.json"
 
     @property
     def index(self) -> Path:

@@ -306,7 +306,8 @@ def _print_summary(layout: Layout, summary: dict, tracking_uri: str) -> None:
     if validation:
         counts = ", ".join(f"{k} {v}" for k, v in validation.get("label_counts", {}).items())
         verdict = "passed" if validation.get("success") else "FAILED"
-        lines.append(f"validation   {verdict}: {validation.get('n_files', 0)} files ({counts})")
+        unit = "rows" if layout.config.data.kind == "table" else "files"
+        lines.append(f"validation   {verdict}: {validation.get('n_files', 0)} {unit} ({counts})")
         for failure in validation.get("failures", []):
             lines.append(f"               - {failure['description']}")
         if not validation.get("success"):
@@ -320,13 +321,13 @@ def _print_summary(layout: Layout, summary: dict, tracking_uri: str) -> None:
         bound = calibration.get("fpr_bound")
         lines += [
             f"training     {train['family']} on {train['device']}, {train['epochs']} epochs, "
-            f"{train['train_images']} images, {train['seconds']:.1f} s",
+            f"{train['train_images']} {layout.unit}, {train['seconds']:.1f} s",
             f"threshold    {calibration['threshold']:.6g} (method {calibration['method']}"
             + (f", FPR guarantee <= {bound:.4f}" if bound is not None else "") + ")"
             + (f"  NOTE: {calibration['note']}" if calibration.get("note") else ""),
             f"test         AUROC {_fmt(metrics['auroc'])}  AP {_fmt(metrics['average_precision'])}  "
             f"precision {_fmt(metrics['precision'])}  recall {_fmt(metrics['recall'])}  F1 {_fmt(metrics['f1'])}  "
-            f"FPR {_fmt(metrics['fpr'])}  ({metrics['n']} images, {metrics['n_anomalous']} anomalous)",
+            f"FPR {_fmt(metrics['fpr'])}  ({metrics['n']} {layout.unit}, {metrics['n_anomalous']} anomalous)",
             f"registered   {name} v{summary['version']} (MLflow run {summary['run_id']})" if not
             summary.get("unchanged_of") else f"registered   nothing: data, params, code and weights are those of "
             f"{name} v{summary['version']} (this run: MLflow run {summary['run_id']})",
@@ -342,9 +343,10 @@ def _print_summary(layout: Layout, summary: dict, tracking_uri: str) -> None:
                      [f"               - {promotion.get('note', '')}"]
         if summary.get("seconds") is not None:
             lines.append(f"took         {summary['seconds']:.0f} s")
+    inputs = "CSV/Parquet files" if layout.config.data.kind == "table" else "images"
     lines += [
         "next         MLflow UI:  make mlflow   (MLFLOW_TRACKING_URI=" + tracking.shown(tracking_uri) + ")",
-        f"             score:      .venv/bin/python -m pipeline score <folder of images> --out scores.csv",
+        f"             score:      .venv/bin/python -m pipeline score <folder of {inputs}> --out scores.csv",
         f"             in Python:  mlflow.pyfunc.load_model('models:/{name}@champion')",
         "=" * 74,
     ]

@@ -1,4 +1,5 @@
-"""Score images with a registered model (the champion by default).
+"""Score images, or the records of CSV/Parquet files (data.kind table), with a registered
+model (the champion by default).
 
 ``run`` scores a folder and leaves it alone (the CLI's ``score``). ``incoming`` is what
 the scoring DAG does with the folder other systems drop images into: every file is
@@ -72,8 +73,12 @@ def _load(layout: Layout, model_uri: str | None):
     return model, model_uri, version
 
 
-def score_files(model, files: list[Path], root: Path) -> pd.DataFrame:
-    """One row per file (path relative to ``root``); a file that cannot be scored gets its reason."""
+def score_files(model, files: list[Path], root: Path, kind: str = "image", key: str | None = None) -> pd.DataFrame:
+    """One row per image (path relative to ``root``), or per record of each CSV/Parquet file
+    for data.kind table (with its ``key`` value in ``row``); a file that cannot be scored gets
+    its reason, and the others are scored all the same."""
+    if kind == "table":
+        return _score_table_files(model, files, root, key)
     from components.images import ImageDecodeError, open_image
     from pipeline.stages.register import score_bytes
 
@@ -93,6 +98,10 @@ def score_files(model, files: list[Path], root: Path) -> pd.DataFrame:
     table = pd.DataFrame({"file": [name for name, _ in good],
                           "anomaly_score": predictions["anomaly_score"].astype(float),
                           "is_anomaly": predictions["is_anomaly"].astype(bool), "error": ""})
+    return _with_errors(table, errors)
+
+
+def _with_errors(table: pd.DataFrame, errors: dict[str, str]) -> pd.DataFrame:
     if errors:
         bad = pd.DataFrame({"file": list(errors), "anomaly_score": float("nan"), "is_anomaly": False,
                             "error": list(errors.values())})
@@ -100,6 +109,41 @@ def score_files(model, files: list[Path], root: Path) -> pd.DataFrame:
         for name, reason in errors.items():
             print(f"score: NOT scored {name}: {reason}")
     return table
+
+
+def _score_table_files(model, files: list[Path], root: Path, key: str | None) -> pd.DataFrame:
+    from components.tables import read_table_file
+    from pipeline.stages.register import score_frame
+
+    parts, errors = [], {}
+    for path in files:
+        name = path.relative_to(root).as_posix()
+        try:
+            frame = read_table_file(path)
+            predictions = score_frame(model, frame)
+        except Exception as error:  # a file missing a column, or unreadable: the others are still scored
+            message = str(error) or type(error).__name__
+            if "Failed to enforce schema" in message:  # MLflow's signature check: its reason, not the whole frame
+                message = message.split("Error: ", 1)[-1]
+            errors[name] = message.splitlines()[0]
+            continue
+        rows = frame[key].astype(str) if key and key in frame.columns else pd.Series(range(len(frame))).astype(str)
+        parts.append(pd.DataFrame({"file": name, "row": rows.to_numpy(),
+                                   "anomaly_score": predictions["anomaly_score"].astype(float).to_numpy(),
+                                   "is_anomaly": predictions["is_anomaly"].astype(bool).to_numpy(), "error": ""}))
+    table = pd.concat(parts, ignore_index=True) if parts else \
+        pd.DataFrame(columns=["file", "row", "anomaly_score", "is_anomaly", "error"])
+    return _with_errors(table, errors)
+
+
+def _suffixes(layout: Layout) -> set[str]:
+    from components.tables import TABLE_SUFFIXES
+
+    return set(TABLE_SUFFIXES) if layout.config.data.kind == "table" else IMAGE_SUFFIXES
+
+
+def _score(layout: Layout, model, files: list[Path], root: Path) -> pd.DataFrame:
+    return score_files(model, files, root, layout.config.data.kind, layout.config.table.key_column)
 
 
 def _write_csv(table: pd.DataFrame, out: Path) -> None:
@@ -112,16 +156,17 @@ def run(layout: Layout, folder: Path, out: Path | None, model_uri: str | None = 
     _registry_uri(layout, model_uri)  # a refused URI is the first thing to hear about
     if not folder.is_dir():
         raise StageError(f"score: folder does not exist: {folder}")
-    files = [p for p in _visible_files(folder) if p.suffix.lower() in IMAGE_SUFFIXES]
+    files = [p for p in _visible_files(folder) if p.suffix.lower() in _suffixes(layout)]
     if not files:
-        raise StageError(f"score: no PNG or JPEG files under {folder}")
+        raise StageError(f"score: no {' or '.join(s[1:].upper() for s in sorted(_suffixes(layout)))} files "
+                         f"under {folder}")
     model, model_uri, version = _load(layout, model_uri)
-    table = score_files(model, files, folder)
+    table = _score(layout, model, files, folder)
     table["model_uri"], table["model_version"] = model_uri, version
     if out is not None:
         _write_csv(table, out)
     flagged = int(table["is_anomaly"].sum())
-    print(f"score: {len(table)} images with {model_uri} (v{version or '?'}): {flagged} flagged as anomalous"
+    print(f"score: {len(table)} {layout.unit} with {model_uri} (v{version or '?'}): {flagged} flagged as anomalous"
           + (f"; written to {out}" if out else ""))
     return table
 
@@ -179,7 +224,7 @@ def _score_incoming(inbox: Path, archive: Path, inflight: Path, results: Path, l
             if out.is_file():  # scored before a kill; only the move was left to do
                 table = pd.read_csv(out, keep_default_na=False, na_values=[""])
             else:
-                table = score_files(model, _visible_files(folder), folder)
+                table = _score(layout, model, _visible_files(folder), folder)
                 table["model_uri"], table["model_version"] = model_uri, version
                 table["scored_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
                 table["archived_to"] = [str(destination / name) for name in table["file"]]
@@ -199,7 +244,7 @@ def _score_incoming(inbox: Path, archive: Path, inflight: Path, results: Path, l
         summary["errors"] += int((table["error"].fillna("").astype(str) != "").sum())
         summary["claims"].append({"claim": folder.name, "results": str(out), "archive": str(destination),
                                   "files": len(table)})
-    print(f"score: {summary['files']} images scored with {model_uri} (v{version or '?'}): {summary['flagged']} "
+    print(f"score: {summary['files']} {layout.unit} scored with {model_uri} (v{version or '?'}): {summary['flagged']} "
           f"flagged as anomalous, {summary['errors']} could not be scored; results in {results}")
     if summary["failed_claims"]:
         raise StageError(f"score: {len(summary['failed_claims'])} claim(s) could not be scored and were set aside: "

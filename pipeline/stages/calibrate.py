@@ -21,6 +21,6 @@ def run(layout: Layout) -> dict:
         print(f"calibrate: NOTE {result.note}")
     bound = f", FPR guarantee <= {result.fpr_bound:.4f}" if result.fpr_bound is not None else ""
     print(f"calibrate: method {result.method}, threshold {result.threshold:.6g}{bound} "
-          f"({result.n_normal} normal, {result.n_anomalous} anomalous calibration images)")
+          f"({result.n_normal} normal, {result.n_anomalous} anomalous calibration {layout.unit})")
     write_json(layout.threshold, result.as_dict())
     return result.as_dict()

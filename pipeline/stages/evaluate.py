@@ -37,5 +37,5 @@ def run(layout: Layout) -> dict:
     auroc = "n/a" if metrics["auroc"] is None else f"{metrics['auroc']:.4f}"
     print(f"evaluate: AUROC {auroc}, AP {metrics['average_precision'] or float('nan'):.4f}, "
           f"precision {metrics['precision']:.3f}, recall {metrics['recall'] or 0:.3f}, FPR {metrics['fpr'] or 0:.3f} "
-          f"on {metrics['n']} test images ({metrics['n_anomalous']} anomalous)")
+          f"on {metrics['n']} test {layout.unit} ({metrics['n_anomalous']} anomalous)")
     return metrics

@@ -570,10 +570,48 @@ def _manifest_rows(layout: Layout) -> tuple[pa.Table, dict[str, dict[str, list]]
     return index.append_column("row", _int64(np.concatenate(rows))), split_rows
 
 
+def run_table(layout: Layout) -> dict:
+    """data.kind table: fit the encoding on the training rows, encode every split into float32
+    rows (sorted by key, numbered by ``row``), and write the index and the encoding."""
+    import pandas as pd
+
+    from components.tables import Transform
+    from pipeline.io import write_json
+
+    config = layout.config
+    key = config.table.key_column
+    manifest = pd.read_parquet(layout.manifest)
+    rules = {name: rule.model_dump() for name, rule in config.table.columns.items()}
+    transform = Transform.fit(manifest[manifest["split"] == "train"], rules)
+    counts, parts = {}, []
+    with atomic_path(layout.processed) as staging:
+        staging.mkdir()
+        for split in SPLITS:
+            rows = manifest[manifest["split"] == split].sort_values(key, key=lambda keys: keys.astype(str))
+            if rows.empty:
+                raise StageError(f"the {split} split is empty: add labelled rows or change preprocess.split")
+            target = staging / layout.split_images(split).relative_to(layout.processed)
+            np.save(target, transform.apply(rows))
+            parts.append(pd.DataFrame({
+                "path": rows[key].astype(str).to_numpy(), "batch": rows["batch"].astype(str).to_numpy(),
+                "label": rows[config.table.label_column].astype(str).to_numpy(),
+                "is_anomaly": rows["is_anomaly"].astype(np.int64).to_numpy(), "sha256": rows["sha256"].to_numpy(),
+                "split": split, "row": np.arange(len(rows), dtype=np.int64)}))
+            counts[split] = {"images": len(rows), "anomalies": int(rows["is_anomaly"].sum())}
+        pd.concat(parts, ignore_index=True).to_parquet(staging / layout.index.relative_to(layout.processed),
+                                                       index=False)
+        write_json(staging / layout.transform.relative_to(layout.processed), transform.as_dict())
+    print("preprocess: " + ", ".join(f"{s} {counts[s]['images']} rows ({counts[s]['anomalies']} anomalies)"
+                                     for s in SPLITS) + f", {transform.width} features")
+    return counts
+
+
 def run(layout: Layout) -> dict:
     import pyarrow.parquet as pq
 
     config = layout.config
+    if config.data.kind == "table":
+        return run_table(layout)
     size, channels = config.preprocess.image_size, config.preprocess.channels
     shape = (channels, size, size)
     limits = decode_limits(config)

@@ -22,8 +22,8 @@ def _regate(layout: Layout, client, gates: dict, current: str) -> list[str]:
     from components.registry import tag_version
     from pipeline.stages import register
 
-    test_bytes, labels = register.test_split(layout)
-    results, champion, note = register.compare(layout, gates["candidate_metrics"], current, test_bytes, labels)
+    test, labels = register.test_split(layout)
+    results, champion, note = register.compare(layout, gates["candidate_metrics"], current, test, labels)
     report = gate_rules.summarise(results)
     if champion is None:  # unlike at register, we know a champion took over: no comparison, no move
         report["failed"].append("vs_champion")

@@ -21,10 +21,15 @@ FINGERPRINT_TAG = "model_fingerprint"
 SCORE_CHUNK = 256
 
 
-def score_bytes(model, images: list[bytes]) -> pd.DataFrame:
-    parts = [model.predict(pd.DataFrame({"image": images[i:i + SCORE_CHUNK]}))
-             for i in range(0, len(images), SCORE_CHUNK)]
+def score_frame(model, inputs: pd.DataFrame) -> pd.DataFrame:
+    """A served model's predictions for ``inputs`` (a client's frame), a chunk at a time."""
+    parts = [model.predict(inputs.iloc[i:i + SCORE_CHUNK].reset_index(drop=True))
+             for i in range(0, len(inputs), SCORE_CHUNK)]
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["anomaly_score", "is_anomaly"])
+
+
+def score_bytes(model, images: list[bytes]) -> pd.DataFrame:
+    return score_frame(model, pd.DataFrame({"image": images}))
 
 
 def _metrics_of(predictions: pd.DataFrame, labels: np.ndarray) -> dict:
@@ -148,14 +153,28 @@ def unchanged_version(client, name: str, fingerprint: str, run_id: str | None) -
     return None
 
 
-def test_split(layout: Layout) -> tuple[list[bytes], np.ndarray]:
-    """The encoded test images (as a client would send them) and their labels, in row order."""
+def test_split(layout: Layout) -> tuple[pd.DataFrame, np.ndarray]:
+    """The test split as a client would send it (encoded images in ``image``, or the records'
+    feature columns) and its labels, in row order."""
     index = pd.read_parquet(layout.index)
     test = index[index["split"] == "test"].sort_values("row")
-    return [(layout.raw / p).read_bytes() for p in test["path"]], test["is_anomaly"].to_numpy(np.int64)
+    labels = test["is_anomaly"].to_numpy(np.int64)
+    if layout.config.data.kind == "table":
+        key = layout.config.table.key_column
+        manifest = pd.read_parquet(layout.manifest)
+        manifest = manifest.set_index(manifest[key].astype(str))
+        return manifest.loc[test["path"], list(layout.config.table.columns)].reset_index(drop=True), labels
+    return pd.DataFrame({"image": [(layout.raw / p).read_bytes() for p in test["path"]]}), labels
 
 
-def compare(layout: Layout, candidate: dict, champion_version: str | None, test_bytes: list[bytes],
+def _example(layout: Layout, test: pd.DataFrame, spec: dict) -> pd.DataFrame:
+    """The input example logged with the model: three records, or one small PNG."""
+    if layout.config.data.kind == "table":
+        return test.head(3)
+    return pd.DataFrame({"image": [_example_png(test["image"].iloc[0], spec["image_size"])]})
+
+
+def compare(layout: Layout, candidate: dict, champion_version: str | None, test: pd.DataFrame,
             labels: np.ndarray) -> tuple[list, dict | None, str]:
     """All gates for a candidate: the absolute bounds, and not worse than champion_version
     re-scored by its own served model on this run's test split.
@@ -174,7 +193,7 @@ def compare(layout: Layout, candidate: dict, champion_version: str | None, test_
         name = config.registry.model_name
         try:
             champion_model = mlflow.pyfunc.load_model(f"models:/{name}/{champion_version}")
-            champion = _metrics_of(score_bytes(champion_model, test_bytes), labels)
+            champion = _metrics_of(score_frame(champion_model, test), labels)
         except Exception as error:
             note = f"champion v{champion_version} could not be scored on this test split: {error}"
     results = gate_rules.absolute_gates(candidate, config.gates.min_auroc, config.gates.min_average_precision,
@@ -201,7 +220,9 @@ def run(layout: Layout, run_id: str | None = None) -> dict:
     experiment_id = ensure_experiment(client, config.registry.experiment, store.artifact_root)
     run_id = run_id or os.environ.get("MLFLOW_RUN_ID")
     metrics, calibration = read_json(layout.metrics), read_json(layout.threshold)
-    spec = {**read_json(layout.spec), "decode_limits": decode_limits(config).as_dict()}  # the served model's too
+    spec = read_json(layout.spec)
+    if config.data.kind == "image":  # the served model's decoding limits too
+        spec["decode_limits"] = decode_limits(config).as_dict()
     origin = {**tracking.git_info(layout.root), "data_version": tracking.data_version(layout),
               "airflow_run_id": os.environ.get("AIRFLOW_CTX_DAG_RUN_ID", ""), "model_type": config.model.type}
 
@@ -211,7 +232,7 @@ def run(layout: Layout, run_id: str | None = None) -> dict:
     if twin is not None:
         return _unchanged(layout, client, name, run_id, experiment_id, origin, twin, store.tracking_uri)
 
-    test_bytes, labels = test_split(layout)
+    test, labels = test_split(layout)
 
     with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id) as active:
         run_id = active.info.run_id
@@ -224,18 +245,17 @@ def run(layout: Layout, run_id: str | None = None) -> dict:
             print(f"register: reusing {name} v{version}, registered by this run before it was interrupted")
         else:
             model_uri, version = log_detector(
-                layout.weights, spec, calibration["threshold"], _example_png(test_bytes[0], spec["image_size"]),
-                name, tracking.model_requirements(), CODE_DIR)
+                layout.weights, spec, calibration["threshold"], _example(layout, test, spec), name, tracking.model_requirements(), CODE_DIR)
         wait_until_ready(client, name, version)
 
         candidate_model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
-        candidate_pred = score_bytes(candidate_model, test_bytes)
+        candidate_pred = score_frame(candidate_model, test)
         candidate = _metrics_of(candidate_pred, labels)
         stage_scores = pd.read_parquet(layout.scores).query("split == 'test'").sort_values("row")["score"]
         parity = float(np.max(np.abs(candidate_pred["anomaly_score"].to_numpy() - stage_scores.to_numpy())))
 
         gated_against = alias_version(client, name, CHAMPION)
-        results, champion, champion_note = compare(layout, candidate, gated_against, test_bytes, labels)
+        results, champion, champion_note = compare(layout, candidate, gated_against, test, labels)
         champion_version = gated_against if champion is not None else None
         report = gate_rules.summarise(results)
         report.update(model_name=name, version=version, model_uri=model_uri, run_id=run_id,

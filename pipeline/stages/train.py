@@ -35,6 +35,10 @@ from pipeline.layout import Layout
 
 def model_spec(layout: Layout) -> dict:
     config = layout.config
+    if config.data.kind == "table":
+        features = int(np.load(layout.split_images("train"), mmap_mode="r").shape[1])
+        return {"family": config.model.type, "input": "table", "features": features, "width": config.model.width,
+                "latent_dim": config.model.latent_dim, "eta": config.train.eta}
     return {"family": config.model.type, "channels": config.preprocess.channels,
             "image_size": config.preprocess.image_size, "width": config.model.width,
             "latent_dim": config.model.latent_dim, "eta": config.train.eta}
@@ -217,7 +221,12 @@ def _train_and_write(layout: Layout, rank: int, world: int) -> dict:
         # to a handle, so the archive's inner folder name does not come from the temporary
         # file's name: equal weights give equal bytes (reproduce compares the hash)
         torch.save({k: v.cpu() for k, v in result.model.state_dict().items()}, handle)
-    write_json(layout.spec, {"spec": result.spec, "image_size": spec["image_size"], "channels": spec["channels"]})
+    if config.data.kind == "table":  # the served model encodes a frame with the training rows' encoding
+        from pipeline.io import read_json
+
+        write_json(layout.spec, {"spec": result.spec, "kind": "table", "transform": read_json(layout.transform)})
+    else:
+        write_json(layout.spec, {"spec": result.spec, "image_size": spec["image_size"], "channels": spec["channels"]})
 
     parts = []
     for split in ("calibration", "test"):
@@ -249,6 +258,6 @@ def _train_and_write(layout: Layout, rank: int, world: int) -> dict:
     }
     write_json(layout.train_metrics, metrics)
     print(f"train: {spec['family']} on {result.device}"
-          f"{f' x {world} processes' if world > 1 else ''}, {len(train_rows)} images x {config.train.epochs} epochs "
+          f"{f' x {world} processes' if world > 1 else ''}, {len(train_rows)} {layout.unit} x {config.train.epochs} epochs "
           f"in {seconds:.1f}s, final loss {metrics['final_train_loss']:.5f}")
     return metrics

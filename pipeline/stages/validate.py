@@ -29,12 +29,53 @@ def split_fractions(config: Config) -> tuple[float, float, float]:
     return (s.train, s.calibration, s.test)
 
 
+def table_rules(config: Config):
+    from components.validation import TableRules
+
+    t, v = config.table, config.validation
+    return TableRules(
+        columns={name: rule.model_dump() for name, rule in t.columns.items()}, label_column=t.label_column,
+        key_column=t.key_column, min_rows=t.min_rows, max_rows=t.max_rows, min_good=v.min_good,
+        min_anomalies=v.min_anomalies, anomaly_ratio=tuple(v.anomaly_ratio), max_mean_shift=t.drift.max_mean_shift,
+        max_quantile_shift=t.drift.max_quantile_shift, quantiles=tuple(t.drift.quantiles))
+
+
+def _table_manifest(layout: Layout):
+    """The validated records of every batch, each with its split (a hash of its key; an
+    unlabelled row trains only: calibration and test need labels), and the report."""
+    import numpy as np
+
+    from components.images import split_of
+    from components.tables import key_hash, read_batches
+    from components.validation import table_frame, validate_table
+
+    config = layout.config
+    rules = table_rules(config)
+    frame, unreadable = read_batches(layout.raw)
+    report = validate_table(frame, rules, unreadable)
+    if not report.success:
+        return None, report
+    manifest = table_frame(frame, rules)
+    hashes = manifest[rules.key_column].map(key_hash)
+    manifest["sha256"] = hashes
+    manifest["split"] = [split_of(h, split_fractions(config)) if labelled else "train"
+                         for h, labelled in zip(hashes, manifest["labelled"])]
+    manifest["is_anomaly"] = manifest["is_anomaly"].astype(np.int64)
+    return manifest, report
+
+
 def run(layout: Layout) -> dict:
     config = layout.config
+    if config.data.kind == "table":
+        manifest, report = _table_manifest(layout)
+        return _write_reports(layout, manifest, report)
     files = discover(layout.raw, config.data.extensions, include_all_files=True)
     manifest = build_manifest(files, split_fractions(config), decode_limits(config))
     report = validate_manifest(manifest, rules_from(config))
+    return _write_reports(layout, manifest, report)
 
+
+def _write_reports(layout: Layout, manifest, report) -> dict:
     layout.validation_dir.mkdir(parents=True, exist_ok=True)
     write_json(layout.validation_gx, report.gx_result)
     with atomic_path(layout.validation_html) as tmp:

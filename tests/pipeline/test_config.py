@@ -11,7 +11,7 @@ PROJECT = Path(__file__).resolve().parents[2]
 def test_project_params_parse_and_cover_every_section():
     raw = yaml.safe_load((PROJECT / "params.yaml").read_text())
     config = parse(raw)
-    assert set(raw) == {"base", "paths", "data", "validate", "preprocess", "model", "train", "calibration",
+    assert set(raw) == {"base", "paths", "data", "table", "validate", "preprocess", "model", "train", "calibration",
                         "evaluate", "gates", "registry", "score", "schedule"}
     assert config.flat()["model.type"] in ("autoencoder", "deep_sad", "classifier")
 
@@ -28,6 +28,12 @@ def test_project_params_parse_and_cover_every_section():
     ("train", {"epoch": 3}, "train.epoch"),
     ("validate", {"anomaly_ratio": [0.5, 0.1]}, "validate.anomaly_ratio"),
     ("registry", {"model_name": "bad name!"}, "registry.model_name"),
+    ("data", {"kind": "video"}, "data.kind"),
+    ("table", {"columns": {"amount": {"type": "numeric", "allowed": ["a"]}}}, "table.columns.amount"),
+    ("table", {"columns": {"amount": {"type": "number"}}}, "table.columns.amount.type"),
+    ("table", {"drift": {"quantiles": [0.5, 2]}}, "table.drift.quantiles"),
+    ("table", {"label_column": "id", "key_column": "id"}, "label_column and key_column must differ"),
+    ("table", {"label_column": "y", "columns": {"y": {}}}, "'y' is the label or key column"),
     ("schedule", {"score_cron": "every half hour"}, "schedule.score_cron"),
     ("score", {"inbox": "data/in"}, "score.inbox"),
 ])
@@ -47,6 +53,11 @@ def test_credentials_in_the_tracking_uri_are_refused():
 def test_unknown_section_is_refused():
     with pytest.raises(ConfigError, match="trian"):
         parse({"trian": {"epochs": 3}})
+
+
+def test_a_table_needs_its_feature_columns_declared():
+    with pytest.raises(ConfigError, match="table.columns must declare the feature columns"):
+        parse({"data": {"kind": "table"}})
 
 
 def test_classifier_needs_labelled_anomalies():

@@ -1,0 +1,193 @@
+"""data.kind table: the generated transactions, the fitted encoding, the Great Expectations
+suite over a snapshot of batches (one test per way a batch is refused), and the served
+model's refusal of a bad frame (a real MLflow model, logged to a SQLite store)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from components.tables import OTHER, Transform, check_frame, generate_transactions, read_batches
+from components.validation import TableRules, validate_table
+
+PROJECT = Path(__file__).resolve().parents[2]
+
+
+def declared_columns() -> dict:
+    """params.yaml's table.columns: the schema of the generated transactions."""
+    return yaml.safe_load((PROJECT / "params.yaml").read_text())["table"]["columns"]
+
+
+def rules(**changes) -> TableRules:
+    columns = {name: {"type": "numeric", "min": None, "max": None, "allowed": None, "max_null_fraction": 0.0,
+                      **rule} for name, rule in declared_columns().items()}
+    return TableRules(**{"columns": columns, "min_rows": 100, "min_good": 10, "min_anomalies": 5,
+                         "anomaly_ratio": (0.01, 0.2), **changes})
+
+
+def snapshot(*batches: pd.DataFrame) -> pd.DataFrame:
+    return pd.concat([b.assign(batch=f"batch-{i + 1:04d}") for i, b in enumerate(batches)], ignore_index=True)
+
+
+def failed(report) -> list[str]:
+    return [f["description"] for f in report.failures]
+
+
+def test_the_generated_transactions_are_a_pure_function_of_seed_and_batch():
+    a, b = generate_transactions(2000, 3, "batch-0001"), generate_transactions(2000, 3, "batch-0001")
+    pd.testing.assert_frame_equal(a, b)
+    other = generate_transactions(2000, 3, "batch-0002")
+    assert not a["amount"].equals(other["amount"])
+    assert a["is_fraud"].sum() == 80 and a["transaction_id"].is_unique
+    assert set(a.columns) == {"transaction_id", "is_fraud", *declared_columns()}
+    # fraud is rare and different, but no single column separates it
+    fraud, normal = a[a["is_fraud"] == 1], a[a["is_fraud"] == 0]
+    assert fraud["transactions_last_24h"].median() > normal["transactions_last_24h"].median() or \
+        fraud["distance_from_home_km"].median() > normal["distance_from_home_km"].median()
+
+
+def test_the_encoding_is_fitted_on_the_rows_it_is_given_and_maps_the_unknown_to_other():
+    train = pd.DataFrame({"x": [1.0, 2.0, 3.0, np.nan], "c": ["a", "b", "a", None]})
+    transform = Transform.fit(train, {"x": {"type": "numeric"}, "c": {"type": "categorical"}})
+    assert transform.numeric["x"]["median"] == 2.0 and transform.categorical["c"] == ["a", "b"]
+    assert transform.feature_names() == ["x", "c=a", "c=b", f"c={OTHER}"]
+    rows = transform.apply(pd.DataFrame({"x": [2.0, np.nan], "c": ["zzz", "b"]}))
+    assert rows.dtype == np.float32 and rows.shape == (2, 4)
+    assert rows[0, 1:].tolist() == [0, 0, 1] and rows[1, 1:].tolist() == [0, 1, 0]  # unseen -> other
+    assert rows[0, 0] == rows[1, 0]  # the missing value is the training median
+    assert Transform.from_dict(transform.as_dict()) == transform
+
+
+def test_a_good_snapshot_passes(tmp_path):
+    first, second = generate_transactions(1500, 1, "batch-0001"), generate_transactions(800, 1, "batch-0002")
+    first.to_csv(tmp_path / "batch-0001.csv", index=False)
+    second.to_parquet(tmp_path / "batch-0002.parquet", index=False)
+    frame, unreadable = read_batches(tmp_path)
+    assert unreadable == [] and sorted(frame["batch"].unique()) == ["batch-0001", "batch-0002"]
+    report = validate_table(frame, rules())
+    assert report.success, failed(report)
+    assert report.label_counts == {"normal": 2208, "anomaly": 92, "unlabelled": 0}
+
+
+def test_a_missing_column_is_refused():
+    batch = generate_transactions(1000, 2).drop(columns=["hour"])
+    report = validate_table(snapshot(batch), rules())
+    assert not report.success and "the column 'hour' exists" in failed(report)
+
+
+def test_a_column_of_the_wrong_type_is_refused_and_its_rows_named():
+    batch = generate_transactions(1000, 2)
+    batch["amount"] = batch["amount"].astype(object)
+    batch.loc[[5, 7], "amount"] = "n/a"
+    report = validate_table(snapshot(batch), rules())
+    [failure] = [f for f in report.failures if f["column"] == "amount"]
+    assert "'amount' holds numbers" in failure["description"]
+    assert set(failure["offending_files"]) == {batch.loc[5, "transaction_id"], batch.loc[7, "transaction_id"]}
+
+
+def test_a_category_never_seen_is_refused_declared_or_learnt_from_earlier_batches():
+    first, second = generate_transactions(1000, 2, "batch-0001"), generate_transactions(600, 2, "batch-0002")
+    second.loc[3, "merchant_category"] = "casino"
+    declared = validate_table(snapshot(first, second), rules())
+    assert any("'merchant_category' is one of the declared categories" in d for d in failed(declared))
+    undeclared = rules()
+    undeclared.columns["merchant_category"]["allowed"] = None
+    learnt = validate_table(snapshot(first, second), undeclared)
+    [failure] = learnt.failures
+    assert "batch-0002 has no 'merchant_category' category the earlier batches never had" in failure["description"]
+    assert failure["offending_files"] == [second.loc[3, "transaction_id"]]
+
+
+def test_a_drifted_column_in_the_newest_batch_is_refused():
+    first, second = generate_transactions(1500, 4, "batch-0001"), generate_transactions(800, 4, "batch-0002")
+    second["transactions_last_24h"] = second["transactions_last_24h"] + 4  # a double-counting export bug
+    report = validate_table(snapshot(first, second), rules())
+    drifted = [f for f in report.failures if f["column"] == "transactions_last_24h"]
+    assert not report.success and drifted and all("has not drifted" in f["description"] for f in drifted)
+    assert {f["column"] for f in report.failures} == {"transactions_last_24h"}
+
+
+def test_a_label_ratio_outside_its_bounds_is_refused():
+    batch = generate_transactions(1000, 5, fraud_rate=0.3)
+    report = validate_table(snapshot(batch), rules())
+    assert failed(report) == ["the anomaly ratio of the labelled rows is within [0.01, 0.2] (observed 0.3)"]
+
+
+def test_missing_labels_are_allowed_and_counted_and_an_unreadable_file_fails(tmp_path):
+    batch = generate_transactions(1000, 6)
+    batch["is_fraud"] = batch["is_fraud"].astype(float)
+    batch.loc[:99, "is_fraud"] = np.nan
+    batch.to_csv(tmp_path / "batch-0001.csv", index=False)
+    (tmp_path / "batch-0002.parquet").write_bytes(b"cut short in the copy")
+    frame, unreadable = read_batches(tmp_path)
+    report = validate_table(frame, rules(), unreadable)
+    assert report.label_counts["unlabelled"] == 100
+    assert [f["expectation"] for f in report.failures] == ["readable_files"]
+    assert "batch-0002.parquet: cannot be read as PARQUET" in report.failures[0]["description"]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A classifier trained on encoded transactions, logged and registered as the pipeline does."""
+    import mlflow
+
+    from components.models import build  # noqa: F401  (the table MLPs)
+    from components.registry import Store, connect, ensure_experiment, log_detector
+    from components.training import TrainSettings, train
+
+    root = tmp_path_factory.mktemp("served")
+    frame = generate_transactions(1500, 7)
+    transform = Transform.fit(frame, declared_columns())
+    spec = {"family": "classifier", "input": "table", "features": transform.width, "width": 8, "latent_dim": 8}
+    result = train(spec, transform.apply(frame), frame["is_fraud"].to_numpy(np.float32),
+                   TrainSettings(epochs=3, batch_size=128, learning_rate=0.003, weight_decay=0.0, seed=0,
+                                 device="cpu", num_threads=1), progress=False)
+    import torch
+
+    torch.save(result.model.state_dict(), root / "model.pt")
+    client = connect(Store(f"sqlite:///{root / 'mlflow.db'}"))
+    experiment = ensure_experiment(client, "tables", (root / "artifacts").as_uri())  # not ./mlruns
+    features = list(declared_columns())
+    with mlflow.start_run(experiment_id=experiment):
+        uri, version = log_detector(root / "model.pt", {"spec": result.spec, "kind": "table",
+                                                        "transform": transform.as_dict()}, 0.0,
+                                    frame[features].head(3), "tables", [], PROJECT / "components")
+    return mlflow.pyfunc.load_model(f"models:/tables/{version}"), frame
+
+
+def test_the_served_model_scores_the_feature_columns_and_says_which_it_takes(served):
+    model, frame = served
+    inputs = model.metadata.get_input_schema().input_names()
+    assert inputs == list(declared_columns())
+    out = model.predict(frame.head(50))  # the key and label columns are ignored
+    assert list(out.columns) == ["anomaly_score", "is_anomaly"] and len(out) == 50
+    assert out["is_anomaly"].tolist() == (out["anomaly_score"] > 0.0).tolist()
+    scores = model.predict(frame)["anomaly_score"]
+    assert scores[frame["is_fraud"] == 1].mean() > scores[frame["is_fraud"] == 0].mean()
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda f: f.drop(columns=["amount"]), ["missing", "amount"]),
+    (lambda f: f.assign(hour="noon"), ["hour"]),
+])
+def test_the_served_model_refuses_a_frame_with_a_missing_column_or_a_wrong_type(served, change, words):
+    model, frame = served
+    with pytest.raises(Exception) as refused:
+        model.predict(change(frame.head(5)))
+    assert all(word in str(refused.value) for word in words), str(refused.value)
+
+
+def test_the_pyfunc_checks_the_frame_itself_too():
+    """MLflow's signature check can be bypassed (a model unwrapped, a signature dropped):
+    the model's own check names the column as well."""
+    transform = Transform.fit(generate_transactions(200, 8), declared_columns())
+    with pytest.raises(ValueError, match="missing the feature column\\(s\\) channel"):
+        check_frame(generate_transactions(10, 8).drop(columns=["channel"]), transform)
+    with pytest.raises(ValueError, match="column 'amount' must be numeric; row 2 holds 'ten'"):
+        check_frame(generate_transactions(10, 8).astype({"amount": object}).assign(
+            amount=lambda f: f["amount"].where(f.index != 2, "ten")), transform)
+    with pytest.raises(ValueError, match="input must be a DataFrame"):
+        check_frame([1, 2, 3], transform)

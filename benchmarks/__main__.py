@@ -26,7 +26,8 @@ from pathlib import Path
 
 from benchmarks.common import ROOT, Context, Figure
 
-BENCHMARKS = ("training", "scoring", "rerun", "incremental", "scale", "orchestration", "quality", "gpu")
+BENCHMARKS = ("training", "scoring", "rerun", "incremental", "scale", "orchestration", "quality", "table_quality",
+              "gpu")
 HERE = Path(__file__).resolve().parent
 
 

@@ -1,4 +1,4 @@
-"""Evaluation metrics and plots for scores + a threshold on labelled images."""
+"""Evaluation metrics and plots for scores + a threshold on labelled images or rows."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -50,7 +50,8 @@ def curves(scores: np.ndarray, labels: np.ndarray) -> dict[str, dict[str, list[f
             "pr": {"recall": recall.tolist(), "precision": precision.tolist()}}
 
 
-def plot_all(scores: np.ndarray, labels: np.ndarray, threshold: float, folder: Path, title: str = "") -> list[Path]:
+def plot_all(scores: np.ndarray, labels: np.ndarray, threshold: float, folder: Path, title: str = "",
+             unit: str = "images") -> list[Path]:
     """roc.png, pr.png and score_histogram.png in folder; returns the paths."""
     import matplotlib
 
@@ -82,10 +83,10 @@ def plot_all(scores: np.ndarray, labels: np.ndarray, threshold: float, folder: P
     scores = np.asarray(scores)
     log_scale = scores.min() > 0 and scores.max() / scores.min() > 100  # distance scores are heavy-tailed
     bins = np.geomspace(scores.min(), scores.max(), 41) if log_scale else np.histogram_bin_edges(scores, bins=40)
-    ax.hist(scores[np.asarray(labels) == 0], bins=bins, alpha=0.6, label="good")
-    ax.hist(scores[np.asarray(labels) == 1], bins=bins, alpha=0.6, label="defect")
+    ax.hist(scores[np.asarray(labels) == 0], bins=bins, alpha=0.6, label="normal")
+    ax.hist(scores[np.asarray(labels) == 1], bins=bins, alpha=0.6, label="anomaly")
     ax.axvline(threshold, c="red", ls="--", label="threshold")
-    ax.set(xlabel="anomaly score" + (" (log scale)" if log_scale else ""), ylabel="images",
+    ax.set(xlabel="anomaly score" + (" (log scale)" if log_scale else ""), ylabel=unit,
            title=f"Score distribution {title}".strip(), xscale="log" if log_scale else "linear")
     ax.legend()
     written.append(_save(fig, folder / "score_histogram.png"))

@@ -308,6 +308,7 @@ class TableRules:
     max_mean_shift: float = 0.5
     max_quantile_shift: float = 1.0
     quantiles: tuple[float, ...] = (0.1, 0.5, 0.9)
+    drift_window: int = 30
 
 
 def table_frame(frame: pd.DataFrame, rules: TableRules) -> pd.DataFrame:
@@ -322,10 +323,14 @@ def table_frame(frame: pd.DataFrame, rules: TableRules) -> pd.DataFrame:
     return out
 
 
-def _reference(frame: pd.DataFrame) -> tuple[str | None, str | None]:
-    """(newest batch, the batch before it): drift compares the first with the second."""
+def _pairs(frame: pd.DataFrame, window: int) -> list[tuple[str, str]]:
+    """(batch, the batch before it) for each of the newest ``window`` batches that has one.
+
+    Every batch in the window is checked, not the newest alone: a batch refused for drift
+    stays in the landing folder until someone removes or fixes it, and it must not pass
+    once a newer batch lands behind it (as a bad image keeps failing until it is removed)."""
     batches = sorted(frame["batch"].astype(str).unique())
-    return (batches[-1], batches[-2]) if len(batches) >= 2 else (batches[-1] if batches else None, None)
+    return [(batches[i], batches[i - 1]) for i in range(max(1, len(batches) - window), len(batches))]
 
 
 def _table_expectations(frame: pd.DataFrame, rules: TableRules) -> list[tuple[Any, str]]:
@@ -356,7 +361,7 @@ def _table_expectations(frame: pd.DataFrame, rules: TableRules) -> list[tuple[An
             (E.ExpectColumnMeanToBeBetween(column=label, min_value=low, max_value=high),
              f"the anomaly ratio of the labelled rows is within [{low}, {high}]"),
         ]
-    newest, reference = _reference(frame) if "batch" in present else (None, None)
+    pairs = _pairs(frame, rules.drift_window) if "batch" in present else []
     for name, rule in rules.columns.items():
         if name not in present:
             continue
@@ -372,25 +377,27 @@ def _table_expectations(frame: pd.DataFrame, rules: TableRules) -> list[tuple[An
                 items.append((E.ExpectColumnValuesToBeBetween(column=name, min_value=rule.get("min"),
                                                               max_value=rule.get("max")),
                               f"'{name}' is within [{rule.get('min')}, {rule.get('max')}]"))
-            if numeric and reference is not None:
-                items += _drift(E, frame, name, newest, reference, rules)
+            if numeric:
+                for newest, reference in pairs:
+                    items += _drift(E, frame, name, newest, reference, rules)
         else:
             allowed = rule.get("allowed")
             if allowed is not None:
                 items.append((E.ExpectColumnValuesToBeInSet(column=name, value_set=list(allowed)),
                               f"every '{name}' is one of the declared categories ({', '.join(allowed)})"))
-            elif reference is not None:
-                seen = sorted(frame.loc[frame["batch"] != newest, name].dropna().astype(str).unique())
-                items.append((E.ExpectColumnValuesToBeInSet(column=name, value_set=seen,
-                                                            row_condition=f'batch == "{newest}"',
-                                                            condition_parser="pandas"),
-                              f"batch {newest} has no '{name}' category the earlier batches never had"))
+            else:
+                for newest, _ in pairs:
+                    seen = sorted(frame.loc[frame["batch"] < newest, name].dropna().astype(str).unique())
+                    items.append((E.ExpectColumnValuesToBeInSet(column=name, value_set=seen,
+                                                                row_condition=f'batch == "{newest}"',
+                                                                condition_parser="pandas"),
+                                  f"batch {newest} has no '{name}' category the earlier batches never had"))
     return items
 
 
 def _drift(E, frame: pd.DataFrame, name: str, newest: str, reference: str, rules: TableRules) -> list:
-    """The newest batch's mean and quantiles of ``name`` within the bounds (in standard
-    deviations of the reference batch, the previous accepted one) around the reference's."""
+    """Batch ``newest``'s mean and quantiles of ``name`` within the bounds (in standard
+    deviations of the ``reference`` batch, the one accepted before it) around the reference's."""
     ref = frame.loc[frame["batch"] == reference, name].dropna().astype(float)
     if len(ref) < 2:
         return []

@@ -51,10 +51,12 @@ NEW_STAGE_SETTINGS = {"retries": 1, "execution_timeout": timedelta(hours=1)}
 # The trigger form: what people change from the UI, and the params.yaml key each
 # value overrides for that run only. Defaults are params.yaml's own values.
 _p = PARAMS
+_TABLE = _p.get("data", {}).get("kind") == "table"
 FORM: dict[str, tuple[str | None, Param]] = {
     "model_type": ("model.type", Param(
         _p["model"]["type"], type="string", enum=["autoencoder", "deep_sad", "classifier"], title="Model type",
-        description="autoencoder (unsupervised), deep_sad (semi-supervised), classifier (supervised CNN)")),
+        description="autoencoder (unsupervised), deep_sad (semi-supervised), classifier (supervised "
+                    f"{'MLP' if _TABLE else 'CNN'})")),
     "epochs": ("train.epochs", Param(
         _p["train"]["epochs"], type="integer", minimum=1, maximum=1000, title="Epochs")),
     "learning_rate": ("train.learning_rate", Param(
@@ -64,10 +66,12 @@ FORM: dict[str, tuple[str | None, Param]] = {
         description="fpr: bound the false-positive rate; f1: best F1; recall: reach the target recall")),
     "target_fpr": ("calibration.target_fpr", Param(
         _p["calibration"]["target_fpr"], type="number", exclusiveMinimum=0, exclusiveMaximum=1,
-        title="Target false-positive rate", description="for method fpr: the bound on normal images, in (0, 1)")),
+        title="Target false-positive rate",
+        description=f"for method fpr: the bound on normal {'rows' if _TABLE else 'images'}, in (0, 1)")),
     "landing": ("data.landing", Param(
         _p["data"]["landing"], type="string", minLength=1, title="Data landing folder",
-        description="folder of batches (<batch>/<label>/*.png); relative paths are inside the project")),
+        description="folder of batches (" + ("<batch>.csv|.parquet" if _TABLE else "<batch>/<label>/*.png")
+                    + "); relative paths are inside the project")),
     "force_promote": (None, Param(
         False, type="boolean", title="Force promotion",
         description="make this model the champion even if gates fail (needs a reason)")),

@@ -1,9 +1,10 @@
-"""score_with_champion: score the images waiting in the incoming folder with the champion.
+"""score_with_champion: score the images (or, for data.kind table, the records of the CSV and
+Parquet files) waiting in the incoming folder with the champion.
 
 Runs whenever the retraining DAG moves the champion (the Asset its promote task
 updates) and on its own schedule (``schedule.score_cron`` in params.yaml). Every
 waiting file is scored exactly once and then moved to the archive; results are one
-CSV per run (file, anomaly_score, is_anomaly, error, model_version, ...). See
+CSV per run (file, [row,] anomaly_score, is_anomaly, error, model_version, ...). See
 pipeline/score.py for how nothing is scored twice or lost when a run is killed.
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ def score_incoming(**context) -> dict:
 
 @dag(
     dag_id="score_with_champion",
-    description="Score incoming images with models:/<model>@champion; results as CSV, images archived",
+    description="Score incoming images or records with models:/<model>@champion; results as CSV, inputs archived",
     schedule=AssetOrTimeSchedule(
         timetable=CronTriggerTimetable(PARAMS.get("schedule", {}).get("score_cron", "*/30 * * * *"), timezone="UTC",
                                        run_immediately=False),

@@ -99,8 +99,10 @@ class ColumnRule(_Section):
 
 
 class Drift(_Section):
-    """How far the newest batch may move from the batch before it (the previous accepted one),
-    per numeric column, in units of that batch's standard deviation."""
+    """How far a batch may move from the batch before it (the previous accepted one), per
+    numeric column, in units of that batch's standard deviation; checked for each of the
+    newest ``window`` batches, so a refused batch keeps failing until it is removed or fixed."""
+    window: int = Field(30, ge=1)
     max_mean_shift: float = Field(0.5, ge=0)
     max_quantile_shift: float = Field(1.0, ge=0)    # at each of ``quantiles``
     quantiles: list[float] = [0.1, 0.5, 0.9]

@@ -33,7 +33,7 @@ def run(layout: Layout) -> dict:
         writer.writerow(["fpr", "tpr"])
         writer.writerows(zip(points["fpr"], points["tpr"]))
     if layout.config.evaluate.plots:
-        plot_all(values, labels, threshold, layout.plots, title=f"({layout.config.model.type})")
+        plot_all(values, labels, threshold, layout.plots, title=f"({layout.config.model.type})", unit=layout.unit)
     auroc = "n/a" if metrics["auroc"] is None else f"{metrics['auroc']:.4f}"
     print(f"evaluate: AUROC {auroc}, AP {metrics['average_precision'] or float('nan'):.4f}, "
           f"precision {metrics['precision']:.3f}, recall {metrics['recall'] or 0:.3f}, FPR {metrics['fpr'] or 0:.3f} "

@@ -37,7 +37,8 @@ def table_rules(config: Config):
         columns={name: rule.model_dump() for name, rule in t.columns.items()}, label_column=t.label_column,
         key_column=t.key_column, min_rows=t.min_rows, max_rows=t.max_rows, min_good=v.min_good,
         min_anomalies=v.min_anomalies, anomaly_ratio=tuple(v.anomaly_ratio), max_mean_shift=t.drift.max_mean_shift,
-        max_quantile_shift=t.drift.max_quantile_shift, quantiles=tuple(t.drift.quantiles))
+        max_quantile_shift=t.drift.max_quantile_shift, quantiles=tuple(t.drift.quantiles),
+        drift_window=t.drift.window)
 
 
 def _table_manifest(layout: Layout):

@@ -110,6 +110,18 @@ def test_a_drifted_column_in_the_newest_batch_is_refused():
     assert {f["column"] for f in report.failures} == {"transactions_last_24h"}
 
 
+def test_a_drifted_batch_keeps_failing_when_a_newer_batch_lands_behind_it():
+    first, second, third = (generate_transactions(1000, 4, f"batch-000{i}") for i in (1, 2, 3))
+    second["amount"] = second["amount"] * 3
+    report = validate_table(snapshot(first, second, third), rules())
+    drifted = {f["description"].split(":")[0] for f in report.failures}
+    assert not report.success and drifted == {"'amount' has not drifted"}
+    assert any("batch-0002" in f["description"] for f in report.failures)
+    # only the window of newest batches is checked: an old accepted shift is history
+    assert validate_table(snapshot(first, second, third, generate_transactions(1000, 4, "batch-0004")),
+                          rules(drift_window=1)).success
+
+
 def test_a_label_ratio_outside_its_bounds_is_refused():
     batch = generate_transactions(1000, 5, fraud_rate=0.3)
     report = validate_table(snapshot(batch), rules())

@@ -30,17 +30,28 @@ def _encoder(channels: int, width: int, bias: bool) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class ConvAutoencoder(nn.Module):
+class _Reconstruction(nn.Module):
+    """An autoencoder's loss: the reconstruction error of a batch's normal items only."""
+
+    # its loss (and so its BatchNorm statistics) is over a batch's normal items only: how
+    # multi-process training (components/training.py) weighs each process's share
+    loss_over_normal_only = True
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        normal = y < 0.5
+        if not bool(normal.any()):
+            return x.sum() * 0.0
+        x = x[normal]
+        return F.mse_loss(self(x), x)
+
+
+class ConvAutoencoder(_Reconstruction):
     """Unsupervised: trained on normal images; scored by local reconstruction error.
 
     The score is the mean of the largest values of a blurred per-pixel error map,
     because a defect is small: averaging the error over the whole image would
     drown a scratch in the texture's ordinary reconstruction noise.
     """
-
-    # its loss (and so its BatchNorm statistics) is over a batch's normal images only: how
-    # multi-process training (components/training.py) weighs each process's share
-    loss_over_normal_only = True
 
     def __init__(self, channels: int, image_size: int, width: int, latent_dim: int, top_fraction: float = 0.01):
         super().__init__()
@@ -60,13 +71,6 @@ class ConvAutoencoder(nn.Module):
         z = self.to_latent(self.encoder(x).flatten(1))
         h = self.from_latent(z).view(-1, self.width * 4, self.side, self.side)
         return self.decoder(h)
-
-    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        normal = y < 0.5
-        if not bool(normal.any()):
-            return x.sum() * 0.0
-        x = x[normal]
-        return F.mse_loss(self(x), x)
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
         error = (self(x) - x).pow(2).mean(dim=1, keepdim=True)
@@ -155,13 +159,11 @@ def _mlp(sizes: list[int], bias: bool) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class MLPAutoencoder(nn.Module):
+class MLPAutoencoder(_Reconstruction):
     """Unsupervised, for encoded rows (data.kind table): trained on normal rows, scored by the
     mean squared reconstruction error. The bottleneck is at most half the input's width:
     one-hot blocks make the encoded rows lower-dimensional than their width, and a bottleneck
     just under the width could still copy its input and score everything alike."""
-
-    loss_over_normal_only = True
 
     def __init__(self, features: int, width: int, latent_dim: int):
         super().__init__()
@@ -171,13 +173,6 @@ class MLPAutoencoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(F.leaky_relu(self.encoder(x), 0.1))
-
-    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        normal = y < 0.5
-        if not bool(normal.any()):
-            return x.sum() * 0.0
-        x = x[normal]
-        return F.mse_loss(self(x), x)
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
         return (self(x) - x).pow(2).mean(dim=1)

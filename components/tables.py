@@ -2,7 +2,7 @@
 
 - ``generate_transactions``: a deterministic table of card transactions with a few percent
   of fraud in three patterns, for the demo and the tests (every row a pure function of
-  (seed, batch, index), as the image generator's).
+  (seed, batch, rows), as the image generator's batches are of their seed and spec).
 - ``read_batches``: the landing snapshot's CSV and Parquet files as one frame, each row
   with its batch (the file's name, or its folder's for a folder of files).
 - ``Transform``: the feature encoding that travels with the model: numeric columns
@@ -23,6 +23,8 @@ import pandas as pd
 
 TABLE_SUFFIXES = (".csv", ".parquet")
 OTHER = "__other__"
+# columns the pipeline adds to a snapshot; data columns of these names are refused (config.Table)
+RESERVED = ("batch", "source", "is_anomaly", "is_normal", "labelled", "split", "sha256", "row")
 MERCHANTS = ("grocery", "fuel", "restaurant", "online", "travel", "electronics", "pharmacy")
 # median spend per merchant category, in the card's currency
 MERCHANT_SPEND = {"grocery": 45.0, "fuel": 55.0, "restaurant": 35.0, "online": 40.0, "travel": 220.0,
@@ -102,39 +104,69 @@ def generate_transactions(rows: int, seed: int = 0, batch: str = "batch-0001", f
 
 def _batch_files(folder: Path) -> list[tuple[str, Path]]:
     """(batch, file): a file directly in ``folder`` is its own batch (its name without the
-    suffix); files in a sub-folder belong to that folder's batch. Hidden files are skipped."""
+    suffix); files in a sub-folder belong to that folder's batch. Hidden files and those whose
+    name starts with ``_`` (Spark's ``_SUCCESS``, as pyarrow skips them) are not data."""
     out = []
     for path in sorted(folder.rglob("*")):
         relative = path.relative_to(folder)
-        if not path.is_file() or any(part.startswith(".") for part in relative.parts):
+        if not path.is_file() or any(part.startswith((".", "_")) for part in relative.parts):
             continue
         batch = relative.parts[0] if len(relative.parts) > 1 else path.stem
         out.append((batch, path))
     return out
 
 
-def read_table_file(path: Path) -> pd.DataFrame:
-    """One CSV or Parquet file; a ValueError names the file when it cannot be read."""
+def category_text(values: pd.Series) -> pd.Series:
+    """Categories as text, whatever the file stored: a store id 7 (an int, or 7.0 in a float
+    column that has blanks) is "7" in a CSV, a Parquet file and a client's frame alike; missing
+    stays missing."""
+    def text(value: Any) -> Any:
+        if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA:
+            return None
+        if isinstance(value, (float, np.floating)) and float(value).is_integer():
+            return str(int(value))
+        if isinstance(value, (bool, np.bool_)):
+            return str(bool(value)).lower()
+        return str(value)
+
+    return pd.Series([text(v) for v in values.tolist()], index=values.index, dtype=object)
+
+
+def read_table_file(path: Path, text_columns: tuple[str, ...] = ()) -> pd.DataFrame:
+    """One CSV or Parquet file, ``text_columns`` (the categorical ones and the key) read as
+    text; a ValueError names the file when it cannot be read."""
     suffix = path.suffix.lower()
+    if suffix not in TABLE_SUFFIXES:
+        raise ValueError(f"{path.name}: not a CSV or Parquet file ({suffix or 'no extension'})")
     try:
         if suffix == ".csv":
-            return pd.read_csv(path)
-        if suffix == ".parquet":
-            return pd.read_parquet(path)
+            frame = pd.read_csv(path, dtype={name: str for name in text_columns})
+        else:
+            frame = pd.read_parquet(path)
     except Exception as error:
         raise ValueError(f"{path.name}: cannot be read as {suffix[1:].upper()}: {error}") from None
-    raise ValueError(f"{path.name}: not a CSV or Parquet file ({suffix or 'no extension'})")
+    for name in text_columns:
+        if name in frame.columns:
+            frame[name] = category_text(frame[name])
+    return frame
 
 
-def read_batches(folder: Path) -> tuple[pd.DataFrame, list[str]]:
+def read_batches(folder: Path, text_columns: tuple[str, ...] = ()) -> tuple[pd.DataFrame, list[str]]:
     """Every batch file under ``folder`` as one frame with ``batch`` and ``source`` columns,
-    and the files that could not be read (each with its reason)."""
+    and the files that could not be read (each with its reason). A file with no rows adds
+    nothing (concatenated, its empty columns would turn every number column into text)."""
     frames, errors = [], []
     for batch, path in _batch_files(folder):
         try:
-            frame = read_table_file(path)
+            frame = read_table_file(path, text_columns)
         except ValueError as error:
             errors.append(str(error))
+            continue
+        clash = [name for name in ("batch", "source") if name in frame.columns]
+        if clash:
+            errors.append(f"{path.name}: has a column named {', '.join(clash)}, which the pipeline adds itself")
+            continue
+        if frame.empty:
             continue
         frame.insert(0, "source", path.relative_to(folder).as_posix())
         frame.insert(0, "batch", batch)
@@ -167,8 +199,7 @@ class Transform:
                 std = float(filled.std(ddof=0))
                 numeric[name] = {"median": median, "mean": float(filled.mean()), "std": std if std > 1e-12 else 1.0}
             else:
-                seen = frame[name].dropna().astype(str).unique().tolist()
-                categorical[name] = sorted(seen)
+                categorical[name] = sorted(category_text(frame[name]).dropna().unique().tolist())
         return cls(numeric, categorical, tuple(rules))
 
     @property
@@ -194,8 +225,7 @@ class Transform:
                 parts.append(((values - stats["mean"]) / stats["std"])[:, None])
             else:
                 known = self.categorical[name]
-                values = frame[name].astype(object).where(frame[name].notna(), None)
-                codes = pd.Categorical([None if v is None else str(v) for v in values], categories=known).codes
+                codes = pd.Categorical(category_text(frame[name]), categories=known).codes
                 onehot = np.zeros((len(frame), len(known) + 1))
                 onehot[np.arange(len(frame)), np.where(codes < 0, len(known), codes)] = 1.0
                 parts.append(onehot)
@@ -226,16 +256,18 @@ def check_frame(frame: Any, transform: Transform) -> pd.DataFrame:
         column = frame[name]
         if name in transform.numeric:
             if pd.api.types.is_bool_dtype(column) or pd.api.types.is_numeric_dtype(column):
-                out[name] = column.astype(float)
-                continue
-            converted = pd.to_numeric(column, errors="coerce")
-            bad = converted.isna() & column.notna()
-            if bad.any():
-                row = bad.to_numpy().nonzero()[0][0]
-                raise ValueError(f"column '{name}' must be numeric; row {row} holds {column.iloc[row]!r}")
-            out[name] = converted.astype(float)
+                converted = column.astype(float)
+            else:
+                converted = pd.to_numeric(column, errors="coerce").astype(float)
+                bad = converted.isna() & column.notna()
+                if bad.any():
+                    row = bad.to_numpy().nonzero()[0][0]
+                    raise ValueError(f"column '{name}' must be numeric; row {row} holds {column.iloc[row]!r}")
+            infinite = np.isinf(converted.to_numpy())
+            if infinite.any():
+                row = infinite.nonzero()[0][0]
+                raise ValueError(f"column '{name}' must be a finite number; row {row} holds {column.iloc[row]!r}")
+            out[name] = converted
         else:
-            if pd.api.types.is_float_dtype(column) and column.notna().any():
-                raise ValueError(f"column '{name}' is categorical (text); got floating-point numbers")
-            out[name] = column
+            out[name] = column  # any type: categories are compared as text (category_text)
     return pd.DataFrame(out, index=frame.index)

@@ -243,7 +243,7 @@ def _run_suite(frame: pd.DataFrame, name: str, expectations: list[tuple[Any, str
         exception = (outcome.exception_info or {}).get("exception_message") if not detail else None
         failures.append({
             "expectation": config.type,
-            "column": config.kwargs.get("column"),
+            "column": _data_column(config.kwargs.get("column")),
             "description": sentence + (f" (observed {observed!r})" if observed is not None else
                                        f" (could not be checked: {exception})" if exception else
                                        f" ({detail['unexpected_count']} {unit} do not)" if "unexpected_count" in detail
@@ -289,10 +289,6 @@ def render_html(report: ValidationReport) -> str:
 
 # ---- tables (data.kind: table) ----------------------------------------------------------------
 
-NUMERIC_TYPES = ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16", "float32",
-                 "float64", "Int8", "Int16", "Int32", "Int64", "Float32", "Float64", "bool", "int", "float"]
-
-
 @dataclass(frozen=True)
 class TableRules:
     """The declared schema of a table and the bounds a snapshot of batches must meet; plain
@@ -311,26 +307,67 @@ class TableRules:
     drift_window: int = 30
 
 
+LABEL_OK, LABEL_VALUE = "__label_ok", "__label"
+
+
+def number_check(name: str) -> str:
+    """The helper column that says, row by row, whether ``name`` holds a finite number (or nothing)."""
+    return f"__number__{name}"
+
+
+def number_value(name: str) -> str:
+    """The helper column of ``name`` as numbers (missing where it is not one): ranges and drift."""
+    return f"__value__{name}"
+
+
+def _data_column(column: str | None) -> str | None:
+    """The data column a helper column stands for, as a failure names it."""
+    for prefix in ("__number__", "__value__"):
+        if column and column.startswith(prefix):
+            return column[len(prefix):]
+    return column
+
+
 def table_frame(frame: pd.DataFrame, rules: TableRules) -> pd.DataFrame:
-    """The snapshot with the columns the suite reads: ``is_anomaly`` / ``is_normal`` (0/1,
-    from the label; both 0 where the label is missing) and ``labelled``."""
+    """The snapshot with the columns the suite reads. The label as a number (``__label``; text
+    "0"/"1" counts), whether each row's label is 0, 1 or missing (``__label_ok``), ``labelled``,
+    ``is_anomaly`` / ``is_normal`` (0/1; both 0 where the label is missing); for each declared
+    numeric column, the column as numbers and whether each row held a finite number (or
+    nothing) in ``__number__<name>`` (so a wrong value is named by its row's key) and its
+    numbers in ``__value__<name>`` (for ranges and drift). The columns
+    starting ``__`` are the suite's own: they are not kept in the manifest."""
     out = frame.copy()
     if rules.label_column in out.columns:
-        label = pd.to_numeric(out[rules.label_column], errors="coerce")
+        raw = out[rules.label_column]
+        label = pd.to_numeric(raw, errors="coerce")
+        out[LABEL_OK] = raw.isna() | label.isin([0, 1])
+        label = label.where(label.isin([0, 1]))
+        out[LABEL_VALUE] = label.astype(float)
         out["labelled"] = label.notna()
         out["is_anomaly"] = (label == 1).astype(int)
         out["is_normal"] = (label == 0).astype(int)
+    for name, rule in rules.columns.items():
+        if rule["type"] == "numeric" and name in out.columns:
+            raw = out[name]
+            values = raw.astype(float) if pd.api.types.is_bool_dtype(raw) else pd.to_numeric(raw, errors="coerce")
+            values = values.astype(float)
+            out[number_check(name)] = raw.isna() | np.isfinite(values.to_numpy())
+            out[number_value(name)] = values.where(np.isfinite(values.to_numpy()))
     return out
 
 
-def _pairs(frame: pd.DataFrame, window: int) -> list[tuple[str, str]]:
-    """(batch, the batch before it) for each of the newest ``window`` batches that has one.
+def _recent(frame: pd.DataFrame, window: int) -> list[str]:
+    """The newest ``window`` batches: the ones each run checks batch by batch. Every batch in
+    the window is checked, not the newest alone: a refused batch stays in the landing folder
+    until someone removes or fixes it, and it must not pass once a newer batch lands behind it
+    (as a bad image keeps failing until it is removed)."""
+    return sorted(frame["batch"].astype(str).unique())[-window:]
 
-    Every batch in the window is checked, not the newest alone: a batch refused for drift
-    stays in the landing folder until someone removes or fixes it, and it must not pass
-    once a newer batch lands behind it (as a bad image keeps failing until it is removed)."""
-    batches = sorted(frame["batch"].astype(str).unique())
-    return [(batches[i], batches[i - 1]) for i in range(max(1, len(batches) - window), len(batches))]
+
+def _in_batch(batch: str) -> dict:
+    from great_expectations.expectations.row_conditions import Column
+
+    return {"row_condition": Column("batch") == batch}
 
 
 def _table_expectations(frame: pd.DataFrame, rules: TableRules) -> list[tuple[Any, str]]:
@@ -352,34 +389,36 @@ def _table_expectations(frame: pd.DataFrame, rules: TableRules) -> list[tuple[An
     if label in present:
         low, high = rules.anomaly_ratio
         items += [
-            (E.ExpectColumnValuesToBeInSet(column=label, value_set=[0, 1, 0.0, 1.0]),
+            (E.ExpectColumnValuesToBeInSet(column=LABEL_OK, value_set=[True]),
              f"every label ('{label}') is 0 (normal), 1 (anomaly) or missing"),
             (E.ExpectColumnSumToBeBetween(column="is_normal", min_value=rules.min_good),
              f"at least {rules.min_good} rows labelled normal"),
             (E.ExpectColumnSumToBeBetween(column="is_anomaly", min_value=rules.min_anomalies),
              f"at least {rules.min_anomalies} rows labelled anomalous"),
-            (E.ExpectColumnMeanToBeBetween(column=label, min_value=low, max_value=high),
+            (E.ExpectColumnMeanToBeBetween(column=LABEL_VALUE, min_value=low, max_value=high),
              f"the anomaly ratio of the labelled rows is within [{low}, {high}]"),
         ]
-    pairs = _pairs(frame, rules.drift_window) if "batch" in present else []
+    batches = sorted(frame["batch"].astype(str).unique()) if "batch" in present else []
+    recent = _recent(frame, rules.drift_window) if batches else []
+    pairs = [(b, batches[batches.index(b) - 1]) for b in recent if batches.index(b) > 0]
     for name, rule in rules.columns.items():
         if name not in present:
             continue
-        column = frame[name]
         allowed_null = float(rule.get("max_null_fraction") or 0.0)
         items.append((E.ExpectColumnValuesToNotBeNull(column=name, mostly=1.0 - allowed_null),
                       f"at most {allowed_null:.0%} of '{name}' is missing"))
+        if len(batches) > 1:  # the bound holds for each recent batch too, not only the whole history
+            items += [(E.ExpectColumnValuesToNotBeNull(column=name, mostly=1.0 - allowed_null, **_in_batch(b)),
+                       f"at most {allowed_null:.0%} of '{name}' is missing in batch {b}") for b in recent]
         if rule["type"] == "numeric":
-            items.append((E.ExpectColumnValuesToBeInTypeList(column=name, type_list=NUMERIC_TYPES),
-                          f"'{name}' holds numbers"))
-            numeric = pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column)
-            if numeric and (rule.get("min") is not None or rule.get("max") is not None):
-                items.append((E.ExpectColumnValuesToBeBetween(column=name, min_value=rule.get("min"),
+            items.append((E.ExpectColumnValuesToBeInSet(column=number_check(name), value_set=[True]),
+                          f"'{name}' holds finite numbers"))
+            if rule.get("min") is not None or rule.get("max") is not None:
+                items.append((E.ExpectColumnValuesToBeBetween(column=number_value(name), min_value=rule.get("min"),
                                                               max_value=rule.get("max")),
                               f"'{name}' is within [{rule.get('min')}, {rule.get('max')}]"))
-            if numeric:
-                for newest, reference in pairs:
-                    items += _drift(E, frame, name, newest, reference, rules)
+            for newest, reference in pairs:
+                items += _drift(E, frame, name, newest, reference, rules)
         else:
             allowed = rule.get("allowed")
             if allowed is not None:
@@ -388,9 +427,7 @@ def _table_expectations(frame: pd.DataFrame, rules: TableRules) -> list[tuple[An
             else:
                 for newest, _ in pairs:
                     seen = sorted(frame.loc[frame["batch"] < newest, name].dropna().astype(str).unique())
-                    items.append((E.ExpectColumnValuesToBeInSet(column=name, value_set=seen,
-                                                                row_condition=f'batch == "{newest}"',
-                                                                condition_parser="pandas"),
+                    items.append((E.ExpectColumnValuesToBeInSet(column=name, value_set=seen, **_in_batch(newest)),
                                   f"batch {newest} has no '{name}' category the earlier batches never had"))
     return items
 
@@ -398,20 +435,20 @@ def _table_expectations(frame: pd.DataFrame, rules: TableRules) -> list[tuple[An
 def _drift(E, frame: pd.DataFrame, name: str, newest: str, reference: str, rules: TableRules) -> list:
     """Batch ``newest``'s mean and quantiles of ``name`` within the bounds (in standard
     deviations of the ``reference`` batch, the one accepted before it) around the reference's."""
-    ref = frame.loc[frame["batch"] == reference, name].dropna().astype(float)
+    ref = frame.loc[frame["batch"] == reference, number_value(name)].dropna()
     if len(ref) < 2:
         return []
     std = float(ref.std()) or 1e-9
-    condition = {"row_condition": f'batch == "{newest}"', "condition_parser": "pandas"}
     mean, k = float(ref.mean()), rules.max_mean_shift
-    items = [(E.ExpectColumnMeanToBeBetween(column=name, min_value=mean - k * std, max_value=mean + k * std,
-                                            **condition),
+    items = [(E.ExpectColumnMeanToBeBetween(column=number_value(name), min_value=mean - k * std, max_value=mean + k * std,
+                                            **_in_batch(newest)),
               f"'{name}' has not drifted: the mean of batch {newest} is within {k:g} standard deviations of "
               f"batch {reference}'s ({mean:.4g} +- {k * std:.4g})")]
     q = rules.max_quantile_shift
     ranges = [[float(v) - q * std, float(v) + q * std] for v in ref.quantile(list(rules.quantiles))]
     items.append((E.ExpectColumnQuantileValuesToBeBetween(
-        column=name, quantile_ranges={"quantiles": list(rules.quantiles), "value_ranges": ranges}, **condition),
+        column=number_value(name), quantile_ranges={"quantiles": list(rules.quantiles), "value_ranges": ranges},
+        **_in_batch(newest)),
         f"'{name}' has not drifted: batch {newest}'s quantiles {', '.join(f'{x:g}' for x in rules.quantiles)} are "
         f"within {q:g} standard deviations of batch {reference}'s"))
     return items

@@ -87,6 +87,14 @@ class ColumnRule(_Section):
     allowed: list[str] | None = None        # categorical: the categories a batch may hold (null = any)
     max_null_fraction: float = Field(0.0, ge=0, le=1)
 
+    @field_validator("allowed", mode="before")
+    @classmethod
+    def _as_text(cls, value: Any) -> Any:
+        """Categories are compared as text: a store id 7 in params is "7" in the data."""
+        if isinstance(value, list):
+            return [str(v).lower() if isinstance(v, bool) else str(v) for v in value]
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> "ColumnRule":
         if self.type == "categorical" and (self.min is not None or self.max is not None):
@@ -126,6 +134,13 @@ class Table(_Section):
 
     @model_validator(mode="after")
     def _names(self) -> "Table":
+        from components.tables import RESERVED
+
+        taken = [name for name in (self.label_column, self.key_column, *self.columns)
+                 if name in RESERVED or name.startswith("__")]
+        if taken:
+            raise ValueError(f"{', '.join(map(repr, taken))}: the pipeline adds columns of these names itself "
+                             f"({', '.join(RESERVED)}, and any starting with '__'); rename them in the data")
         for name in (self.label_column, self.key_column):
             if name in self.columns:
                 raise ValueError(f"{name!r} is the label or key column, not a feature column")

@@ -596,7 +596,8 @@ def run_table(layout: Layout) -> dict:
                 "path": rows[key].astype(str).to_numpy(), "batch": rows["batch"].astype(str).to_numpy(),
                 "label": rows[config.table.label_column].astype(str).to_numpy(),
                 "is_anomaly": rows["is_anomaly"].astype(np.int64).to_numpy(), "sha256": rows["sha256"].to_numpy(),
-                "split": split, "row": np.arange(len(rows), dtype=np.int64)}))
+                "split": split, "row": np.arange(len(rows), dtype=np.int64),
+                "labelled": rows["labelled"].astype(bool).to_numpy()}))
             counts[split] = {"images": len(rows), "anomalies": int(rows["is_anomaly"].sum())}
         pd.concat(parts, ignore_index=True).to_parquet(staging / layout.index.relative_to(layout.processed),
                                                        index=False)

@@ -190,6 +190,11 @@ def _train_and_write(layout: Layout, rank: int, world: int) -> dict:
     index = pd.read_parquet(layout.index)
     train_rows = index[index["split"] == "train"].sort_values("row")
     images = np.load(layout.split_images("train"), mmap_mode="r")
+    if config.model.type == "classifier" and "labelled" in train_rows and not train_rows["labelled"].all():
+        # unlabelled records train Deep SAD and the autoencoder as normal (most records are), but
+        # a supervised classifier would learn the unlabelled fraud among them as normal
+        keep = train_rows["labelled"].to_numpy(bool)
+        images, train_rows = np.asarray(images)[train_rows["row"].to_numpy()[keep]], train_rows[keep]
     threads = config.train.num_threads
     if world > 1 and threads == 0:  # "all cores", shared by the processes on this machine
         threads = max(1, (os.cpu_count() or 1) // world)

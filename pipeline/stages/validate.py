@@ -41,6 +41,12 @@ def table_rules(config: Config):
         drift_window=t.drift.window)
 
 
+def text_columns(config: Config) -> tuple[str, ...]:
+    """The columns read as text from a table's files: the key and the categorical features."""
+    return (config.table.key_column,
+            *(name for name, rule in config.table.columns.items() if rule.type == "categorical"))
+
+
 def _table_manifest(layout: Layout):
     """The validated records of every batch, each with its split (a hash of its key; an
     unlabelled row trains only: calibration and test need labels), and the report."""
@@ -52,11 +58,16 @@ def _table_manifest(layout: Layout):
 
     config = layout.config
     rules = table_rules(config)
-    frame, unreadable = read_batches(layout.raw)
+    frame, unreadable = read_batches(layout.raw, text_columns(config))
     report = validate_table(frame, rules, unreadable)
     if not report.success:
         return None, report
-    manifest = table_frame(frame, rules)
+    checked = table_frame(frame, rules)
+    # the declared columns and the pipeline's own: an undeclared column of mixed types across
+    # files would not fit one Parquet column, and nothing downstream reads it
+    keep = ["batch", "source", rules.key_column, rules.label_column, *rules.columns, "labelled", "is_anomaly",
+            "is_normal"]
+    manifest = checked[[name for name in keep if name in checked.columns]].copy()
     hashes = manifest[rules.key_column].map(key_hash)
     manifest["sha256"] = hashes
     manifest["split"] = [split_of(h, split_fractions(config)) if labelled else "train"

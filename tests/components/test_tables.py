@@ -84,8 +84,53 @@ def test_a_column_of_the_wrong_type_is_refused_and_its_rows_named():
     batch.loc[[5, 7], "amount"] = "n/a"
     report = validate_table(snapshot(batch), rules())
     [failure] = [f for f in report.failures if f["column"] == "amount"]
-    assert "'amount' holds numbers" in failure["description"]
+    assert "'amount' holds finite numbers (2 rows do not)" in failure["description"]
     assert set(failure["offending_files"]) == {batch.loc[5, "transaction_id"], batch.loc[7, "transaction_id"]}
+
+
+def test_numbers_categories_and_labels_are_read_alike_from_csv_and_parquet(tmp_path):
+    """A store id is a category however a file stores it; a count can be an int column;
+    text labels count; an empty export and Spark's _SUCCESS marker add nothing."""
+    first, second = generate_transactions(800, 9, "batch-0001"), generate_transactions(800, 9, "batch-0002")
+    for batch in (first, second):
+        batch["store"] = (batch.index % 5).astype("int64")
+        batch["transactions_last_24h"] = batch["transactions_last_24h"].astype("int64")
+    second["is_fraud"] = second["is_fraud"].astype(str)
+    first.to_csv(tmp_path / "batch-0001.csv", index=False)
+    (tmp_path / "batch-0002").mkdir()
+    second.to_parquet(tmp_path / "batch-0002" / "part-0.parquet", index=False)
+    (tmp_path / "batch-0002" / "_SUCCESS").write_text("")
+    first.head(0).to_csv(tmp_path / "batch-0003.csv", index=False)  # header only
+    schema = rules()
+    schema.columns["store"] = {"type": "categorical", "allowed": None, "max_null_fraction": 0.0}
+    frame, unreadable = read_batches(tmp_path, ("transaction_id", "merchant_category", "channel", "store"))
+    assert unreadable == [] and set(frame["store"]) == {"0", "1", "2", "3", "4"}
+    report = validate_table(frame, schema)
+    assert report.success, failed(report)
+    assert report.label_counts["anomaly"] == 64
+    # the empty file did not turn the number columns into text: ranges and drift still apply
+    second["amount"] = second["amount"] * 3
+    second.to_parquet(tmp_path / "batch-0002" / "part-0.parquet", index=False)
+    assert any("'amount' has not drifted" in d for d in failed(validate_table(read_batches(tmp_path)[0], schema)))
+
+
+def test_infinite_values_and_bad_labels_are_refused_by_row():
+    batch = generate_transactions(1000, 10)
+    batch.loc[4, "amount"] = float("inf")
+    batch["is_fraud"] = batch["is_fraud"].astype(object)
+    batch.loc[6, "is_fraud"] = "yes"
+    report = validate_table(snapshot(batch), rules())
+    named = {f["description"].rsplit(" (", 1)[0]: f["offending_files"] for f in report.failures}
+    assert named["'amount' holds finite numbers"] == [batch.loc[4, "transaction_id"]]
+    assert named["every label ('is_fraud') is 0 (normal), 1 (anomaly) or missing"] == [batch.loc[6, "transaction_id"]]
+
+
+def test_a_recent_batch_with_too_many_nulls_is_refused_though_the_whole_history_is_within_bounds():
+    history = [generate_transactions(1500, 11, f"batch-000{i}") for i in (1, 2, 3, 4)]
+    history[-1].loc[:149, "distance_from_home_km"] = np.nan  # the geolocation feed went down for a while
+    report = validate_table(snapshot(*history), rules())
+    [failure] = failed(report)  # about 3 % of the history's distances are missing: within the 5 %
+    assert failure.startswith("at most 5% of 'distance_from_home_km' is missing in batch batch-0004 (")
 
 
 def test_a_category_never_seen_is_refused_declared_or_learnt_from_earlier_batches():
@@ -190,6 +235,17 @@ def test_the_served_model_refuses_a_frame_with_a_missing_column_or_a_wrong_type(
     with pytest.raises(Exception) as refused:
         model.predict(change(frame.head(5)))
     assert all(word in str(refused.value) for word in words), str(refused.value)
+
+
+def test_the_served_model_takes_int_and_bool_columns_for_numbers_and_any_type_of_category(served):
+    model, frame = served
+    sample = frame.head(20).copy()
+    expected = model.predict(sample)["anomaly_score"]
+    sample["transactions_last_24h"] = sample["transactions_last_24h"].astype("int64")
+    sample["device_changed"] = sample["device_changed"].astype(bool)
+    pd.testing.assert_series_equal(model.predict(sample)["anomaly_score"], expected)
+    with pytest.raises(Exception, match="'amount' must be a finite number; row 1"):
+        model.predict(sample.assign(amount=[1.0, float("inf")] + [2.0] * 18))
 
 
 def test_the_pyfunc_checks_the_frame_itself_too():

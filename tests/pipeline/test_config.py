@@ -34,6 +34,7 @@ def test_project_params_parse_and_cover_every_section():
     ("table", {"drift": {"quantiles": [0.5, 2]}}, "table.drift.quantiles"),
     ("table", {"label_column": "id", "key_column": "id"}, "label_column and key_column must differ"),
     ("table", {"label_column": "y", "columns": {"y": {}}}, "'y' is the label or key column"),
+    ("table", {"columns": {"split": {}}}, "the pipeline adds columns of these names itself"),
     ("schedule", {"score_cron": "every half hour"}, "schedule.score_cron"),
     ("score", {"inbox": "data/in"}, "score.inbox"),
 ])

@@ -27,7 +27,10 @@ from conftest import DRIVER, clean_env, dvc, make_workspace, run_cli, set_params
 
 pytestmark = pytest.mark.slow
 
-EPOCHS = 30  # about 0.1 s each with TINY_PARAMS: long enough for a signal to land mid-run
+# About 0.03 s each with TINY_PARAMS since the channels-last weights (0.1 s before): 30 epochs
+# ended before a SIGTERM sent after epoch 2's checkpoint and a walk of the process tree landed,
+# on a loaded machine. 120 leave it a few seconds.
+EPOCHS = 120
 PARAMS = {"train": {"epochs": EPOCHS}}
 LOW_GATES = {"min_auroc": 0.0, "min_average_precision": 0.0, "max_fpr": 1.0}
 

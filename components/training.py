@@ -2,8 +2,8 @@
 resumable, and loud about a diverging loss.
 
 Inputs are uint8 arrays (N x C x S x S, as preprocess writes them; a memory-mapped
-array works), or float32 encoded table rows (N x features), and float labels (0 normal, 1 anomaly). Nothing here knows about files
-other than the checkpoint folder it is handed.
+array works), or float32 encoded table rows (N x features), and float labels (0 normal,
+1 anomaly). Nothing here knows about files other than the checkpoint folder it is handed.
 
 Called in every process of an initialised ``torch.distributed`` group (the train stage
 under torchrun), it trains with DistributedDataParallel: each process takes its share of

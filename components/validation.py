@@ -440,8 +440,8 @@ def _drift(E, frame: pd.DataFrame, name: str, newest: str, reference: str, rules
         return []
     std = float(ref.std()) or 1e-9
     mean, k = float(ref.mean()), rules.max_mean_shift
-    items = [(E.ExpectColumnMeanToBeBetween(column=number_value(name), min_value=mean - k * std, max_value=mean + k * std,
-                                            **_in_batch(newest)),
+    items = [(E.ExpectColumnMeanToBeBetween(column=number_value(name), min_value=mean - k * std,
+                                            max_value=mean + k * std, **_in_batch(newest)),
               f"'{name}' has not drifted: the mean of batch {newest} is within {k:g} standard deviations of "
               f"batch {reference}'s ({mean:.4g} +- {k * std:.4g})")]
     q = rules.max_quantile_shift

@@ -73,12 +73,9 @@ def _load(layout: Layout, model_uri: str | None):
     return model, model_uri, version
 
 
-def score_files(model, files: list[Path], root: Path, kind: str = "image", key: str | None = None) -> pd.DataFrame:
-    """One row per image (path relative to ``root``), or per record of each CSV/Parquet file
-    for data.kind table (with its ``key`` value in ``row``); a file that cannot be scored gets
-    its reason, and the others are scored all the same."""
-    if kind == "table":
-        return _score_table_files(model, files, root, key)
+def score_files(model, files: list[Path], root: Path) -> pd.DataFrame:
+    """One row per image (path relative to ``root``); a file that cannot be scored gets its
+    reason, and the others are scored all the same."""
     from components.images import ImageDecodeError, open_image
     from pipeline.stages.register import score_bytes
 
@@ -111,7 +108,10 @@ def _with_errors(table: pd.DataFrame, errors: dict[str, str]) -> pd.DataFrame:
     return table
 
 
-def _score_table_files(model, files: list[Path], root: Path, key: str | None) -> pd.DataFrame:
+def score_table_files(model, files: list[Path], root: Path, key: str, text_columns: tuple[str, ...]) -> pd.DataFrame:
+    """data.kind table: one row per record of each CSV/Parquet file (its ``key`` value in
+    ``row``), read as training read them (``text_columns`` as text); a file the model refuses
+    gets one row with the reason, and the others are scored all the same."""
     from components.tables import read_table_file
     from pipeline.stages.register import score_frame
 
@@ -119,7 +119,7 @@ def _score_table_files(model, files: list[Path], root: Path, key: str | None) ->
     for path in files:
         name = path.relative_to(root).as_posix()
         try:
-            frame = read_table_file(path)
+            frame = read_table_file(path, text_columns)
             predictions = score_frame(model, frame)
         except Exception as error:  # a file missing a column, or unreadable: the others are still scored
             message = str(error) or type(error).__name__
@@ -127,7 +127,7 @@ def _score_table_files(model, files: list[Path], root: Path, key: str | None) ->
                 message = message.split("Error: ", 1)[-1]
             errors[name] = message.splitlines()[0]
             continue
-        rows = frame[key].astype(str) if key and key in frame.columns else pd.Series(range(len(frame))).astype(str)
+        rows = frame[key].astype(str) if key in frame.columns else pd.Series(range(len(frame))).astype(str)
         parts.append(pd.DataFrame({"file": name, "row": rows.to_numpy(),
                                    "anomaly_score": predictions["anomaly_score"].astype(float).to_numpy(),
                                    "is_anomaly": predictions["is_anomaly"].astype(bool).to_numpy(), "error": ""}))
@@ -143,7 +143,11 @@ def _suffixes(layout: Layout) -> set[str]:
 
 
 def _score(layout: Layout, model, files: list[Path], root: Path) -> pd.DataFrame:
-    return score_files(model, files, root, layout.config.data.kind, layout.config.table.key_column)
+    if layout.config.data.kind == "table":
+        from pipeline.stages.validate import text_columns
+
+        return score_table_files(model, files, root, layout.config.table.key_column, text_columns(layout.config))
+    return score_files(model, files, root)
 
 
 def _write_csv(table: pd.DataFrame, out: Path) -> None:

@@ -245,7 +245,8 @@ def run(layout: Layout, run_id: str | None = None) -> dict:
             print(f"register: reusing {name} v{version}, registered by this run before it was interrupted")
         else:
             model_uri, version = log_detector(
-                layout.weights, spec, calibration["threshold"], _example(layout, test, spec), name, tracking.model_requirements(), CODE_DIR)
+                layout.weights, spec, calibration["threshold"], _example(layout, test, spec), name,
+                tracking.model_requirements(), CODE_DIR)
         wait_until_ready(client, name, version)
 
         candidate_model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")

@@ -263,6 +263,6 @@ def _train_and_write(layout: Layout, rank: int, world: int) -> dict:
     }
     write_json(layout.train_metrics, metrics)
     print(f"train: {spec['family']} on {result.device}"
-          f"{f' x {world} processes' if world > 1 else ''}, {len(train_rows)} {layout.unit} x {config.train.epochs} epochs "
-          f"in {seconds:.1f}s, final loss {metrics['final_train_loss']:.5f}")
+          f"{f' x {world} processes' if world > 1 else ''}, {len(train_rows)} {layout.unit} x {config.train.epochs} "
+          f"epochs in {seconds:.1f}s, final loss {metrics['final_train_loss']:.5f}")
     return metrics

@@ -191,7 +191,6 @@ def served(tmp_path_factory):
     """A classifier trained on encoded transactions, logged and registered as the pipeline does."""
     import mlflow
 
-    from components.models import build  # noqa: F401  (the table MLPs)
     from components.registry import Store, connect, ensure_experiment, log_detector
     from components.training import TrainSettings, train
 

@@ -47,7 +47,7 @@ class ValidationReport:
     label_counts: dict[str, int]
     failures: list[dict[str, Any]] = field(default_factory=list)
     gx_result: dict[str, Any] = field(default_factory=dict)
-    gx_object: Any = field(default=None, repr=False)  # GX's result object, for its HTML renderer
+    gx_object: Any = field(default=None, repr=False)  # GX's result object(s), for its HTML renderer
     unit: str = "files"                                # what n_files counts: files, or a table's rows
 
     def summary(self) -> dict[str, Any]:
@@ -276,8 +276,14 @@ def render_html(report: ValidationReport) -> str:
             from great_expectations.render.renderer import ValidationResultsPageRenderer
             from great_expectations.render.view import DefaultJinjaPageView
 
-            _plain_observed_values(report.gx_object)
-            body = DefaultJinjaPageView().render(ValidationResultsPageRenderer().render(report.gx_object))
+            pages = []
+            for result in report.gx_object if isinstance(report.gx_object, list) else [report.gx_object]:
+                _plain_observed_values(result)
+                pages.append(DefaultJinjaPageView().render(ValidationResultsPageRenderer().render(result)))
+            body = pages[0]
+            for page in pages[1:]:  # a table's per-batch checks: their page's content below the snapshot's
+                inner = page.split("<body>", 1)[-1].rsplit("</body>", 1)[0]
+                body = body.replace("</body>", inner + "</body>", 1) if "</body>" in body else body + inner
         except Exception as error:  # rendering must never hide the verdict
             body = f"<p>Great Expectations could not render its page: {html.escape(str(error))}</p>"
     summary = html.escape(report.describe())
@@ -370,7 +376,10 @@ def _in_batch(batch: str) -> dict:
     return {"row_condition": Column("batch") == batch}
 
 
-def _table_expectations(frame: pd.DataFrame, rules: TableRules) -> list[tuple[Any, str]]:
+def _table_expectations(frame: pd.DataFrame, rules: TableRules) -> tuple[list[tuple[Any, str]], list[tuple[Any, str]]]:
+    """(the expectations over the whole snapshot, those over single recent batches). The
+    second run on the recent batches' rows alone: each filters its rows by batch, and over the
+    whole history that filtering would grow with every night."""
     import great_expectations as gx
 
     E = gx.expectations
@@ -401,6 +410,7 @@ def _table_expectations(frame: pd.DataFrame, rules: TableRules) -> list[tuple[An
     batches = sorted(frame["batch"].astype(str).unique()) if "batch" in present else []
     recent = _recent(frame, rules.drift_window) if batches else []
     pairs = [(b, batches[batches.index(b) - 1]) for b in recent if batches.index(b) > 0]
+    per_batch: list[tuple[Any, str]] = []
     for name, rule in rules.columns.items():
         if name not in present:
             continue
@@ -408,7 +418,7 @@ def _table_expectations(frame: pd.DataFrame, rules: TableRules) -> list[tuple[An
         items.append((E.ExpectColumnValuesToNotBeNull(column=name, mostly=1.0 - allowed_null),
                       f"at most {allowed_null:.0%} of '{name}' is missing"))
         if len(batches) > 1:  # the bound holds for each recent batch too, not only the whole history
-            items += [(E.ExpectColumnValuesToNotBeNull(column=name, mostly=1.0 - allowed_null, **_in_batch(b)),
+            per_batch += [(E.ExpectColumnValuesToNotBeNull(column=name, mostly=1.0 - allowed_null, **_in_batch(b)),
                        f"at most {allowed_null:.0%} of '{name}' is missing in batch {b}") for b in recent]
         if rule["type"] == "numeric":
             items.append((E.ExpectColumnValuesToBeInSet(column=number_check(name), value_set=[True]),
@@ -418,7 +428,7 @@ def _table_expectations(frame: pd.DataFrame, rules: TableRules) -> list[tuple[An
                                                               max_value=rule.get("max")),
                               f"'{name}' is within [{rule.get('min')}, {rule.get('max')}]"))
             for newest, reference in pairs:
-                items += _drift(E, frame, name, newest, reference, rules)
+                per_batch += _drift(E, frame, name, newest, reference, rules)
         else:
             allowed = rule.get("allowed")
             if allowed is not None:
@@ -427,9 +437,10 @@ def _table_expectations(frame: pd.DataFrame, rules: TableRules) -> list[tuple[An
             else:
                 for newest, _ in pairs:
                     seen = sorted(frame.loc[frame["batch"] < newest, name].dropna().astype(str).unique())
-                    items.append((E.ExpectColumnValuesToBeInSet(column=name, value_set=seen, **_in_batch(newest)),
-                                  f"batch {newest} has no '{name}' category the earlier batches never had"))
-    return items
+                    per_batch.append((E.ExpectColumnValuesToBeInSet(column=name, value_set=seen,
+                                                                    **_in_batch(newest)),
+                                      f"batch {newest} has no '{name}' category the earlier batches never had"))
+    return items, per_batch
 
 
 def _drift(E, frame: pd.DataFrame, name: str, newest: str, reference: str, rules: TableRules) -> list:
@@ -471,7 +482,17 @@ def validate_table(frame: pd.DataFrame, rules: TableRules, unreadable: list[str]
             "description": "the snapshot holds at least one row: no rows found", "unexpected_count": 0,
             "offending_files": []}])
     key = rules.key_column if rules.key_column in frame.columns else "batch"
-    report = _run_suite(frame, "table", _table_expectations(frame, rules), key, {}, counts, "rows")
+    whole, per_batch = _table_expectations(frame, rules)
+    report = _run_suite(frame, "table", whole, key, {}, counts, "rows")
+    if per_batch:  # the recent batches and the one before the oldest of them: what the checks read
+        batches = sorted(frame["batch"].astype(str).unique())
+        window = batches[-(rules.drift_window + 1):]
+        recent = _run_suite(frame[frame["batch"].isin(window)], "table_recent_batches", per_batch, key, {}, counts,
+                            "rows")
+        report.failures += recent.failures
+        report.success = report.success and recent.success
+        report.gx_result = {"snapshot": report.gx_result, "recent_batches": recent.gx_result}
+        report.gx_object = [report.gx_object, recent.gx_object]
     if failures:
         report.failures[:0] = failures
         report.success = False

@@ -1,5 +1,6 @@
-"""Training loop shared by the three families: seeded, checkpointed every epoch,
-resumable, and loud about a diverging loss.
+"""Training loop shared by the three families: seeded, checkpointed (after every epoch, or
+at most every ``checkpoint_every_s`` seconds and after the last), resumable, and loud about
+a diverging loss.
 
 Inputs are uint8 arrays (N x C x S x S, as preprocess writes them; a memory-mapped
 array works), or float32 encoded table rows (N x features), and float labels (0 normal,
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -44,6 +46,10 @@ class TrainSettings:
     seed: int = 0
     device: str = "auto"
     num_threads: int = 0
+    # 0: a checkpoint after every epoch. Otherwise after the first epoch that ends this long
+    # after the last checkpoint (or the start), and after the final epoch, so a finished
+    # training can always be resumed without retraining. The weights do not depend on it.
+    checkpoint_every_s: float = 0.0
 
 
 @dataclass
@@ -319,6 +325,7 @@ def train(
     normal_only = getattr(model, "loss_over_normal_only", False)
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     n, step = len(images), 0
+    last_checkpoint = time.monotonic()
     for epoch in range(start_epoch + 1, settings.epochs + 1):
         model.train()
         order = torch.randperm(n, generator=generator).numpy()
@@ -352,8 +359,10 @@ def train(
         record = {"epoch": float(epoch), "train_loss": total / seen}
         history.append(record)
         log.info("epoch %d/%d train_loss=%.6f", epoch, settings.epochs, record["train_loss"])
-        if checkpoint_dir is not None and rank == 0:
+        if checkpoint_dir is not None and rank == 0 and (
+                epoch == settings.epochs or time.monotonic() - last_checkpoint >= settings.checkpoint_every_s):
             _write_checkpoint(Path(checkpoint_dir), epoch, model, optimizer, generator, history, fingerprint)
+            last_checkpoint = time.monotonic()
         if on_epoch is not None:
             on_epoch(epoch, record)
 

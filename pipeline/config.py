@@ -194,6 +194,11 @@ class Train(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     devices: int = Field(1, ge=1, le=64)   # > 1: that many processes under torchrun with DDP
     eta: float = Field(1.0, gt=0)
+    # A checkpoint after the first epoch that ends this long after the last checkpoint, and
+    # after the final epoch; 0 = after every epoch. Each one is a save with fsync (11 ms here),
+    # 4 % of make run's 0.25 s epochs; a kill loses at most this long plus one epoch. Not a
+    # DVC param and not in the checkpoint fingerprint: it does not change the weights.
+    checkpoint_every_s: float = Field(60.0, ge=0)
 
 
 class Calibration(_Section):
@@ -327,7 +332,8 @@ def load(path: str | Path = "params.yaml", *, check_landing: bool = False) -> Co
     if not path.is_file():
         raise ConfigError(f"params file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        # libyaml's loader where PyYAML has it: 1 ms instead of 8 for params.yaml, read by every stage
+        raw = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as error:
         raise ConfigError(f"params file {path} is not valid YAML: {error}") from None
     if raw is not None and not isinstance(raw, dict):

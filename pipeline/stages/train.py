@@ -1,11 +1,12 @@
-"""train: fit the detector on the train split, checkpoint every epoch, and score the
-held-out splits once, so calibrate and evaluate need no torch and no second model load.
+"""train: fit the detector on the train split, checkpoint it (``train.checkpoint_every_s``),
+and score the held-out splits once, so calibrate and evaluate need no torch and no second
+model load.
 
 When the pipeline runner sets MLFLOW_RUN_ID, per-epoch losses go to that MLflow run live.
 
 SIGTERM (sent by Airflow, by the task that runs DVC, or by a node being drained) ends
 the stage with an error instead of killing it mid-write: temporary files are removed,
-the checkpoints of finished epochs stay, and the retry resumes from the last one.
+the checkpoints already written stay, and the retry resumes from the last one.
 
 With ``train.devices`` above 1 the stage starts itself again under torchrun, one process
 per device (GPUs with NCCL; CPU processes with gloo where there is no GPU), and they train
@@ -49,6 +50,7 @@ def _fingerprint(layout: Layout, spec: dict, settings, processes: int = 1) -> st
     with as many processes (a multi-process run's share of the cores, derived from this
     machine's, is left out: a retry on another node resumes all the same)."""
     identity = dict(settings.__dict__)
+    identity.pop("checkpoint_every_s")  # when checkpoints are written, not what they hold
     if processes > 1:
         identity.update(num_threads=layout.config.train.num_threads, processes=processes)
     digest = hashlib.sha256(json.dumps([spec, identity], sort_keys=True).encode())
@@ -109,7 +111,7 @@ def run(layout: Layout) -> dict:
                         handle.write(str(refused))
                 raise
     except _Terminated as signalled:
-        raise StageError(f"train: stopped by {signalled}; the checkpoints of finished epochs are kept in "
+        raise StageError(f"train: stopped by {signalled}; the checkpoints written so far are kept in "
                          f"{layout.checkpoints} and a retry resumes from the last one") from None
 
 
@@ -201,7 +203,7 @@ def _train_and_write(layout: Layout, rank: int, world: int) -> dict:
     settings = TrainSettings(
         epochs=config.train.epochs, batch_size=config.train.batch_size, learning_rate=config.train.learning_rate,
         weight_decay=config.train.weight_decay, seed=config.base.seed, device=config.train.device,
-        num_threads=threads)
+        num_threads=threads, checkpoint_every_s=config.train.checkpoint_every_s)
     spec = model_spec(layout)
     # torch.optim imports torch._dynamo at the first step (3-8 s here): start-up, not training,
     # so it is paid before the clock starts and samples_per_second measures the training

@@ -54,6 +54,29 @@ def test_resuming_from_a_checkpoint_reaches_the_uninterrupted_weights(arrays, tm
         assert torch.equal(value, resumed.model.state_dict()[key]), key
 
 
+def test_checkpoints_are_written_at_most_every_checkpoint_every_s_and_after_the_last_epoch(arrays, tmp_path,
+                                                                                           monkeypatch):
+    """A clock that moves 30 s per epoch and a 50 s interval: epoch 3 is the first to end 50 s
+    after the start, epoch 4 only 30 s after epoch 3's checkpoint, and epoch 5 is the last."""
+    from types import SimpleNamespace
+
+    import components.training as training
+
+    images, labels = arrays
+    now = [0.0]
+    monkeypatch.setattr(training, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    settings = TrainSettings(**{**SETTINGS.__dict__, "epochs": 5, "checkpoint_every_s": 50.0})
+    written = []
+
+    def epoch_ended(epoch, _record):
+        written.append(sorted(p.name for p in tmp_path.glob("epoch-*.pt")))
+        now[0] += 30.0
+
+    train(_spec("deep_sad"), images[:64], labels[:64], settings, checkpoint_dir=tmp_path, fingerprint="f",
+          on_epoch=epoch_ended, progress=False)
+    assert written == [[], [], ["epoch-0003.pt"], ["epoch-0003.pt"], ["epoch-0003.pt", "epoch-0005.pt"]]
+
+
 def test_a_truncated_checkpoint_falls_back_to_the_previous_one(arrays, tmp_path):
     images, labels = arrays
     settings = TrainSettings(**{**SETTINGS.__dict__, "epochs": 2})

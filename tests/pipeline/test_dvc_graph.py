@@ -38,3 +38,14 @@ def test_every_stage_depends_on_its_own_module_and_runs_it():
     for stage, body in graph.items():
         assert body["cmd"] == f"python -m pipeline {stage}"
         assert f"pipeline/stages/{stage}.py" in body["deps"]
+
+
+def test_train_lists_every_train_param_that_changes_the_weights():
+    """train's params are listed key by key so that checkpoint_every_s retrains nothing; a key
+    added to config.Train later must be added to dvc.yaml too, or changing it would not retrain."""
+    from pipeline.config import Train
+
+    listed = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]["train"]["params"]
+    keys = {key.removeprefix("train.") for key in listed if key.startswith("train.")}
+    assert "train" not in listed
+    assert keys == set(Train.model_fields) - {"checkpoint_every_s"}

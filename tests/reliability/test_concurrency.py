@@ -71,7 +71,7 @@ def test_two_dvc_repro_in_one_workspace_the_second_fails_clearly_and_nothing_is_
     or its lock on the stage's files, depending on the moment; neither waits, not even
     with --wait-for-lock). The first one finishes; a retry afterwards finds everything up
     to date; dvc.lock, the outputs and the cache are consistent."""
-    root = make_workspace(tmp_path / "project", {"train": {"epochs": 150}})
+    root = make_workspace(tmp_path / "project", {"train": {"epochs": 150, "checkpoint_every_s": 0}})
     dvc(root, "repro", "preprocess")
     log = tmp_path / "first.log"
     first = start(root, [sys.executable, "-m", "dvc", "repro", "train"], log)

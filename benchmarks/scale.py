@@ -77,7 +77,8 @@ at least one per image; what grows is bookkeeping (paths, hashes, labels). The s
 two peaks gives the count at which {MEMORY_LIMIT_MB} MB would be reached. The ratio of the two peaks is shown
 too, without a target: it depends on the start-up's size as much as on the data. Every repetition is cold (outputs, checkpoints and the decoded-image cache removed); the set-up's writes
 are synced to disk (os.sync) before the first one.
-Repetitions (full mode): 3 at 1k, 2 at 10k, 1 at 50k. The machine's load average is logged per step.
+Repetitions (full mode): 3 at each count, in rounds (1k, 10k, 50k, then again), so that a slow stretch
+of this shared machine does not land on one count only. The machine's load average is logged per step.
 """
 
 # Runs one stage as `python -m pipeline <stage>` would, and prints how long the stage took
@@ -286,12 +287,8 @@ class CountResult:
     loop_seconds: list[float] = field(default_factory=list)
 
 
-def measure(ctx: Context, project: Path, fresh: set[str], pool: Path, count: int, repeats: int) -> CountResult:
-    """One count in ``project``, first brought back to ``fresh`` (its listing when made): one
-    project for every count, since making one costs seconds of git and dvc start-up."""
-    for data in ("data/landing", "data/raw"):
-        shutil.rmtree(project / data, ignore_errors=True)
-    remove_new(project, fresh)
+def prepare(ctx: Context, project: Path, pool: Path, count: int) -> CountResult:
+    """The project of one count: its images linked in, ingest and validate run (set-up)."""
     link_subset(pool, project / "data" / "landing", count)
     env = bench_env()
     result = CountResult(count)
@@ -299,39 +296,35 @@ def measure(ctx: Context, project: Path, fresh: set[str], pool: Path, count: int
     result.validate_seconds = run_child([PYTHON, "-m", "pipeline", "validate"], cwd=project, env=env).seconds
     ctx.log(f"  {label(count)}: validate {result.validate_seconds:.1f} s "
             f"({result.validate_seconds / count * 1000:.2f} ms/image); {load()}")
-    settle()
-
-    before = listing(project)
-    for rep in range(repeats):
-        remove_new(project, before)
-        result.pre.append(run_stage("preprocess", project))
-        r = result.pre[-1]
-        cached = re.search(r"from the cache (\d+)", r.output)
-        if cached and int(cached.group(1)):
-            raise RuntimeError(f"preprocess read {cached.group(1)} images from its cache: the repetition was not cold")
-        ctx.log(f"  {label(count)}: preprocess {r.seconds:.1f} s (work {r.work_seconds:.1f} s, CPU {r.work_cpu_seconds:.1f} s), "
-                f"peak RSS {r.peak_rss_mb:.0f} MB, anon {r.peak_anon_mb:.0f} MB; {load()}")
-    before = listing(project)
-    for rep in range(repeats):
-        remove_new(project, before)  # checkpoints too: a run would resume from them and train nothing
-        result.train.append(run_stage("train", project))
-        metrics = json.loads((project / "reports" / "train.json").read_text())
-        if metrics["resumed_from_epoch"] != 0:
-            raise RuntimeError("train resumed from a checkpoint; the repetition would not train")
-        result.train_images = metrics["train_images"]
-        result.loop_seconds.append(metrics["seconds"])
-        r = result.train[-1]
-        ctx.log(f"  {label(count)}: train {r.seconds:.1f} s (work {r.work_seconds:.1f} s, loop "
-                f"{metrics['seconds']:.1f} s, CPU {r.loop_cpu_seconds:.1f} s, on {metrics['train_images']} images, "
-                f"{metrics['samples_per_second']} samples/s), peak RSS {r.peak_rss_mb:.0f} MB, "
-                f"anon {r.peak_anon_mb:.0f} MB; {load()}")
     return result
 
 
-def repeats_for(ctx: Context, count: int, counts: tuple[int, ...]) -> int:
-    if ctx.quick:
-        return 1
-    return {0: min(3, ctx.repeats), 1: min(2, ctx.repeats)}.get(counts.index(count), 1)
+def repetition(ctx: Context, project: Path, validated: set[str], result: CountResult) -> None:
+    """One cold preprocess, then one cold train, of ``result.count`` images."""
+    count = result.count
+    remove_new(project, validated)  # the last repetition's outputs, checkpoints and decoded-image cache
+    result.pre.append(run_stage("preprocess", project))
+    r = result.pre[-1]
+    cached = re.search(r"from the cache (\d+)", r.output)
+    if cached and int(cached.group(1)):
+        raise RuntimeError(f"preprocess read {cached.group(1)} images from its cache: the repetition was not cold")
+    ctx.log(f"  {label(count)}: preprocess {r.seconds:.1f} s (work {r.work_seconds:.1f} s, "
+            f"CPU {r.work_cpu_seconds:.1f} s), peak RSS {r.peak_rss_mb:.0f} MB, anon {r.peak_anon_mb:.0f} MB; {load()}")
+    result.train.append(run_stage("train", project))
+    metrics = json.loads((project / "reports" / "train.json").read_text())
+    if metrics["resumed_from_epoch"] != 0:
+        raise RuntimeError("train resumed from a checkpoint; the repetition would not train")
+    result.train_images = metrics["train_images"]
+    result.loop_seconds.append(metrics["seconds"])
+    r = result.train[-1]
+    ctx.log(f"  {label(count)}: train {r.seconds:.1f} s (work {r.work_seconds:.1f} s, loop "
+            f"{metrics['seconds']:.1f} s, CPU {r.loop_cpu_seconds:.1f} s, on {metrics['train_images']} images, "
+            f"{metrics['samples_per_second']} samples/s), peak RSS {r.peak_rss_mb:.0f} MB, "
+            f"anon {r.peak_anon_mb:.0f} MB; {load()}")
+
+
+def repeats_for(ctx: Context) -> int:
+    return 1 if ctx.quick else min(3, ctx.repeats)
 
 
 def run(ctx: Context) -> list[Figure]:
@@ -340,10 +333,19 @@ def run(ctx: Context) -> list[Figure]:
         counts = tuple(sorted(int(n) for n in os.environ[COUNTS_ENV].split(",")))
     pool = ctx.folder("pool")
     generate_seconds = generate_pool(pool, counts[-1], ctx.log)
-    project = make_project(ctx.folder("project"), {"train": {"epochs": 1}})
-    fresh = listing(project)
-    results = [measure(ctx, project, fresh, pool, count, repeats_for(ctx, count, counts)) for count in counts]
-    shutil.rmtree(project, ignore_errors=True)  # the 50k project holds gigabytes
+    # A project per count, and the repetitions in rounds (1k, 10k, 50k, 1k, 10k, 50k, ...): this
+    # machine's speed drifts by 15 % or more over minutes (other tenants), and measuring each
+    # count's repetitions back to back gave one count a slow stretch and the next a fast one.
+    projects = [make_project(ctx.folder(f"project-{label(count)}"), {"train": {"epochs": 1}}) for count in counts]
+    results = [prepare(ctx, project, pool, count) for project, count in zip(projects, counts)]
+    validated = [listing(project) for project in projects]
+    settle()
+    for round_ in range(repeats_for(ctx)):
+        ctx.log(f"  round {round_ + 1}")
+        for project, before, result in zip(projects, validated, results):
+            repetition(ctx, project, before, result)
+    for project in projects:
+        shutil.rmtree(project, ignore_errors=True)  # the 50k project holds gigabytes
     shutil.rmtree(pool, ignore_errors=True)
 
     figures = [Figure("scale.generate_seconds", f"generating {counts[-1]} images ({IMAGE_SIZE} px, set-up)", "s",

@@ -8,21 +8,26 @@ epoch, forward, loss, backward, step; no checkpoints, no progress bar, no BatchN
 re-estimate, no scoring.
 
 The target is judged on the training loop's samples per second (train.json's
-``samples_per_second``, which includes the stage's per-epoch checkpoint, the Deep SAD
-centre and the BatchNorm pass) against the plain loop's. Whole-process figures (with
-imports, the held-out scoring and file writing) are shown beside it.
+``samples_per_second``, which includes the stage's checkpoints, the Deep SAD centre and the
+BatchNorm pass) against the plain loop's. Whole-process figures (with imports, the held-out
+scoring and file writing) are shown beside it.
 
 What the stage does on top, timed inside one process on the default data (407 images, 30
-epochs of about 0.5 s): the BatchNorm pass, one forward pass over the split, about 0.2 s
-once per run (1 %); a checkpoint with fsync, about 11 ms per epoch (2 %); a malloc_trim
-every 50 batches, about 1 ms each. The per-batch uint8 to float conversion from the
-memory-mapped split took less time than the plain loop's gather from a float tensor. With
-larger data sets an epoch is longer and the per-epoch and per-run costs weigh less.
+epochs of about 0.25 s on 2026-12-02): the BatchNorm pass, one forward pass over the split,
+about 1 %; a checkpoint with fsync, about 11 ms. A checkpoint after every epoch cost 4-5 %
+(1,819 against 1,909 samples/s in one process, 6 alternations), so since 2026-12-02 the
+stage writes one at most every ``train.checkpoint_every_s`` (60 s) and after the last
+epoch: one per run here. malloc_trim (every 50 batches) and the per-batch uint8 to float
+conversion from the memory-mapped split showed no difference beyond the noise (in one
+process: all 1,350, without trim 1,361, without the BatchNorm pass 1,344 samples/s).
 
 This overhead is smaller than the noise: between fresh processes running the same code, one
-whole training's speed varied by ±25 % here (each process steady across its epochs), and
-runs inside one process by ±15 %. Three full runs of this benchmark in one evening, on the
-same code, gave medians of 0.89, 1.00 and 0.91.
+whole training's speed varied by ±15-25 % here (each process steady across its epochs; not
+address-space randomisation: the same with ``setarch -R``). Inside one process the stage's
+``components.training.train`` ran 20 % faster than the plain loop on the same data, in
+separate processes 5-10 % slower, and the median time per batch of the two differed by
+3 %: what separates them is below what these machines can resolve. Full runs of this
+benchmark on the same code gave medians from 0.86 to 1.00.
 """
 from __future__ import annotations
 
@@ -120,8 +125,9 @@ def run(ctx: Context) -> list[Figure]:
     # Each pair is two whole trainings. Who goes first alternates (the stage first in odd
     # pairs: its spec is the plain loop's), so a load that rises or falls during the run (this
     # machine is shared) does not favour one side. One pair's ratio ranged from 0.70 to 1.17
-    # here, so a full run takes at least 7 pairs.
-    for repetition in range(ctx.repeats if ctx.quick else max(ctx.repeats, 7)):
+    # here, so a full run takes at least 11 pairs (7 until 2026-12-02: 0.86 and 0.93 in two
+    # runs that hour on the same code).
+    for repetition in range(ctx.repeats if ctx.quick else max(ctx.repeats, 11)):
         for side in ((stage, plain) if repetition % 2 == 0 else (plain, stage)):
             side()
         ctx.log(f"  repetition {repetition + 1}: stage {stage_loop[-1]:.0f}/s, plain {plain_loop[-1]:.0f}/s"

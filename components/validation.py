@@ -427,14 +427,14 @@ def _table_expectations(frame: pd.DataFrame, rules: TableRules) -> tuple[list[tu
                 items.append((E.ExpectColumnValuesToBeBetween(column=number_value(name), min_value=rule.get("min"),
                                                               max_value=rule.get("max")),
                               f"'{name}' is within [{rule.get('min')}, {rule.get('max')}]"))
-            for newest, reference in pairs:
+            for newest, reference in pairs if rule.get("drift", True) else []:
                 per_batch += _drift(E, frame, name, newest, reference, rules)
         else:
             allowed = rule.get("allowed")
             if allowed is not None:
                 items.append((E.ExpectColumnValuesToBeInSet(column=name, value_set=list(allowed)),
                               f"every '{name}' is one of the declared categories ({', '.join(allowed)})"))
-            else:
+            elif rule.get("drift", True):
                 for newest, _ in pairs:
                     seen = sorted(frame.loc[frame["batch"] < newest, name].dropna().astype(str).unique())
                     per_batch.append((E.ExpectColumnValuesToBeInSet(column=name, value_set=seen,
@@ -445,23 +445,32 @@ def _table_expectations(frame: pd.DataFrame, rules: TableRules) -> tuple[list[tu
 
 def _drift(E, frame: pd.DataFrame, name: str, newest: str, reference: str, rules: TableRules) -> list:
     """Batch ``newest``'s mean and quantiles of ``name`` within the bounds (in standard
-    deviations of the ``reference`` batch, the one accepted before it) around the reference's."""
-    ref = frame.loc[frame["batch"] == reference, number_value(name)].dropna()
+    deviations of the ``reference`` batch, the one accepted before it) around the reference's.
+
+    Where every value of the reference batch was the same (a flag that stayed 0 all day), its
+    standard deviation is 0 and any change at all would be drift: the unit is then the
+    standard deviation over all batches before ``newest``, and only a column that never
+    varied keeps a unit of (almost) nothing."""
+    column = number_value(name)
+    ref = frame.loc[frame["batch"] == reference, column].dropna()
     if len(ref) < 2:
         return []
-    std = float(ref.std()) or 1e-9
+    std, unit = float(ref.std()), f"batch {reference}'s standard deviations"
+    if not std > 0:
+        std = float(frame.loc[frame["batch"] < newest, column].std()) or 1e-9
+        unit = f"standard deviations of the batches before it (batch {reference}'s values were all equal)"
     mean, k = float(ref.mean()), rules.max_mean_shift
-    items = [(E.ExpectColumnMeanToBeBetween(column=number_value(name), min_value=mean - k * std,
+    items = [(E.ExpectColumnMeanToBeBetween(column=column, min_value=mean - k * std,
                                             max_value=mean + k * std, **_in_batch(newest)),
-              f"'{name}' has not drifted: the mean of batch {newest} is within {k:g} standard deviations of "
+              f"'{name}' has not drifted: the mean of batch {newest} is within {k:g} {unit} of "
               f"batch {reference}'s ({mean:.4g} +- {k * std:.4g})")]
     q = rules.max_quantile_shift
     ranges = [[float(v) - q * std, float(v) + q * std] for v in ref.quantile(list(rules.quantiles))]
     items.append((E.ExpectColumnQuantileValuesToBeBetween(
-        column=number_value(name), quantile_ranges={"quantiles": list(rules.quantiles), "value_ranges": ranges},
+        column=column, quantile_ranges={"quantiles": list(rules.quantiles), "value_ranges": ranges},
         **_in_batch(newest)),
         f"'{name}' has not drifted: batch {newest}'s quantiles {', '.join(f'{x:g}' for x in rules.quantiles)} are "
-        f"within {q:g} standard deviations of batch {reference}'s"))
+        f"within {q:g} {unit} of batch {reference}'s"))
     return items
 
 

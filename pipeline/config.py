@@ -86,6 +86,9 @@ class ColumnRule(_Section):
     max: float | None = None
     allowed: list[str] | None = None        # categorical: the categories a batch may hold (null = any)
     max_null_fraction: float = Field(0.0, ge=0, le=1)
+    # false: no batch-to-batch check (numeric drift; for undeclared categories, new ones), for
+    # a column that moves by design: a day-of-week, a rate fixed per batch
+    drift: bool = True
 
     @field_validator("allowed", mode="before")
     @classmethod

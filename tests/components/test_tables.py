@@ -167,6 +167,30 @@ def test_a_drifted_batch_keeps_failing_when_a_newer_batch_lands_behind_it():
                           rules(drift_window=1)).success
 
 
+def test_a_batch_whose_column_was_constant_is_no_zero_yardstick_for_the_next_one():
+    """device_changed stayed 0 all of batch 2 (std 0). Batch 3 is an ordinary day: measured
+    in batch 2's std of 0 any change was drift; in the earlier batches' std it is not."""
+    first, second, third = (generate_transactions(1000, 4, f"batch-000{i}") for i in (1, 2, 3))
+    second["device_changed"] = 0.0
+    report = validate_table(snapshot(first, second, third), rules())
+    assert report.success, failed(report)
+    third["device_changed"] = 1.0  # every card on a new device: drift by any yardstick
+    failures = failed(validate_table(snapshot(first, second, third), rules()))
+    assert any(f.startswith("'device_changed' has not drifted") and "values were all equal" in f for f in failures)
+
+
+def test_a_column_declared_without_drift_may_move_between_batches_but_keeps_its_range():
+    first, second = generate_transactions(1500, 4, "batch-0001"), generate_transactions(800, 4, "batch-0002")
+    second["transactions_last_24h"] = second["transactions_last_24h"] + 4
+    columns = {name: {"type": "numeric", "min": None, "max": None, "allowed": None, "max_null_fraction": 0.0,
+                      **rule} for name, rule in declared_columns().items()}
+    columns["transactions_last_24h"]["drift"] = False
+    assert validate_table(snapshot(first, second), rules(columns=columns)).success
+    second.loc[0, "transactions_last_24h"] = 501.0  # over its declared max (500)
+    assert any("'transactions_last_24h' is within" in f
+               for f in failed(validate_table(snapshot(first, second), rules(columns=columns))))
+
+
 def test_a_label_ratio_outside_its_bounds_is_refused():
     batch = generate_transactions(1000, 5, fraud_rate=0.3)
     report = validate_table(snapshot(batch), rules())

@@ -146,7 +146,8 @@ def _train_pod(k8s: Kubernetes, settings: dict):
 
 def _stage_task(name: str):
     settings = TASK_SETTINGS.get(name, NEW_STAGE_SETTINGS)
-    placement = train_placement() if name == "train" else None
+    placement = train_placement(devices=int((PARAMS.get("train") or {}).get("devices") or 1)) \
+        if name == "train" else None
     if placement and placement.kubernetes:
         return _train_pod(placement.kubernetes, settings)
     queue = {"queue": placement.queue} if placement and placement.queue else {}

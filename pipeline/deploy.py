@@ -18,7 +18,9 @@ ANOMALY_PIPELINE_K8S_PROJECT_CLAIM        the PersistentVolumeClaim that holds t
                                           in the pod as on the workers (required: the run's
                                           workspace, DVC cache and checkpoints live there)
 ANOMALY_PIPELINE_K8S_NAMESPACE            default ``default``
-ANOMALY_PIPELINE_K8S_GPUS                 ``nvidia.com/gpu`` limit, default 1 (0: a CPU pod)
+ANOMALY_PIPELINE_K8S_GPUS                 ``nvidia.com/gpu`` limit, default params.yaml's
+                                          ``train.devices`` (one GPU per training process);
+                                          0: a CPU pod. Fewer than train.devices is refused
 ANOMALY_PIPELINE_K8S_NODE_SELECTOR        JSON object, e.g. {"nvidia.com/gpu.present": "true"}
 ANOMALY_PIPELINE_K8S_TOLERATIONS          JSON list of tolerations; default tolerates the
                                           ``nvidia.com/gpu`` taint
@@ -101,15 +103,19 @@ def _name(env: Mapping[str, str], name: str, default: str | None = None, require
     return value
 
 
-def _kubernetes(env: Mapping[str, str]) -> Kubernetes:
+def _kubernetes(env: Mapping[str, str], devices: int) -> Kubernetes:
     image = env.get(PREFIX + "IMAGE", "").strip()
     if not image or any(c.isspace() for c in image):
         raise DeploymentError(f"{PREFIX}IMAGE must name the project image (for example "
                               f"registry.example.com/anomaly-pipeline:1.4) when {PREFIX}TRAIN_ON is kubernetes"
                               + (f", not {image!r}" if image else ""))
-    gpus_raw = env.get(PREFIX + "K8S_GPUS", "").strip() or "1"
+    gpus_raw = env.get(PREFIX + "K8S_GPUS", "").strip() or str(devices)
     if not gpus_raw.isdigit():
         raise DeploymentError(f"{PREFIX}K8S_GPUS must be a whole number of GPUs (0 for a CPU pod), not {gpus_raw!r}")
+    if 0 < int(gpus_raw) < devices:  # the stage would refuse at once, after the pod was scheduled and pulled
+        raise DeploymentError(f"{PREFIX}K8S_GPUS is {gpus_raw} but params.yaml's train.devices is {devices}: "
+                              f"the pod would start {devices} training processes on {gpus_raw} GPU(s). Set it to "
+                              f"at least {devices}, 0 for a CPU pod, or leave it unset (train.devices)")
     selector = _json(env, "K8S_NODE_SELECTOR", dict, {})
     bad = {k: v for k, v in selector.items() if not isinstance(v, str)}
     if bad:
@@ -124,7 +130,8 @@ def _kubernetes(env: Mapping[str, str]) -> Kubernetes:
                       node_selector=selector, tolerations=tolerations, secret=_name(env, "K8S_SECRET"))
 
 
-def train_placement(env: Mapping[str, str] | None = None) -> TrainPlacement:
+def train_placement(env: Mapping[str, str] | None = None, devices: int = 1) -> TrainPlacement:
+    """``devices``: params.yaml's train.devices, the number of training processes (and GPUs)."""
     env = os.environ if env is None else env
     on = env.get(PREFIX + "TRAIN_ON", "").strip().lower() or "worker"
     if on not in PLACES:
@@ -135,5 +142,5 @@ def train_placement(env: Mapping[str, str] | None = None) -> TrainPlacement:
             raise DeploymentError(f"{PREFIX}TRAIN_QUEUE must be a Celery queue name, not {queue!r}")
         return TrainPlacement(on=on, queue=queue)
     if on == "kubernetes":
-        return TrainPlacement(on=on, kubernetes=_kubernetes(env))
+        return TrainPlacement(on=on, kubernetes=_kubernetes(env, devices))
     return TrainPlacement()

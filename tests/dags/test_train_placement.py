@@ -109,6 +109,17 @@ def test_a_cpu_pod_asks_for_no_gpu_and_the_default_tolerates_the_gpu_taint():
     assert train_placement({**env, "ANOMALY_PIPELINE_K8S_GPUS": "0"}).kubernetes.gpus == 0
 
 
+def test_the_pod_asks_for_a_gpu_per_training_process_unless_told_and_never_fewer():
+    """train.devices > 1 starts that many processes under torchrun, one per GPU."""
+    env = {k: v for k, v in K8S.items() if k != "ANOMALY_PIPELINE_K8S_GPUS"}
+    assert train_placement(env).kubernetes.gpus == 1
+    assert train_placement(env, devices=4).kubernetes.gpus == 4
+    assert train_placement({**env, "ANOMALY_PIPELINE_K8S_GPUS": "8"}, devices=4).kubernetes.gpus == 8
+    assert train_placement({**env, "ANOMALY_PIPELINE_K8S_GPUS": "0"}, devices=4).kubernetes.gpus == 0  # gloo
+    with pytest.raises(DeploymentError, match="ANOMALY_PIPELINE_K8S_GPUS is 2 but params.yaml's train.devices is 4"):
+        train_placement({**env, "ANOMALY_PIPELINE_K8S_GPUS": "2"}, devices=4)
+
+
 @pytest.mark.parametrize("change, named", [
     ({"ANOMALY_PIPELINE_TRAIN_ON": "gpu"}, "ANOMALY_PIPELINE_TRAIN_ON"),
     ({"ANOMALY_PIPELINE_TRAIN_ON": "queue", "ANOMALY_PIPELINE_TRAIN_QUEUE": "gpu queue"},

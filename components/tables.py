@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+log = logging.getLogger(__name__)
 TABLE_SUFFIXES = (".csv", ".parquet")
 OTHER = "__other__"
 # columns the pipeline adds to a snapshot; data columns of these names are refused (config.Table)
@@ -225,7 +227,14 @@ class Transform:
                 parts.append(((values - stats["mean"]) / stats["std"])[:, None])
             else:
                 known = self.categorical[name]
-                codes = pd.Categorical(category_text(frame[name]), categories=known).codes
+                text = category_text(frame[name])
+                codes = pd.Categorical(text, categories=known).codes
+                unseen = text[(codes < 0) & text.notna().to_numpy()]
+                if len(unseen):  # encoded as "other": say so, since the score cannot
+                    shown = ", ".join(repr(v) for v in sorted(unseen.unique())[:5])
+                    log.warning("%d of %d rows hold a '%s' category the training rows never had (%s%s): "
+                                "encoded as the column's 'other' slot", len(unseen), len(frame), name, shown,
+                                ", ..." if unseen.nunique() > 5 else "")
                 onehot = np.zeros((len(frame), len(known) + 1))
                 onehot[np.arange(len(frame)), np.where(codes < 0, len(known), codes)] = 1.0
                 parts.append(onehot)

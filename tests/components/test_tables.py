@@ -49,12 +49,16 @@ def test_the_generated_transactions_are_a_pure_function_of_seed_and_batch():
         fraud["distance_from_home_km"].median() > normal["distance_from_home_km"].median()
 
 
-def test_the_encoding_is_fitted_on_the_rows_it_is_given_and_maps_the_unknown_to_other():
+def test_the_encoding_is_fitted_on_the_rows_it_is_given_and_maps_the_unknown_to_other(caplog):
     train = pd.DataFrame({"x": [1.0, 2.0, 3.0, np.nan], "c": ["a", "b", "a", None]})
     transform = Transform.fit(train, {"x": {"type": "numeric"}, "c": {"type": "categorical"}})
     assert transform.numeric["x"]["median"] == 2.0 and transform.categorical["c"] == ["a", "b"]
     assert transform.feature_names() == ["x", "c=a", "c=b", f"c={OTHER}"]
+    transform.apply(pd.DataFrame({"x": [1.0, 2.0], "c": ["a", None]}))
+    assert not caplog.records  # a missing category is not news
     rows = transform.apply(pd.DataFrame({"x": [2.0, np.nan], "c": ["zzz", "b"]}))
+    assert [r.getMessage() for r in caplog.records] == [
+        "1 of 2 rows hold a 'c' category the training rows never had ('zzz'): encoded as the column's 'other' slot"]
     assert rows.dtype == np.float32 and rows.shape == (2, 4)
     assert rows[0, 1:].tolist() == [0, 0, 1] and rows[1, 1:].tolist() == [0, 1, 0]  # unseen -> other
     assert rows[0, 0] == rows[1, 0]  # the missing value is the training median

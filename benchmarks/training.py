@@ -17,17 +17,18 @@ epochs of about 0.25 s on 2026-12-02): the BatchNorm pass, one forward pass over
 about 1 %; a checkpoint with fsync, about 11 ms. A checkpoint after every epoch cost 4-5 %
 (1,819 against 1,909 samples/s in one process, 6 alternations), so since 2026-12-02 the
 stage writes one at most every ``train.checkpoint_every_s`` (60 s) and after the last
-epoch: one per run here. malloc_trim (every 50 batches) and the per-batch uint8 to float
-conversion from the memory-mapped split showed no difference beyond the noise (in one
-process: all 1,350, without trim 1,361, without the BatchNorm pass 1,344 samples/s).
+epoch: one per run here.
 
-This overhead is smaller than the noise: between fresh processes running the same code, one
-whole training's speed varied by ±15-25 % here (each process steady across its epochs; not
-address-space randomisation: the same with ``setarch -R``). Inside one process the stage's
-``components.training.train`` ran 20 % faster than the plain loop on the same data, in
-separate processes 5-10 % slower, and the median time per batch of the two differed by
-3 %: what separates them is below what these machines can resolve. Full runs of this
-benchmark on the same code gave medians from 0.86 to 1.00.
+Until 2026-12-02 one whole training's speed varied by 15-25 % between fresh processes
+running the same code, and the stage's median stayed at 0.86-0.93 of the plain loop's. The
+cause was glibc's allocator: with its moving thresholds a process handed freed tensor memory
+back to the kernel and faulted it in again, 0.2 to 1.5 million minor page faults per
+training (1-3 s of system time in a 7 s loop), a different number in every process; the
+stage's ``malloc_trim`` every 50 batches added to it. ``train()`` now fixes the thresholds
+(``components.training.keep_freed_memory``) and no longer trims inside the loop: about
+23,000 faults. The plain loop is still what an engineer writes, with glibc's defaults; a
+third side, the same plain loop with the stage's allocator settings, shows what the stage
+itself costs on top (informational). Each repetition runs the three in rotating order.
 """
 from __future__ import annotations
 
@@ -44,8 +45,11 @@ import json, sys, time
 import numpy as np, pandas as pd, torch
 import torch._dynamo  # torch.optim imports it at the first step; the stage imports it before its clock too
 from components.models import build
-spec_path, images_path, index_path, epochs, batch_size, lr, wd, seed = sys.argv[1:9]
+spec_path, images_path, index_path, epochs, batch_size, lr, wd, seed, allocator = sys.argv[1:10]
 epochs, batch_size, lr, wd, seed = int(epochs), int(batch_size), float(lr), float(wd), int(seed)
+if allocator == "kept":  # the stage's glibc settings, for the side-by-side without them
+    from components.training import keep_freed_memory
+    assert keep_freed_memory()
 spec = json.load(open(spec_path))
 index = pd.read_parquet(index_path)
 labels = torch.from_numpy(index[index["split"] == "train"].sort_values("row")["is_anomaly"].to_numpy(np.float32))
@@ -99,7 +103,7 @@ def run(ctx: Context) -> list[Figure]:
     params = yaml.safe_load((root / "params.yaml").read_text())
     train = params["train"]
     epochs = train["epochs"]
-    stage_loop, stage_process, plain_loop, plain_process = [], [], [], []
+    stage_loop, stage_process, plain_loop, plain_process, kept_loop = [], [], [], [], []
     spec_file = ctx.folder("training") / "spec.json"  # the stage's model spec, for the plain loop
 
     def stage() -> None:
@@ -111,28 +115,38 @@ def run(ctx: Context) -> list[Figure]:
         stage_process.append(metrics["train_images"] * epochs / done.seconds)
         spec_file.write_text(json.dumps(json.loads((root / "models" / "spec.json").read_text())["spec"]))
 
-    def plain() -> None:
+    def plain_run(allocator: str) -> tuple[dict, float]:
         done = run_child([PYTHON, "-c", PLAIN_LOOP, str(spec_file), str(root / "data/processed/train_images.npy"),
                           str(root / "data/processed/index.parquet"), str(epochs), str(train["batch_size"]),
-                          str(train["learning_rate"]), str(train["weight_decay"]), str(params["base"]["seed"])],
-                         cwd=root, env=bench_env())
+                          str(train["learning_rate"]), str(train["weight_decay"]), str(params["base"]["seed"]),
+                          allocator], cwd=root, env=bench_env())
         result = json.loads(done.output.strip().splitlines()[-1])
         threads.append(result["threads"])
+        return result, done.seconds
+
+    def plain() -> None:
+        result, seconds = plain_run("default")
         plain_loop.append(result["samples_per_second"])
-        plain_process.append(result["samples_per_second"] * result["seconds"] / done.seconds)  # samples / s
+        plain_process.append(result["samples_per_second"] * result["seconds"] / seconds)  # samples / s
+
+    def plain_kept() -> None:
+        kept_loop.append(plain_run("kept")[0]["samples_per_second"])
 
     metrics, threads = {}, []
-    # Each pair is two whole trainings. Who goes first alternates (the stage first in odd
-    # pairs: its spec is the plain loop's), so a load that rises or falls during the run (this
+    # Each repetition is three whole trainings. Who goes first rotates (the stage first in the
+    # first: its spec is the plain loops'), so a load that rises or falls during the run (this
     # machine is shared) does not favour one side. One pair's ratio ranged from 0.70 to 1.17
-    # here, so a full run takes at least 11 pairs (7 until 2026-12-02: 0.86 and 0.93 in two
-    # runs that hour on the same code).
+    # here before the stage fixed glibc's thresholds, so a full run takes at least 11 (7 until
+    # 2026-12-02: 0.86 and 0.93 in two runs that hour on the same code).
+    sides = [stage, plain, plain_kept]
     for repetition in range(ctx.repeats if ctx.quick else max(ctx.repeats, 11)):
-        for side in ((stage, plain) if repetition % 2 == 0 else (plain, stage)):
+        turn = sides[repetition % 3:] + sides[:repetition % 3]
+        for side in turn:
             side()
-        ctx.log(f"  repetition {repetition + 1}: stage {stage_loop[-1]:.0f}/s, plain {plain_loop[-1]:.0f}/s"
-                f"{' (plain first)' if repetition % 2 else ''}")
-    assert set(threads) == {metrics["threads"]}, "the two loops ran with different thread counts"
+        ctx.log(f"  repetition {repetition + 1}: stage {stage_loop[-1]:.0f}/s, plain {plain_loop[-1]:.0f}/s, "
+                f"plain with the stage's allocator settings {kept_loop[-1]:.0f}/s "
+                f"({', '.join(side.__name__ for side in turn)})")
+    assert set(threads) == {metrics["threads"]}, "the loops ran with different thread counts"
     family = params["model"]["type"]
     note = f"{family}, {metrics['train_images']} images x {epochs} epochs, batch {train['batch_size']}, " \
            f"{metrics['threads']} threads, {metrics['device']}"
@@ -143,6 +157,10 @@ def run(ctx: Context) -> list[Figure]:
                higher_is_better=True),
         check(Figure("training.ratio", "stage / plain loop (training loop)", "ratio",
                      ratios(stage_loop, plain_loop), higher_is_better=True), at_least=0.95),
+        Figure("training.plain_kept_loop_samples_per_s", "plain PyTorch loop with the stage's glibc allocator "
+               "settings (informational)", "samples/s", kept_loop, higher_is_better=True),
+        Figure("training.kept_ratio", "stage / plain loop with the same allocator settings (informational: the "
+               "stage's own bookkeeping)", "ratio", ratios(stage_loop, kept_loop), higher_is_better=True),
         Figure("training.process_ratio", "stage / plain loop (whole process: imports, scoring, writes)", "ratio",
                ratios(stage_process, plain_process), higher_is_better=True),
     ]

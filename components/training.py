@@ -86,27 +86,64 @@ def make_deterministic(seed: int, num_threads: int, device: torch.device) -> Non
         torch.backends.cudnn.benchmark = False
 
 
-def _malloc_trim() -> Callable[[], None]:
-    """glibc's ``malloc_trim(0)``, or nothing where the C library has none (macOS, musl)."""
+def _libc():
+    """glibc, or None where the C library is another (macOS, musl): then nothing is tuned."""
     try:
         import ctypes
 
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+        libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+        return libc
     except (OSError, AttributeError):
-        return lambda: None
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return lambda: trim(0)
+        return None
 
 
-release_freed_memory = _malloc_trim()
-# Each batch allocates and frees tens of MB of tensors; glibc keeps much of what is freed in
-# its heaps instead of returning it, so the process grew about 5 KB per training image from
-# 10k to 50k images and varied by 300 MB between runs, with no more live data (memray at the
-# peak: 112 MB of heap). Handing it back every TRIM_EVERY batches and after each pass keeps
-# the stage's memory independent of the data set's size (benchmarks/scale.py). A trim took
-# about 1 ms here (10 ms the first time), against about 9 s of training per TRIM_EVERY batches.
-# Batches are counted across epochs, so a small set's short epochs do not each end in a trim
-# (what is handed back is faulted in again by the next batches).
+_LIBC = _libc()
+
+
+def release_freed_memory() -> None:
+    """glibc's ``malloc_trim(0)``: hand what the heaps hold free back to the system."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+# glibc's mallopt parameters (malloc.h) and the values train() sets.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD = 32 << 20   # the most glibc accepts on 64 bits (HEAP_MAX_SIZE / 2)
+TRIM_THRESHOLD = 1 << 30
+
+
+def keep_freed_memory() -> bool:
+    """Fix glibc's allocator thresholds for this process, so a training loop stops paying
+    page faults for memory it freed a moment ago; True where they were set.
+
+    Each batch allocates and frees tens of MB of tensors. By default glibc moves its
+    thresholds as it goes: the first large blocks are mapped and unmapped on every use,
+    and the top of the heap is handed back whenever more than twice the last such block is
+    free there. Every byte handed back is faulted in (and zeroed by the kernel) by the next
+    batch. On 2026-12-02 a 30-epoch Deep SAD training of 407 images took 0.2 to 1.5 million
+    minor page faults (1-3 s of system time in a 7 s loop), a different number in every
+    process: the main cause of the ±15-25 % spread between fresh processes running the same
+    code. With blocks up to 32 MB taken from the heap and up to 1 GB kept free at its top,
+    the same loop took about 23,000 faults and 0.07 s of system time, and ran 15-30 % faster.
+
+    What the periodic ``malloc_trim`` (every TRIM_EVERY batches, until 2026-12-02) was for
+    -- the process grew 5 KB per training image from 10k to 50k images -- does not happen
+    with fixed thresholds (benchmarks/scale.py, three runs: 0.72-1.05 KB per extra image and
+    515-535 MB at 50k, against 0.60 KB and 509 MB with the trims), so the loop no longer
+    trims; the passes after it still do. The setting is process-wide and
+    stays: train() is called by the train stage, a process of its own.
+    """
+    if _LIBC is None:
+        return False
+    return bool(_LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(_LIBC.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+# The passes over a split (BatchNorm re-estimate, scoring) also run where train() never ran
+# (the registered model's predict in a serving process): there glibc's defaults hold, and
+# without a trim the process grew about 5 KB per image scored. A trim every TRIM_EVERY batches
+# and after each pass keeps them flat (benchmarks/scale.py); a trim took about 1 ms here.
 TRIM_EVERY = 50
 
 
@@ -279,6 +316,7 @@ def train(
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", torch.cuda.current_device())  # the stage set this process's GPU
     make_deterministic(settings.seed, settings.num_threads, device)
+    keep_freed_memory()
     labels = np.asarray(labels, dtype=np.float32)
     spec = dict(spec)
     if spec["family"] == "classifier":
@@ -324,7 +362,7 @@ def train(
         forward = model.loss
     normal_only = getattr(model, "loss_over_normal_only", False)
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    n, step = len(images), 0
+    n = len(images)
     last_checkpoint = time.monotonic()
     for epoch in range(start_epoch + 1, settings.epochs + 1):
         model.train()
@@ -353,9 +391,6 @@ def train(
             optimizer.step()
             total += float(batch_loss) * len(batch)
             seen += len(batch)
-            step += 1
-            if step % TRIM_EVERY == 0:  # counted across epochs: a small data set's epoch is a few batches
-                release_freed_memory()
         record = {"epoch": float(epoch), "train_loss": total / seen}
         history.append(record)
         log.info("epoch %d/%d train_loss=%.6f", epoch, settings.epochs, record["train_loss"])

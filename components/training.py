@@ -365,6 +365,7 @@ def train(
     n = len(images)
     last_checkpoint = time.monotonic()
     for epoch in range(start_epoch + 1, settings.epochs + 1):
+        epoch_started = time.monotonic()
         model.train()
         order = torch.randperm(n, generator=generator).numpy()
         total, seen = 0.0, 0
@@ -391,7 +392,8 @@ def train(
             optimizer.step()
             total += float(batch_loss) * len(batch)
             seen += len(batch)
-        record = {"epoch": float(epoch), "train_loss": total / seen}
+        # seconds: the epoch's batches, not its checkpoint (train_history.csv, MLflow's epoch_seconds)
+        record = {"epoch": float(epoch), "train_loss": total / seen, "seconds": time.monotonic() - epoch_started}
         history.append(record)
         log.info("epoch %d/%d train_loss=%.6f", epoch, settings.epochs, record["train_loss"])
         if checkpoint_dir is not None and rank == 0 and (

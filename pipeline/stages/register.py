@@ -83,6 +83,8 @@ def _log_run_record(layout: Layout, client, run_id: str, metrics: dict, calibrat
         history = pd.read_csv(layout.train_history)
         for row in history.itertuples():
             client.log_metric(run_id, "train_loss", float(row.train_loss), step=int(row.epoch))
+            if pd.notna(getattr(row, "seconds", None)):
+                client.log_metric(run_id, "epoch_seconds", float(row.seconds), step=int(row.epoch))
     for path, folder in ((layout.plots, "plots"), (layout.validation_dir, "validation")):
         if path.is_dir():
             mlflow.log_artifacts(str(path), folder)

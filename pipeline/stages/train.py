@@ -68,6 +68,7 @@ def _epoch_logger():
 
     def log(epoch: int, record: dict) -> None:
         client.log_metric(run_id, "train_loss", record["train_loss"], step=epoch)
+        client.log_metric(run_id, "epoch_seconds", record["seconds"], step=epoch)
 
     return log
 
@@ -250,9 +251,10 @@ def _train_and_write(layout: Layout, rank: int, world: int) -> dict:
         scores.to_parquet(tmp, index=False)
 
     with atomic_path(layout.train_history) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["epoch", "train_loss"])
-        writer.writeheader()
-        writer.writerows({"epoch": int(h["epoch"]), "train_loss": h["train_loss"]} for h in result.history)
+        writer = csv.DictWriter(handle, fieldnames=["epoch", "train_loss", "seconds"])
+        writer.writeheader()  # seconds: empty for an epoch a checkpoint written before 2026-12-02 recorded
+        writer.writerows({"epoch": int(h["epoch"]), "train_loss": h["train_loss"], "seconds": h.get("seconds")}
+                         for h in result.history)
     trained_epochs = len(result.history) - result.resumed_from_epoch
     metrics = {
         "family": spec["family"], "device": result.device, "epochs": config.train.epochs,

@@ -162,6 +162,7 @@ def test_the_autoencoder_skips_a_batch_without_normal_images(arrays):
     settings = TrainSettings(**{**SETTINGS.__dict__, "batch_size": 2, "epochs": 2})
     result = train(_spec("autoencoder"), images[order], labels[order], settings, progress=False)
     assert len(result.history) == 2 and all(np.isfinite(h["train_loss"]) for h in result.history)
+    assert all(h["seconds"] > 0 for h in result.history)
 
 
 CHURN_AFTER_TRAINING = """

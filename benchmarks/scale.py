@@ -8,7 +8,7 @@ child processes. Per image, for each stage:
 * the stage's wall time (interpreter, imports and all);
 * the work: the time of ``pipeline.cli.main([stage])`` in the child, measured after the
   stage's modules are imported (pyarrow, PIL; torch and pandas for train) -- what grows with the data;
-* for train, the epoch: its ``seconds`` in reports/train_history.csv, per training image;
+* for train, the epoch: its entry in ``epoch_seconds`` of reports/train.json, per training image;
 * for train, the training part: ``seconds`` in reports/train.json (the Deep SAD centre pass,
   the epoch, the BatchNorm recalibration pass and the checkpoint), per training image.
 
@@ -40,7 +40,6 @@ machine they move less with other people's load.
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
@@ -74,8 +73,8 @@ Images generated with `components.synthetic.write_batch` at {IMAGE_SIZE} px (not
 images at 128 px take ~5 min to generate on 2 cores; preprocess still decodes, converts and resizes to
 params' 64 px); untimed set-up. params.yaml's defaults except `train.epochs: 1` (Deep SAD, 64 px, 3
 channels, batch 64, all cores). *work* is the stage after its imports (`pipeline.cli.main([stage])` timed
-inside the child); *stage* is the whole child process; *train epoch* is the epoch's `seconds` in
-reports/train_history.csv per training image; *train loop* is `seconds` of reports/train.json per
+inside the child); *stage* is the whole child process; *train epoch* is the epoch's `epoch_seconds` in
+reports/train.json per training image; *train loop* is `seconds` of reports/train.json per
 training image (centre pass + one epoch + BatchNorm pass + checkpoint), with `torch._dynamo` imported
 before (the optimizer imports it inside the timed loop: 3-8 s, not per-image work). Flatness = max/min
 across counts of the median per-image preprocess work and train epoch, target <= {FLATNESS_LIMIT} (train loop
@@ -328,11 +327,9 @@ def repetition(ctx: Context, project: Path, validated: set[str], result: CountRe
         raise RuntimeError("train resumed from a checkpoint; the repetition would not train")
     result.train_images = metrics["train_images"]
     result.loop_seconds.append(metrics["seconds"])
-    with open(project / "reports" / "train_history.csv", newline="") as handle:
-        epochs = list(csv.DictReader(handle))
-    if len(epochs) != 1:
-        raise RuntimeError(f"train ran {len(epochs)} epochs; the scale projects train one")
-    result.epoch_seconds.append(float(epochs[0]["seconds"]))
+    if len(metrics["epoch_seconds"]) != 1:
+        raise RuntimeError(f"train ran {len(metrics['epoch_seconds'])} epochs; the scale projects train one")
+    result.epoch_seconds.append(metrics["epoch_seconds"][0])
     r = result.train[-1]
     ctx.log(f"  {label(count)}: train {r.seconds:.1f} s (work {r.work_seconds:.1f} s, loop "
             f"{metrics['seconds']:.1f} s, epoch {result.epoch_seconds[-1]:.1f} s, CPU {r.loop_cpu_seconds:.1f} s, "

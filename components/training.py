@@ -392,7 +392,7 @@ def train(
             optimizer.step()
             total += float(batch_loss) * len(batch)
             seen += len(batch)
-        # seconds: the epoch's batches, not its checkpoint (train_history.csv, MLflow's epoch_seconds)
+        # seconds: the epoch's batches, not its checkpoint (train.json's and MLflow's epoch_seconds)
         record = {"epoch": float(epoch), "train_loss": total / seen, "seconds": time.monotonic() - epoch_started}
         history.append(record)
         log.info("epoch %d/%d train_loss=%.6f", epoch, settings.epochs, record["train_loss"])

@@ -70,10 +70,9 @@ def _log_run_record(layout: Layout, client, run_id: str, metrics: dict, calibrat
     numeric = {f"test_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
     numeric.update({f"calibration_{k}": float(v) for k, v in calibration.items()
                     if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None})
-    if layout.train_metrics.is_file():
-        train = read_json(layout.train_metrics)
-        numeric.update({f"train_{k}": float(v) for k, v in train.items()
-                        if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None})
+    train = read_json(layout.train_metrics) if layout.train_metrics.is_file() else {}
+    numeric.update({f"train_{k}": float(v) for k, v in train.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None})
     if layout.validation_summary.is_file():
         summary = read_json(layout.validation_summary)
         numeric["validation_files"] = float(summary["n_files"])
@@ -81,10 +80,11 @@ def _log_run_record(layout: Layout, client, run_id: str, metrics: dict, calibrat
     mlflow.log_metrics(numeric)
     if not client.get_metric_history(run_id, "train_loss") and layout.train_history.is_file():
         history = pd.read_csv(layout.train_history)
+        durations = dict(enumerate(train.get("epoch_seconds") or [], start=1))  # epoch -> seconds or None
         for row in history.itertuples():
             client.log_metric(run_id, "train_loss", float(row.train_loss), step=int(row.epoch))
-            if pd.notna(getattr(row, "seconds", None)):
-                client.log_metric(run_id, "epoch_seconds", float(row.seconds), step=int(row.epoch))
+            if durations.get(int(row.epoch)) is not None:
+                client.log_metric(run_id, "epoch_seconds", float(durations[int(row.epoch)]), step=int(row.epoch))
     for path, folder in ((layout.plots, "plots"), (layout.validation_dir, "validation")):
         if path.is_dir():
             mlflow.log_artifacts(str(path), folder)

@@ -119,9 +119,9 @@ def keep_freed_memory() -> bool:
     page faults for memory it freed a moment ago; True where they were set.
 
     Each batch allocates and frees tens of MB of tensors. By default glibc moves its
-    thresholds as it goes: the first large blocks are mapped and unmapped on every use,
-    and the top of the heap is handed back whenever more than twice the last such block is
-    free there. Every byte handed back is faulted in (and zeroed by the kernel) by the next
+    thresholds as it goes: a block above the mmap threshold is mapped and unmapped on every
+    use (the threshold rises only as such blocks are freed), and the top of the heap is
+    handed back whenever more than twice that threshold is free there. Every byte handed back is faulted in (and zeroed by the kernel) by the next
     batch. On 2026-12-02 a 30-epoch Deep SAD training of 407 images took 0.2 to 1.5 million
     minor page faults (1-3 s of system time in a 7 s loop), a different number in every
     process: the main cause of the ±15-25 % spread between fresh processes running the same
@@ -132,8 +132,8 @@ def keep_freed_memory() -> bool:
     -- the process grew 5 KB per training image from 10k to 50k images -- does not happen
     with fixed thresholds (benchmarks/scale.py, three runs: 0.72-1.05 KB per extra image and
     515-535 MB at 50k, against 0.60 KB and 509 MB with the trims), so the loop no longer
-    trims; the passes after it still do. The setting is process-wide and
-    stays: train() is called by the train stage, a process of its own.
+    trims; the passes after it still do. The setting is process-wide and stays: train() is
+    called by the train stage, a process of its own.
     """
     if _LIBC is None:
         return False
@@ -141,9 +141,9 @@ def keep_freed_memory() -> bool:
 
 
 # The passes over a split (BatchNorm re-estimate, scoring) also run where train() never ran
-# (the registered model's predict in a serving process): there glibc's defaults hold, and
-# without a trim the process grew about 5 KB per image scored. A trim every TRIM_EVERY batches
-# and after each pass keeps them flat (benchmarks/scale.py); a trim took about 1 ms here.
+# (the registered model's predict in a serving process): there glibc's defaults hold, and what
+# a pass frees may stay with the process. A trim every TRIM_EVERY batches and after each pass
+# hands it back (benchmarks/scale.py keeps the stage flat); a trim took about 1 ms here.
 TRIM_EVERY = 50
 
 

@@ -121,12 +121,13 @@ def keep_freed_memory() -> bool:
     Each batch allocates and frees tens of MB of tensors. By default glibc moves its
     thresholds as it goes: a block above the mmap threshold is mapped and unmapped on every
     use (the threshold rises only as such blocks are freed), and the top of the heap is
-    handed back whenever more than twice that threshold is free there. Every byte handed back is faulted in (and zeroed by the kernel) by the next
-    batch. On 2026-12-02 a 30-epoch Deep SAD training of 407 images took 0.2 to 1.5 million
-    minor page faults (1-3 s of system time in a 7 s loop), a different number in every
-    process: the main cause of the ±15-25 % spread between fresh processes running the same
-    code. With blocks up to 32 MB taken from the heap and up to 1 GB kept free at its top,
-    the same loop took about 23,000 faults and 0.07 s of system time, and ran 15-30 % faster.
+    handed back whenever more than twice that threshold is free there. Every byte handed
+    back is faulted in (and zeroed by the kernel) by the next batch. On 2026-12-02 a
+    30-epoch Deep SAD training of 407 images took 0.2 to 1.5 million minor page faults (1-3 s
+    of system time in a 7 s loop), a different number in every process: the main cause of
+    the ±15-25 % spread between fresh processes running the same code. With blocks up to
+    32 MB taken from the heap and up to 1 GB kept free at its top, the same loop took about
+    23,000 faults and 0.07 s of system time, and ran 15-30 % faster.
 
     What the periodic ``malloc_trim`` (every TRIM_EVERY batches, until 2026-12-02) was for
     -- the process grew 5 KB per training image from 10k to 50k images -- does not happen
@@ -137,7 +138,8 @@ def keep_freed_memory() -> bool:
     """
     if _LIBC is None:
         return False
-    return bool(_LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(_LIBC.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return all(_LIBC.mallopt(option, value) == 1
+               for option, value in ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD)))
 
 
 # The passes over a split (BatchNorm re-estimate, scoring) also run where train() never ran

@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -79,12 +80,15 @@ def _log_run_record(layout: Layout, client, run_id: str, metrics: dict, calibrat
         numeric.update({f"validation_count_{k}": float(v) for k, v in summary["label_counts"].items()})
     mlflow.log_metrics(numeric)
     if not client.get_metric_history(run_id, "train_loss") and layout.train_history.is_file():
+        from mlflow.entities import Metric
+
         history = pd.read_csv(layout.train_history)
         durations = dict(enumerate(train.get("epoch_seconds") or [], start=1))  # epoch -> seconds or None
-        for row in history.itertuples():
-            client.log_metric(run_id, "train_loss", float(row.train_loss), step=int(row.epoch))
-            if durations.get(int(row.epoch)) is not None:
-                client.log_metric(run_id, "epoch_seconds", float(durations[int(row.epoch)]), step=int(row.epoch))
+        now = int(time.time() * 1000)
+        per_epoch = [Metric("train_loss", float(row.train_loss), now, int(row.epoch)) for row in history.itertuples()]
+        per_epoch += [Metric("epoch_seconds", float(seconds), now, epoch) for epoch, seconds in durations.items()
+                      if seconds is not None]
+        client.log_batch(run_id, metrics=per_epoch)  # MLflow splits it into requests of 1,000
     for path, folder in ((layout.plots, "plots"), (layout.validation_dir, "validation")):
         if path.is_dir():
             mlflow.log_artifacts(str(path), folder)

@@ -50,13 +50,21 @@ def _remove_orphans(path: Path) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a running process. A zombie counts as dead: a stage killed with
+    its process group is reparented to pid 1, and where pid 1 is not a reaping init (a
+    container's or VM's entry point) it stays a zombie for good, so ``kill(pid, 0)``
+    alone would keep its half-written temporaries forever."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # "pid (comm) S ...": comm may hold spaces and parentheses, the state follows the last ")"
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):  # the process ended in between, or there is no /proc (macOS)
+        return not Path("/proc").is_dir()
+    return state not in ("Z", "X")
 
 
 def write_json(path: Path, data: Any) -> Path:

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from components.feature_detectors import FEATURE_FAMILIES  # fitted on pretrained features, images only
+
 FAMILIES = ("autoencoder", "deep_sad", "classifier")
 
 
@@ -228,6 +230,10 @@ def build(spec: dict[str, Any]) -> nn.Module:
     if spec.get("input") == "table":
         return _build_table(spec)
     family = spec["family"]
+    if family in FEATURE_FAMILIES:  # the backbone's weights come with the state dict loaded after this
+        from components.feature_detectors import build as build_feature_detector
+
+        return build_feature_detector(spec)
     common = dict(channels=spec["channels"], image_size=spec["image_size"], width=spec["width"],
                   latent_dim=spec["latent_dim"])
     if family == "autoencoder":

@@ -59,6 +59,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     resumed_from_epoch: int = 0
     device: str = "cpu"
+    summary: dict[str, Any] = field(default_factory=dict)   # a fitted family's bank size, fit time, ...
 
 
 def select_device(preference: str) -> torch.device:
@@ -308,8 +309,18 @@ def train(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool | None = None,
 ) -> TrainResult:
-    """Train a model of spec['family'] on (images, labels) and return it with its history."""
+    """Train a model of spec['family'] on (images, labels) and return it with its history.
+
+    The feature families (PatchCore, PaDiM) are fitted in one pass instead
+    (components/feature_detectors.py): no epochs, no checkpoints, an empty history."""
     from tqdm.auto import tqdm
+
+    from components.feature_detectors import FEATURE_FAMILIES, fit
+
+    if spec["family"] in FEATURE_FAMILIES:
+        if len(images) == 0:
+            raise ValueError("no training images")
+        return fit(spec, images, labels, settings, progress=progress)
 
     if len(images) == 0:
         raise ValueError("no training images")

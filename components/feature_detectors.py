@@ -1,0 +1,151 @@
+"""Detectors on pretrained features (PatchCore, PaDiM): what they share.
+
+They are not trained: one pass over the normal training images fills a memory bank
+(PatchCore) or a per-position Gaussian (PaDiM) with features of an ImageNet-pretrained
+backbone, and an image's score is how far its patches are from those. The torch models are
+anomalib's (``anomalib.models.image.{patchcore,padim}.torch_model``); this module and the
+two family modules are the thin adapter that fits them into ``train -> calibrate ->
+evaluate -> register``:
+
+* input: uint8 images as preprocess writes them, scaled to [0, 1] by
+  ``training.to_tensor``, grey repeated to three channels and ImageNet-normalised here
+  (``backbones.imagenet_input``), so the served model takes the same bytes as any family;
+* scores: the torch models' raw scores (anomalib's Lightning post-processor, which
+  normalises and clamps them, is not used: calibration and gates need the raw ranking);
+* anomaly maps: ``score_and_map`` gives the per-pixel map at the input size;
+* on CUDA the backbone runs under bf16 autocast; distances and Gaussians stay in fp32
+  (a nearest-neighbour distance as ``|x|^2 - 2xy + |y|^2`` loses its digits in bf16);
+* the fitted model's state dict holds everything (backbone, bank or Gaussian), so the
+  served model needs no weights file and no network.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from components.backbones import BACKBONES, WeightsInfo, imagenet_input, load_pretrained
+
+log = logging.getLogger(__name__)
+
+FEATURE_FAMILIES = ("patchcore", "padim")
+
+# Layers per family and backbone when model.layers is null: measured on the realistic set of
+# benchmarks/feature_quality.py (benchmarks/RESULTS.md); the papers' choices for the ResNets
+DEFAULT_LAYERS: dict[str, dict[str, list[str]]] = {
+    "patchcore": {"resnet18": ["layer2", "layer3"], "wide_resnet50_2": ["layer2", "layer3"],
+                  "efficientnet_lite0": ["blocks.2", "blocks.4"]},
+    "padim": {"resnet18": ["layer1", "layer2", "layer3"], "wide_resnet50_2": ["layer1", "layer2", "layer3"],
+              "efficientnet_lite0": ["blocks.1", "blocks.2", "blocks.4"]},
+}
+
+
+class FeatureDetector(nn.Module):
+    """Base of the two families: the backbone's features, a fit in three calls
+    (``begin_fit``, ``add`` per batch, ``end_fit``), and scores with or without maps."""
+
+    def __init__(self, spec: dict[str, Any]):
+        super().__init__()
+        self.spec = spec
+
+    # the anomalib torch model; its feature_extractor.feature_extractor is timm's network
+    inner: nn.Module
+
+    @property
+    def extractor(self) -> nn.Module:
+        return self.inner.feature_extractor.feature_extractor
+
+    def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The backbone's feature maps (fp32) of images in [0, 1]."""
+        x = imagenet_input(x)
+        with torch.no_grad(), torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
+            features = self.inner.feature_extractor(x)
+        return {layer: value.float() for layer, value in features.items()}
+
+    def begin_fit(self, images: int) -> None:
+        raise NotImplementedError
+
+    def add(self, x: torch.Tensor, generator: torch.Generator) -> None:
+        raise NotImplementedError
+
+    def end_fit(self) -> dict[str, Any]:
+        """Finish the fit; returns what train.json reports (bank size, bytes, ...)."""
+        raise NotImplementedError
+
+    def score_and_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores N, anomaly maps N x H x W at the input's size), higher = more anomalous."""
+        raise NotImplementedError
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        return self.score_and_map(x)[0]
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise TypeError(f"{self.spec['family']} is fitted in one pass, not trained with a loss")
+
+
+def resolve_layers(family: str, backbone: str, layers: list[str] | None) -> list[str]:
+    return list(layers) if layers else list(DEFAULT_LAYERS[family][backbone])
+
+
+def build(spec: dict[str, Any], load_weights: bool = False) -> FeatureDetector:
+    """The family's module for ``spec``. With ``load_weights`` the backbone gets its
+    ImageNet weights from ``spec['backbone_weights']`` (and ``spec['weights']`` records
+    what was loaded); without, it holds random weights that a state dict replaces (the
+    served model, whose state dict carries the backbone)."""
+    family, backbone = spec["family"], spec["backbone"]
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r} (known: {', '.join(BACKBONES)})")
+    if family == "patchcore":
+        from components.patchcore import PatchCore
+
+        model: FeatureDetector = PatchCore(spec)
+    elif family == "padim":
+        from components.padim import Padim
+
+        model = Padim(spec)
+    else:
+        raise ValueError(f"unknown fitted family {family!r} (known: {', '.join(FEATURE_FAMILIES)})")
+    if load_weights:
+        info: WeightsInfo = load_pretrained(model.extractor, backbone, spec.get("backbone_weights", "auto"))
+        spec["weights"] = info.as_dict()
+    model.eval()
+    return model
+
+
+def fit(spec: dict[str, Any], images: np.ndarray, labels: np.ndarray, settings, progress: bool | None = None):
+    """Fit a feature family on the normal images of (images, labels): one pass, no epochs.
+
+    Seeded like training (``settings.seed``; PaDiM's feature draw and PatchCore's coreset
+    are random), so the same images, settings and thread count give the same bank."""
+    from tqdm.auto import tqdm
+
+    from components.training import TrainResult, keep_freed_memory, make_deterministic, select_device, to_tensor
+
+    normal = np.flatnonzero(np.asarray(labels) < 0.5)
+    if len(normal) == 0:
+        raise ValueError(f"{spec['family']} fits on normal images; the training split has none")
+    device = select_device(settings.device)
+    make_deterministic(settings.seed, settings.num_threads, device)
+    # PatchCore's coreset selection allocates and frees a pool-sized tensor per selected patch:
+    # with glibc's moving thresholds each one was mapped and faulted in anew (23 s instead of
+    # 0.8 s for a 15k-patch pool here). The same fix as the training loop's.
+    keep_freed_memory()
+    spec = dict(spec)
+    started = time.perf_counter()
+    model = build(spec, load_weights=True).to(device)
+    generator = torch.Generator().manual_seed(settings.seed)
+    model.begin_fit(len(normal))
+    batch = max(1, settings.batch_size)
+    for start in tqdm(range(0, len(normal), batch), desc=f"fit {spec['family']}", leave=False,
+                      disable=progress is False or None):
+        model.add(to_tensor(images[normal[start:start + batch]], device), generator)
+    summary = model.end_fit()
+    summary.update(fit_images=int(len(normal)), fit_seconds=round(time.perf_counter() - started, 3),
+                   state_bytes=int(sum(t.numel() * t.element_size() for t in model.state_dict().values())))
+    log.info("%s fitted on %d normal images: %s", spec["family"], len(normal), summary)
+    model.eval()
+    return TrainResult(model=model, spec=spec, history=[], device=device.type, summary=summary)

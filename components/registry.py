@@ -65,10 +65,14 @@ def model_signature(meta: dict[str, Any] | None = None):
         inputs = Schema([ColSpec(AnyType(), name) for name in meta["transform"]["columns"]])
     else:
         inputs = Schema([ColSpec(DataType.binary, "image")])
-    return ModelSignature(
-        inputs=inputs,
-        outputs=Schema([ColSpec(DataType.double, "anomaly_score"), ColSpec(DataType.boolean, "is_anomaly")]),
-    )
+    outputs = [ColSpec(DataType.double, "anomaly_score"), ColSpec(DataType.boolean, "is_anomaly")]
+    params = None
+    if not (meta and meta.get("kind") == "table"):  # images: an anomaly map per image on request
+        from mlflow.types import ParamSchema, ParamSpec
+
+        outputs.append(ColSpec(DataType.binary, "anomaly_map", required=False))
+        params = ParamSchema([ParamSpec("anomaly_map", DataType.boolean, False)])
+    return ModelSignature(inputs=inputs, outputs=Schema(outputs), params=params)
 
 
 def log_detector(weights: Path, spec: dict[str, Any], threshold: float, example: pd.DataFrame, model_name: str,

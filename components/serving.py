@@ -7,7 +7,8 @@ column or a value of the wrong type is refused with an error that names it.
 Contract (ARCHITECTURE.md): input DataFrame with column ``image`` holding PNG/JPEG
 bytes (base64 text is accepted too, as JSON clients send it); output DataFrame with
 ``anomaly_score`` (float, higher = more anomalous) and ``is_anomaly`` (bool, score >
-the calibrated threshold). The ``components`` package travels with the model as
+the calibrated threshold); for patchcore and padim, on request (``params={"anomaly_map":
+True}``), ``anomaly_map`` too. The ``components`` package travels with the model as
 code, so a consumer needs neither this repository nor its params. The decoding
 limits the model was trained with (``decode_limits`` in its spec.json) apply when it
 scores, so a served model refuses a decompression bomb or an oversized upload too.
@@ -39,6 +40,16 @@ def _as_bytes(value: Any, row: int) -> bytes:
     raise ValueError(f"row {row}: column '{INPUT_COLUMN}' must hold encoded image bytes, got {type(value).__name__}")
 
 
+def _flag(params: dict | None, name: str) -> bool:
+    """A boolean request parameter; anything but a boolean (or its text) is refused by name."""
+    value = (params or {}).get(name, False)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"parameter {name!r} must be true or false, got {value!r}")
+    return bool(value)
+
+
 class AnomalyDetector(mlflow.pyfunc.PythonModel):
     """Loads weights + spec from the model's artifacts; scores in batches."""
 
@@ -66,10 +77,16 @@ class AnomalyDetector(mlflow.pyfunc.PythonModel):
         self.model.eval()
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        """Scores and flags; with ``params={"anomaly_map": True}`` (patchcore, padim) also
+        ``anomaly_map``: a PNG per image, grey, 128 = the threshold (components/heatmaps.py).
+        Without it the maps are not computed, so the default path costs nothing more."""
         from components.images import ImageDecodeError, decode_to_array
-        from components.training import score
+        from components.training import score, score_and_maps
 
+        want_map = _flag(params, "anomaly_map")
         if self.transform is not None:
+            if want_map:
+                raise ValueError("anomaly_map: a table model has no anomaly map")
             return self._predict_rows(model_input)
         if not isinstance(model_input, pd.DataFrame) or INPUT_COLUMN not in model_input.columns:
             raise ValueError(f"input must be a DataFrame with a column '{INPUT_COLUMN}' of encoded PNG/JPEG bytes")
@@ -80,12 +97,20 @@ class AnomalyDetector(mlflow.pyfunc.PythonModel):
                                               self.limits))
             except ImageDecodeError as error:
                 raise ValueError(f"row {row}: {error}") from None
-        if arrays:
-            scores = score(self.model, np.stack(arrays), batch_size=SCORE_BATCH, device="cpu")
+        images = np.stack(arrays) if arrays else np.zeros((0, self.channels, self.image_size, self.image_size),
+                                                           np.uint8)
+        if want_map:
+            from components.heatmaps import encode_png
+
+            scores, maps = score_and_maps(self.model, images, batch_size=SCORE_BATCH, device="cpu")
+            encoded = [encode_png(m, self.threshold) for m in maps]
         else:
-            scores = np.zeros(0)
-        return pd.DataFrame({"anomaly_score": scores.astype(np.float64), "is_anomaly": scores > self.threshold},
-                            index=model_input.index)
+            scores = score(self.model, images, batch_size=SCORE_BATCH, device="cpu") if arrays else np.zeros(0)
+        out = pd.DataFrame({"anomaly_score": scores.astype(np.float64), "is_anomaly": scores > self.threshold},
+                           index=model_input.index)
+        if want_map:
+            out["anomaly_map"] = encoded
+        return out
 
     def _predict_rows(self, model_input) -> pd.DataFrame:
         """data.kind table: the feature columns (others are ignored), checked, then encoded

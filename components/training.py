@@ -492,3 +492,24 @@ def score(model: torch.nn.Module, images: np.ndarray, batch_size: int = 256, dev
             release_freed_memory()
     release_freed_memory()
     return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
+
+
+@torch.no_grad()
+def score_and_maps(model: torch.nn.Module, images: np.ndarray, batch_size: int = 64,
+                   device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Scores (float64) and anomaly maps (float32, N x S x S) of a feature family's model,
+    which has ``score_and_map``; the other families have no map."""
+    if not hasattr(model, "score_and_map"):
+        raise ValueError(f"a {type(model).__name__} model gives no anomaly map (only patchcore and padim do)")
+    model.eval()
+    target = torch.device(device) if device else next(model.parameters()).device
+    scores, maps = [], []
+    for start in range(0, len(images), batch_size):
+        batch_scores, batch_maps = model.score_and_map(to_tensor(images[start:start + batch_size], target))
+        scores.append(batch_scores.float().cpu().numpy())
+        maps.append(batch_maps.float().cpu().numpy())
+    if not scores:
+        side = images.shape[-1] if images.ndim == 4 else 0
+        return np.zeros(0), np.zeros((0, side, side), dtype=np.float32)
+    return np.concatenate(scores).astype(np.float64), np.concatenate(maps)
+

@@ -54,9 +54,11 @@ _p = PARAMS
 _TABLE = _p.get("data", {}).get("kind") == "table"
 FORM: dict[str, tuple[str | None, Param]] = {
     "model_type": ("model.type", Param(
-        _p["model"]["type"], type="string", enum=["autoencoder", "deep_sad", "classifier"], title="Model type",
+        _p["model"]["type"], type="string",
+        enum=["autoencoder", "deep_sad", "classifier"] + ([] if _TABLE else ["patchcore", "padim"]), title="Model type",
         description="autoencoder (unsupervised), deep_sad (semi-supervised), classifier (supervised "
-                    f"{'MLP' if _TABLE else 'CNN'})")),
+                    f"{'MLP' if _TABLE else 'CNN'})" + ("" if _TABLE else "; patchcore, padim: pretrained "
+                                                        "features, fitted on normal images (README)"))),
     "epochs": ("train.epochs", Param(
         _p["train"]["epochs"], type="integer", minimum=1, maximum=1000, title="Epochs")),
     "learning_rate": ("train.learning_rate", Param(

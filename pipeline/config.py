@@ -183,9 +183,27 @@ class Preprocess(_Section):
 
 
 class Model(_Section):
-    type: Literal["autoencoder", "deep_sad", "classifier"] = "deep_sad"
+    type: Literal["autoencoder", "deep_sad", "classifier", "patchcore", "padim"] = "deep_sad"
     width: int = Field(32, ge=4, le=512)
     latent_dim: int = Field(64, ge=2, le=4096)
+    # patchcore and padim (components/feature_detectors.py): a pretrained backbone and its layers
+    backbone: Literal["resnet18", "wide_resnet50_2", "efficientnet_lite0"] = "efficientnet_lite0"
+    layers: list[str] | None = None          # null = the family's measured default for the backbone
+    backbone_weights: str = Field("auto", min_length=1)   # auto | download | none | a local file
+    coreset_ratio: float = Field(0.1, gt=0, le=1)         # patchcore: share of patches kept in the bank
+    max_bank: int = Field(20_000, ge=1, le=10_000_000)    # patchcore: the bank's cap (fit time and model size)
+    num_neighbors: int = Field(9, ge=1, le=1000)          # patchcore: the reweighting's neighbourhood
+
+    @model_validator(mode="after")
+    def _layers_exist(self) -> "Model":
+        from components.backbones import LAYERS
+
+        if self.layers is not None:
+            unknown = [layer for layer in self.layers if layer not in LAYERS[self.backbone]]
+            if unknown or not self.layers or len(set(self.layers)) != len(self.layers):
+                raise ValueError(f"model.layers {self.layers} must be distinct feature maps of {self.backbone}: "
+                                 f"{', '.join(LAYERS[self.backbone])}")
+        return self
 
 
 class Train(_Section):
@@ -287,6 +305,13 @@ class Config(_Section):
     def _table_has_columns(self) -> "Config":
         if self.data.kind == "table" and not self.table.columns:
             raise ValueError("table.columns must declare the feature columns when data.kind is 'table'")
+        return self
+
+    @model_validator(mode="after")
+    def _feature_families_see_images(self) -> "Config":
+        if self.model.type in ("patchcore", "padim") and self.data.kind != "image":
+            raise ValueError(f"model.type '{self.model.type}' works on images (a pretrained image backbone); "
+                             "for data.kind 'table' use autoencoder, deep_sad or classifier")
         return self
 
     @model_validator(mode="after")

@@ -319,9 +319,15 @@ def _print_summary(layout: Layout, summary: dict, tracking_uri: str) -> None:
     else:
         train, calibration, metrics = summary["train"], summary["calibration"], summary["metrics"]
         bound = calibration.get("fpr_bound")
+        if "bank_size" in train:  # a feature family: fitted in one pass on a pretrained backbone
+            training = (f"training     {train['family']} on {train['device']} ({train['backbone']}, pretrained "
+                        f"{train['weights_source']}), fitted on {train['fit_images']} normal {layout.unit}, "
+                        f"bank {train['bank_size']}, {train['seconds']:.1f} s")
+        else:
+            training = (f"training     {train['family']} on {train['device']}, {train['epochs']} epochs, "
+                        f"{train['train_images']} {layout.unit}, {train['seconds']:.1f} s")
         lines += [
-            f"training     {train['family']} on {train['device']}, {train['epochs']} epochs, "
-            f"{train['train_images']} {layout.unit}, {train['seconds']:.1f} s",
+            training,
             f"threshold    {calibration['threshold']:.6g} (method {calibration['method']}"
             + (f", FPR guarantee <= {bound:.4f}" if bound is not None else "") + ")"
             + (f"  NOTE: {calibration['note']}" if calibration.get("note") else ""),

@@ -151,5 +151,13 @@ def environment() -> dict[str, str]:
     return {"python": platform.python_version(), "platform": platform.platform(), "packages": "\n".join(packages)}
 
 
-def model_requirements() -> list[str]:
-    return [f"{name}=={metadata.version(name)}" for name in MODEL_REQUIREMENTS]
+# what the feature families (patchcore, padim) need on top: anomalib's torch models and timm's backbones
+FEATURE_MODEL_REQUIREMENTS = ("anomalib", "timm", "torchvision")
+
+
+def model_requirements(family: str | None = None) -> list[str]:
+    """The served model's pip requirements, pinned to this environment's versions."""
+    from components.feature_detectors import FEATURE_FAMILIES
+
+    names = MODEL_REQUIREMENTS + (FEATURE_MODEL_REQUIREMENTS if family in FEATURE_FAMILIES else ())
+    return [f"{name}=={metadata.version(name)}" for name in names]

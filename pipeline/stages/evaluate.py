@@ -34,8 +34,41 @@ def run(layout: Layout) -> dict:
         writer.writerows(zip(points["fpr"], points["tpr"]))
     if layout.config.evaluate.plots:
         plot_all(values, labels, threshold, layout.plots, title=f"({layout.config.model.type})", unit=layout.unit)
+        if "anomaly_map" in test.columns:
+            _overlays(layout, test, threshold)
     auroc = "n/a" if metrics["auroc"] is None else f"{metrics['auroc']:.4f}"
     print(f"evaluate: AUROC {auroc}, AP {metrics['average_precision'] or float('nan'):.4f}, "
           f"precision {metrics['precision']:.3f}, recall {metrics['recall'] or 0:.3f}, FPR {metrics['fpr'] or 0:.3f} "
           f"on {metrics['n']} test {layout.unit} ({metrics['n_anomalous']} anomalous)")
     return metrics
+
+
+OVERLAYS_EACH = 3   # worst false positives, worst false negatives, best detections per defect kind
+
+
+def _overlays(layout: Layout, test: pd.DataFrame, threshold: float) -> None:
+    """Where the model looked (patchcore, padim): the image and its anomaly map, for the
+    normal images it scored highest (false alarms first), the anomalies it scored lowest
+    (misses first), and the clearest detections of each defect kind, as
+    ``plots/maps/<kind>-<n>-<label>.png``. The maps come from train's scores.parquet."""
+    import numpy as np
+
+    from components.heatmaps import overlay
+
+    folder = layout.plots / "maps"
+    folder.mkdir(parents=True, exist_ok=True)
+    images = np.load(layout.split_images("test"), mmap_mode="r")
+    side = images.shape[-1]
+    normal, anomalous = test[test["is_anomaly"] == 0], test[test["is_anomaly"] == 1]
+    chosen = [("false_positive" if r.score > threshold else "normal_highest", r)
+              for r in normal.nlargest(OVERLAYS_EACH, "score").itertuples()]
+    chosen += [("false_negative" if r.score <= threshold else "detected_lowest", r)
+               for r in anomalous.nsmallest(OVERLAYS_EACH, "score").itertuples()]
+    for _, rows in anomalous.groupby("label"):
+        chosen += [("detected", r) for r in rows.nlargest(OVERLAYS_EACH, "score").itertuples() if r.score > threshold]
+    for n, (kind, r) in enumerate(chosen):
+        anomaly_map = np.frombuffer(r.anomaly_map, dtype=np.float16).astype(np.float32).reshape(side, side)
+        title = f"{kind.replace('_', ' ')}: {r.label}, score {r.score:.4g} (threshold {threshold:.4g})"
+        overlay(np.asarray(images[int(r.row)]), anomaly_map, threshold, title,
+                folder / f"{kind}-{n:02d}-{r.label}.png")
+

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.io import read_json, write_json
+from pipeline.io import DataError, read_json, write_json
 from pipeline.layout import Layout
 
 CODE_DIR = Path(__file__).resolve().parents[2] / "components"
@@ -116,7 +116,7 @@ def model_fingerprint(layout: Layout, origin: dict, spec: dict, calibration: dic
     digest = hashlib.sha256()
     for part in (origin["data_version"], origin["git_commit"], json.dumps(layout.config.flat(), sort_keys=True,
                  default=str), json.dumps(spec, sort_keys=True), repr(float(calibration["threshold"])),
-                 "\n".join(tracking.model_requirements())):
+                 "\n".join(tracking.model_requirements(spec["spec"]["family"]))):
         digest.update(part.encode() + b"\0")
     for path in sorted(CODE_DIR.rglob("*.py")):  # what log_detector ships, even outside git
         digest.update(path.relative_to(CODE_DIR).as_posix().encode() + b"\0" + path.read_bytes())
@@ -227,6 +227,13 @@ def run(layout: Layout, run_id: str | None = None) -> dict:
     run_id = run_id or os.environ.get("MLFLOW_RUN_ID")
     metrics, calibration = read_json(layout.metrics), read_json(layout.threshold)
     spec = read_json(layout.spec)
+    weights = spec["spec"].get("weights")
+    if weights is not None and not weights.get("pretrained"):
+        raise DataError(f"register: refused: the {spec['spec']['family']} model's backbone "
+                        f"({spec['spec']['backbone']}) holds random weights (model.backbone_weights: "
+                        f"{spec['spec'].get('backbone_weights')!r}), so its features mean nothing; set "
+                        "model.backbone_weights to ImageNet weights (README: Choosing a detector). Nothing was "
+                        "registered and the champion is unchanged")
     if config.data.kind == "image":  # the served model's decoding limits too
         spec["decode_limits"] = decode_limits(config).as_dict()
     origin = {**tracking.git_info(layout.root), "data_version": tracking.data_version(layout),
@@ -252,7 +259,7 @@ def run(layout: Layout, run_id: str | None = None) -> dict:
         else:
             model_uri, version = log_detector(
                 layout.weights, spec, calibration["threshold"], _example(layout, test, spec), name,
-                tracking.model_requirements(), CODE_DIR)
+                tracking.model_requirements(spec["spec"]["family"]), CODE_DIR)
         wait_until_ready(client, name, version)
 
         candidate_model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")

@@ -30,6 +30,7 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
+from components.feature_detectors import FEATURE_FAMILIES
 from pipeline.io import DataError, StageError, atomic_path, write_json
 from pipeline.layout import Layout
 
@@ -40,6 +41,14 @@ def model_spec(layout: Layout) -> dict:
         features = int(np.load(layout.split_images("train"), mmap_mode="r").shape[1])
         return {"family": config.model.type, "input": "table", "features": features, "width": config.model.width,
                 "latent_dim": config.model.latent_dim, "eta": config.train.eta}
+    if config.model.type in FEATURE_FAMILIES:  # fitted on pretrained features: no width, no epochs
+        from components.feature_detectors import resolve_layers
+
+        return {"family": config.model.type, "channels": config.preprocess.channels,
+                "image_size": config.preprocess.image_size, "backbone": config.model.backbone,
+                "layers": resolve_layers(config.model.type, config.model.backbone, config.model.layers),
+                "backbone_weights": config.model.backbone_weights, "coreset_ratio": config.model.coreset_ratio,
+                "max_bank": config.model.max_bank, "num_neighbors": config.model.num_neighbors}
     return {"family": config.model.type, "channels": config.preprocess.channels,
             "image_size": config.preprocess.image_size, "width": config.model.width,
             "latent_dim": config.model.latent_dim, "eta": config.train.eta}
@@ -189,7 +198,7 @@ def _run(layout: Layout) -> dict:
 def _train_and_write(layout: Layout, rank: int, world: int) -> dict:
     import torch
 
-    from components.training import TrainingDivergedError, TrainSettings, score, train
+    from components.training import TrainingDivergedError, TrainSettings, score, score_and_maps, train
 
     config = layout.config
     index = pd.read_parquet(layout.index)
@@ -220,7 +229,7 @@ def _train_and_write(layout: Layout, rank: int, world: int) -> dict:
         eta = ", or train.eta (the weight of labelled anomalies)" if spec["family"] == "deep_sad" else ""
         raise DataError(f"train: {error}. Lower train.learning_rate{eta}, or check the training data. "
                         "No model was written, so nothing will be registered") from None
-    except ValueError as error:
+    except ValueError as error:  # BackboneWeightsError too: it names model.backbone_weights
         raise StageError(f"train: {error}") from None
     seconds = time.perf_counter() - started
     if rank != 0:  # the first process writes the outputs
@@ -241,10 +250,15 @@ def _train_and_write(layout: Layout, rank: int, world: int) -> dict:
     parts = []
     for split in ("calibration", "test"):
         rows = index[index["split"] == split].sort_values("row").copy()
-        # in training's batches: score's default (256) took ~100 MB more than the training loop
-        # and set the stage's peak (benchmarks/scale.py)
-        rows["score"] = score(result.model, np.load(layout.split_images(split), mmap_mode="r"),
-                              batch_size=settings.batch_size)
+        images = np.load(layout.split_images(split), mmap_mode="r")
+        if spec["family"] in FEATURE_FAMILIES and split == "test":
+            # the test split's anomaly maps too (float16 bytes, S x S), for evaluate's overlays
+            rows["score"], maps = score_and_maps(result.model, images, batch_size=settings.batch_size)
+            rows["anomaly_map"] = [m.astype(np.float16).tobytes() for m in maps]
+        else:
+            # in training's batches: score's default (256) took ~100 MB more than the training loop
+            # and set the stage's peak (benchmarks/scale.py)
+            rows["score"] = score(result.model, images, batch_size=settings.batch_size)
         parts.append(rows)
     scores = pd.concat(parts, ignore_index=True)
     if not np.isfinite(scores["score"]).all():
@@ -257,20 +271,31 @@ def _train_and_write(layout: Layout, rank: int, world: int) -> dict:
         writer.writeheader()  # no timings: the same data and settings give the same file (DVC caches it)
         writer.writerows({"epoch": int(h["epoch"]), "train_loss": h["train_loss"]} for h in result.history)
     trained_epochs = len(result.history) - result.resumed_from_epoch
+    fitted = spec["family"] in FEATURE_FAMILIES  # one pass, no epochs: the fit's own figures instead
     metrics = {
-        "family": spec["family"], "device": result.device, "epochs": config.train.epochs,
+        "family": spec["family"], "device": result.device, "epochs": 0 if fitted else config.train.epochs,
         # what bit-for-bit equality on the CPU also depends on (pipeline reproduce compares them)
         "threads": torch.get_num_threads(), "torch": torch.__version__, "processes": world,
-        "resumed_from_epoch": result.resumed_from_epoch, "final_train_loss": result.history[-1]["train_loss"],
+        "resumed_from_epoch": result.resumed_from_epoch,
+        "final_train_loss": result.history[-1]["train_loss"] if result.history else None,
         "train_images": int(len(train_rows)), "train_anomalies": int(train_rows["is_anomaly"].sum()),
         "seconds": round(seconds, 3),
         # each epoch's batches (not its checkpoint); None for an epoch resumed from a checkpoint
         # written before 2026-12-02. A list: `dvc metrics show` leaves it out
         "epoch_seconds": [round(h["seconds"], 3) if "seconds" in h else None for h in result.history],
-        "samples_per_second": round(len(train_rows) * trained_epochs / seconds, 1) if seconds > 0 else None,
+        "samples_per_second": round(len(train_rows) * max(trained_epochs, 1) / seconds, 1) if seconds > 0 else None,
     }
+    if fitted:  # bank size, fit images and seconds, model bytes; and what the backbone was loaded with
+        metrics.update(result.summary, backbone=spec["backbone"], layers=",".join(spec["layers"]),
+                       pretrained=bool(result.spec["weights"]["pretrained"]),
+                       weights_source=result.spec["weights"]["source"])
+        print(f"train: {spec['family']} on {result.device} ({spec['backbone']}, weights "
+              f"{metrics['weights_source']}), fitted on {metrics['fit_images']} normal {layout.unit} in "
+              f"{seconds:.1f}s; memory bank {metrics['bank_size']} x {metrics['feature_dim']}, model "
+              f"{metrics['state_bytes'] / 1e6:.1f} MB")
+    else:
+        print(f"train: {spec['family']} on {result.device}"
+              f"{f' x {world} processes' if world > 1 else ''}, {len(train_rows)} {layout.unit} x "
+              f"{config.train.epochs} epochs in {seconds:.1f}s, final loss {metrics['final_train_loss']:.5f}")
     write_json(layout.train_metrics, metrics)
-    print(f"train: {spec['family']} on {result.device}"
-          f"{f' x {world} processes' if world > 1 else ''}, {len(train_rows)} {layout.unit} x {config.train.epochs} "
-          f"epochs in {seconds:.1f}s, final loss {metrics['final_train_loss']:.5f}")
     return metrics

@@ -27,6 +27,7 @@ from pathlib import Path
 from benchmarks.common import ROOT, Context, Figure
 
 BENCHMARKS = ("training", "scoring", "rerun", "incremental", "scale", "orchestration", "quality", "table_quality",
+              "surface_quality",
               "gpu")
 HERE = Path(__file__).resolve().parent
 

@@ -15,6 +15,9 @@ ImageNet weights come from, offline first.
 * ``none``: random weights. For unit tests only: the spec records ``pretrained: false`` and
   the register stage refuses such a model.
 
+The weights also decide timm's architecture (``_arch_for``: TF-trained lite0 weights need
+TF's padding) and the input normalisation; both go into the spec with the weights' source.
+
 Why not timm's ``pretrained=True`` alone: these machines have no network, and a fit on
 random features looks like it works (the scores are numbers) while it detects little. The
 weights' sha256 goes into the spec, so the registered model says which weights it used.
@@ -141,52 +144,83 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_pretrained(extractor: nn.Module, backbone: str, setting: str) -> WeightsInfo:
-    """Load ImageNet weights into a timm ``features_only`` model of ``backbone`` in place.
+@dataclass(frozen=True)
+class ResolvedWeights:
+    """Where ``model.backbone_weights`` led: timm's architecture to build, its input
+    normalisation, and the weights (None for 'none')."""
+    arch: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    state: dict[str, torch.Tensor] | None
+    info: WeightsInfo
 
-    ``setting`` is ``model.backbone_weights``. Every tensor the extractor has must come from
-    the weights (shapes checked); the classifier head's tensors are not needed."""
+
+def _arch_for(backbone: str, source: dict[str, torch.Tensor] | None) -> str:
+    """timm's architecture for these weights. EfficientNet-Lite0 weights in the
+    ``efficientnet_pytorch`` layout (the lite0 package's) are Google's TensorFlow weights,
+    trained with TF's asymmetric "same" padding: on timm's ``efficientnet_lite0`` (symmetric
+    padding) every stride-2 layer shifts the features by half a pixel, and the anomaly maps
+    came out a stride-8 cell down and right of the defect. timm's ``tf_efficientnet_lite0``
+    is the same network with TF's padding (and TF's [-1, 1] input scaling)."""
+    if backbone == "efficientnet_lite0" and source is not None and "_conv_stem.weight" in source:
+        return "tf_efficientnet_lite0"
+    return backbone
+
+
+def resolve_weights(backbone: str, setting: str) -> ResolvedWeights:
+    """Read the ImageNet weights ``setting`` (``model.backbone_weights``) names for ``backbone``,
+    mapped onto timm's key layout with every shape checked."""
     import timm
 
     if setting == "none":
-        return WeightsInfo(source="none", pretrained=False)
-    if setting == "download":
+        state, info, arch = None, WeightsInfo(source="none", pretrained=False), backbone
+    elif setting == "download":
         try:
-            full = timm.create_model(backbone, pretrained=True)
+            state = timm.create_model(backbone, pretrained=True).state_dict()
         except Exception as error:  # no network, no cache, hub refused
             raise BackboneWeightsError(f"model.backbone_weights is 'download' but timm could not fetch the "
                                        f"weights of {backbone} ({type(error).__name__}: {str(error)[:200]}); "
                                        + _how_to_fix(backbone)) from None
-        weights, info = full.state_dict(), WeightsInfo(source="download", pretrained=True)
+        info, arch = WeightsInfo(source="download", pretrained=True), backbone
     else:
         if setting == "auto":
             path = packaged_weights(backbone)
             if path is None:
                 raise BackboneWeightsError(f"model.backbone_weights is 'auto' but no installed package ships "
                                            f"ImageNet weights for {backbone}: " + _how_to_fix(backbone))
-            origin, source = f"package {LITE0_PACKAGE} ({path.name})", f"package:{LITE0_PACKAGE}"
+            origin, source_name = f"package {LITE0_PACKAGE} ({path.name})", f"package:{LITE0_PACKAGE}"
         else:
             path = Path(setting).expanduser()
-            origin, source = f"model.backbone_weights ({path})", f"file:{path}"
-        target = timm.create_model(backbone, pretrained=False).state_dict()
-        weights = map_state_dict(_read_file(path), target, origin)
-        info = WeightsInfo(source=source, pretrained=True, sha256=_sha256(path))
+            origin, source_name = f"model.backbone_weights ({path})", f"file:{path}"
+        source = _read_file(path)
+        arch = _arch_for(backbone, source)
+        state = map_state_dict(source, timm.create_model(arch, pretrained=False).state_dict(), origin)
+        info = WeightsInfo(source=source_name, pretrained=True, sha256=_sha256(path))
+    config = timm.get_pretrained_cfg(arch)
+    return ResolvedWeights(arch=arch, mean=tuple(config.mean), std=tuple(config.std), state=state, info=info)
+
+
+def apply_weights(extractor: nn.Module, resolved: ResolvedWeights, backbone: str) -> None:
+    """Load the resolved weights into a timm network (``features_only`` or whole) in place:
+    every tensor it has must come from them."""
+    if resolved.state is None:
+        return
     own = extractor.state_dict()
-    missing = [k for k in own if k not in weights]
+    missing = [k for k in own if k not in resolved.state]
     if missing:
         raise BackboneWeightsError(f"model.backbone_weights: the weights of {backbone} lack {len(missing)} tensors "
                                    f"the feature extractor needs (first: {missing[0]})")
-    extractor.load_state_dict({k: weights[k] for k in own})
-    return info
+    extractor.load_state_dict({k: resolved.state[k] for k in own})
 
 
-def imagenet_input(x: torch.Tensor) -> torch.Tensor:
-    """Images in [0, 1] (N x 1|3 x H x W) as a backbone expects them: grey repeated to three
-    channels, then normalised with ImageNet's mean and std."""
+def backbone_input(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """Images in [0, 1] (N x 1|3 x H x W) as the backbone's ImageNet training saw them: grey
+    repeated to three channels, then normalised with the weights' mean and std (ImageNet's
+    statistics for torchvision's and timm's weights, [-1, 1] for Google's TF lite0)."""
     import torch
 
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device)[None, :, None, None]
-    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device)[None, :, None, None]
+    mean = torch.tensor(mean, dtype=x.dtype, device=x.device)[None, :, None, None]
+    std = torch.tensor(std, dtype=x.dtype, device=x.device)[None, :, None, None]
     return (x - mean) / std

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from components.backbones import BACKBONES, WeightsInfo, imagenet_input, load_pretrained
+from components.backbones import BACKBONES, IMAGENET_MEAN, IMAGENET_STD, apply_weights, backbone_input, \
+    resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,9 @@ class FeatureDetector(nn.Module):
     def __init__(self, spec: dict[str, Any]):
         super().__init__()
         self.spec = spec
+        self.mean = tuple(spec.get("input_mean", IMAGENET_MEAN))
+        self.std = tuple(spec.get("input_std", IMAGENET_STD))
+        self.arch = spec.get("arch", spec["backbone"])  # timm's architecture (the weights chose it)
 
     # the anomalib torch model; its feature_extractor.feature_extractor is timm's network
     inner: nn.Module
@@ -61,7 +65,7 @@ class FeatureDetector(nn.Module):
 
     def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The backbone's feature maps (fp32) of images in [0, 1]."""
-        x = imagenet_input(x)
+        x = backbone_input(x, self.mean, self.std)
         with torch.no_grad(), torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
             features = self.inner.feature_extractor(x)
         return {layer: value.float() for layer, value in features.items()}
@@ -93,12 +97,18 @@ def resolve_layers(family: str, backbone: str, layers: list[str] | None) -> list
 
 def build(spec: dict[str, Any], load_weights: bool = False) -> FeatureDetector:
     """The family's module for ``spec``. With ``load_weights`` the backbone gets its
-    ImageNet weights from ``spec['backbone_weights']`` (and ``spec['weights']`` records
-    what was loaded); without, it holds random weights that a state dict replaces (the
-    served model, whose state dict carries the backbone)."""
+    ImageNet weights from ``spec['backbone_weights']``, and ``spec`` records what was loaded
+    (``weights``), the architecture the weights need (``arch``) and their input
+    normalisation; without, the backbone holds random weights that a state dict replaces
+    (the served model, whose state dict carries the backbone)."""
     family, backbone = spec["family"], spec["backbone"]
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r} (known: {', '.join(BACKBONES)})")
+    resolved = None
+    if load_weights:
+        resolved = resolve_weights(backbone, spec.get("backbone_weights", "auto"))
+        spec.update(arch=resolved.arch, input_mean=list(resolved.mean), input_std=list(resolved.std),
+                    weights=resolved.info.as_dict())
     if family == "patchcore":
         from components.patchcore import PatchCore
 
@@ -108,10 +118,9 @@ def build(spec: dict[str, Any], load_weights: bool = False) -> FeatureDetector:
 
         model = Padim(spec)
     else:
-        raise ValueError(f"unknown fitted family {family!r} (known: {', '.join(FEATURE_FAMILIES)})")
-    if load_weights:
-        info: WeightsInfo = load_pretrained(model.extractor, backbone, spec.get("backbone_weights", "auto"))
-        spec["weights"] = info.as_dict()
+        raise ValueError(f"unknown feature family {family!r} (known: {', '.join(FEATURE_FAMILIES)})")
+    if resolved is not None:
+        apply_weights(model.extractor, resolved, backbone)
     model.eval()
     return model
 

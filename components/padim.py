@@ -28,7 +28,7 @@ class Padim(FeatureDetector):
         layers = resolve_layers("padim", spec["backbone"], spec.get("layers"))
         n_features = int(spec.get("n_features") or N_FEATURES[spec["backbone"]])
         # the channel draw (a buffer, idx) uses torch's global generator: fit() seeded it
-        self.inner = PadimModel(backbone=spec["backbone"], layers=layers, pre_trained=False,
+        self.inner = PadimModel(backbone=self.arch, layers=layers, pre_trained=False,
                                 n_features=n_features)
         self._sum: torch.Tensor | None = None
         self._outer: torch.Tensor | None = None

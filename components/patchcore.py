@@ -49,7 +49,7 @@ class PatchCore(FeatureDetector):
         from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 
         layers = resolve_layers("patchcore", spec["backbone"], spec.get("layers"))
-        self.inner = PatchcoreModel(layers=layers, backbone=spec["backbone"], pre_trained=False,
+        self.inner = PatchcoreModel(layers=layers, backbone=self.arch, pre_trained=False,
                                     num_neighbors=int(spec.get("num_neighbors", 9)))
         self.coreset_ratio = float(spec.get("coreset_ratio", 0.1))
         self.max_bank = int(spec.get("max_bank", 20_000))

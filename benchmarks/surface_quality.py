@@ -41,7 +41,7 @@ def _name(family: str, size: int, layers: list[str] | None) -> str:
 
 
 def feature_scores(family: str, size: int, layers, train_x, train_y, test_x, seed: int,
-                   coreset_ratio: float = 0.1, max_bank: int = 20_000) -> tuple[np.ndarray, np.ndarray, dict]:
+                   coreset_ratio: float = 0.1, max_bank: int = 10_000) -> tuple[np.ndarray, np.ndarray, dict]:
     """Fit on the normal training tiles (labelled ones are ignored by the family), score the test tiles."""
     from benchmarks.surfaces import resized
     from components.training import TrainSettings, score_and_maps, train
@@ -57,6 +57,30 @@ def feature_scores(family: str, size: int, layers, train_x, train_y, test_x, see
     scores, maps = score_and_maps(result.model, resized(test_x, size), batch_size=32)
     info = dict(result.summary, fit_seconds=fit_seconds, score_seconds=time.perf_counter() - started)
     return scores, maps, info
+
+
+def feature_runs(data, configs, seed: int) -> dict[str, tuple[np.ndarray, float, dict]]:
+    """Each (family, size, layers) of ``configs`` on one texture: scores, seconds, fit facts."""
+    out = {}
+    for family, size, layers in configs:
+        started = time.perf_counter()
+        scores, _, info = feature_scores(family, size, layers, data.train_x, data.train_y, data.test_x, seed)
+        out[_name(family, size, layers)] = (scores, time.perf_counter() - started, info)
+    return out
+
+
+def sweep(configs=FEATURE_CONFIGS, seed: int = 42) -> None:
+    """The feature families' part alone, printed (for a machine without the pipeline's
+    packages, e.g. a GPU box): ``python -c 'from benchmarks.surface_quality import sweep; sweep()'``."""
+    from benchmarks.surfaces import TEXTURES, surface_set
+
+    for texture in TEXTURES:
+        data = surface_set(texture, seed)
+        for name, (scores, took, info) in feature_runs(data, configs, seed).items():
+            metrics = _metrics(data.test_y, data.test_kind, scores)
+            print(f"{texture:7s} {name:32s} AUROC {metrics['auroc']:.3f} AP {metrics['average_precision']:.3f} "
+                  + " ".join(f"{k[6:]} {v:.3f}" for k, v in metrics.items() if k.startswith("auroc_"))
+                  + f"  {took:.1f} s bank {info.get('bank_size')}", flush=True)
 
 
 def scratch_scores(family: str, size: int, train_x, train_y, test_x, config, epochs: int) -> np.ndarray:
@@ -108,11 +132,9 @@ def run(ctx: Context) -> list[Figure]:
         ctx.log(f"  {texture}: train {len(data.train_x)} ({int(data.train_y.sum())} labelled defects), "
                 f"test {len(data.test_x)} ({int(data.test_y.sum())} defects)")
         runs: dict[str, np.ndarray] = {}
-        for family, size, layers in configs:
-            name = _name(family, size, layers)
-            started = time.perf_counter()
-            runs[name], _, info = feature_scores(family, size, layers, data.train_x, data.train_y, data.test_x, seed)
-            seconds.setdefault(name, []).append(time.perf_counter() - started)
+        for name, (scores, took, info) in feature_runs(data, configs, seed).items():
+            runs[name] = scores
+            seconds.setdefault(name, []).append(took)
             fit_facts.setdefault(name, info)
         for size in scratch_sizes:
             for family in SCRATCH:

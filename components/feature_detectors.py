@@ -34,6 +34,9 @@ from components.backbones import BACKBONES, IMAGENET_MEAN, IMAGENET_STD, apply_w
 log = logging.getLogger(__name__)
 
 FEATURE_FAMILIES = ("patchcore", "padim")
+# the backbone under bf16 autocast on CUDA (benchmarks/feature_throughput.py measured it against
+# fp32: scores and AUROC in benchmarks/RESULTS.md); a switch for that comparison, not a setting
+BF16_ON_CUDA = True
 
 # Layers per family and backbone when model.layers is null: measured on the realistic set of
 # benchmarks/feature_quality.py (benchmarks/RESULTS.md); the papers' choices for the ResNets
@@ -66,7 +69,8 @@ class FeatureDetector(nn.Module):
     def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The backbone's feature maps (fp32) of images in [0, 1]."""
         x = backbone_input(x, self.mean, self.std)
-        with torch.no_grad(), torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
+        with torch.no_grad(), torch.autocast(device_type="cuda", dtype=torch.bfloat16,
+                                               enabled=x.is_cuda and BF16_ON_CUDA):
             features = self.inner.feature_extractor(x)
         return {layer: value.float() for layer, value in features.items()}
 

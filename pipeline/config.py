@@ -191,7 +191,7 @@ class Model(_Section):
     layers: list[str] | None = None          # null = the family's measured default for the backbone
     backbone_weights: str = Field("auto", min_length=1)   # auto | download | none | a local file
     coreset_ratio: float = Field(0.1, gt=0, le=1)         # patchcore: share of patches kept in the bank
-    max_bank: int = Field(20_000, ge=1, le=10_000_000)    # patchcore: the bank's cap (fit time and model size)
+    max_bank: int = Field(10_000, ge=1, le=10_000_000)    # patchcore: the bank's cap (fit time and model size)
     num_neighbors: int = Field(9, ge=1, le=1000)          # patchcore: the reweighting's neighbourhood
 
     @model_validator(mode="after")

@@ -137,19 +137,32 @@ def test_patchcore_bank_is_capped_by_max_bank(tiles):
     assert result.model.inner.memory_bank.shape[0] == 50
 
 
-def test_coreset_selection_is_anomalibs(tiles):
-    """The buffered selection picks exactly what anomalib's KCenterGreedy picks."""
+def test_coreset_selection_is_anomalibs_where_it_projects_and_exact_where_projecting_would_not_shrink():
+    """Wide features (64 > the JL dimension for 50 points): exactly what anomalib's
+    KCenterGreedy picks. Narrow ones: the greedy selection on the features themselves."""
     from anomalib.models.components import KCenterGreedy
 
     from components.patchcore import _coreset
 
-    pool = torch.rand(2000, 32, generator=torch.Generator().manual_seed(1))
+    wide = torch.rand(50, 400, generator=torch.Generator().manual_seed(1))
     torch.manual_seed(5)
     np.random.seed(5)
-    expected = KCenterGreedy(pool, 0.05).sample_coreset()
+    expected = KCenterGreedy(wide, 0.2).sample_coreset()
     torch.manual_seed(5)
     np.random.seed(5)
-    assert torch.equal(_coreset(pool, 0.05), expected)
+    assert torch.equal(_coreset(wide, 0.2), expected)
+
+    narrow = torch.rand(500, 8, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(5)
+    chosen = _coreset(narrow, 0.02)
+    torch.manual_seed(5)
+    first = int(torch.randint(high=500, size=(1,)))
+    picked = [first]
+    distance = (narrow - narrow[first]).norm(dim=1)
+    for _ in range(len(chosen) - 1):  # the textbook k-center greedy
+        picked.append(int(distance.argmax()))
+        distance = torch.minimum(distance, (narrow - narrow[picked[-1]]).norm(dim=1))
+    assert torch.equal(chosen, narrow[picked])
 
 
 def test_heatmap_png_marks_the_threshold_at_128_and_never_shows_nan_as_normal():

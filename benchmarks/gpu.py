@@ -73,7 +73,9 @@ def run(ctx: Context) -> list[Figure]:
     from benchmarks.common import ROOT
     from components.models import build
 
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    from benchmarks.common import SCRATCH_DEFAULTS, deep_update
+
+    params = deep_update(yaml.safe_load((ROOT / "params.yaml").read_text()), SCRATCH_DEFAULTS)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     size, channels = params["preprocess"]["image_size"], params["preprocess"]["channels"]

@@ -27,7 +27,7 @@ import re
 import shutil
 from pathlib import Path
 
-from benchmarks.common import PREPROCESS_IMPORTS, PYTHON, Context, Figure, bench_env, check, make_project, \
+from benchmarks.common import PREPROCESS_IMPORTS, PYTHON, SCRATCH_DEFAULTS, Context, Figure, bench_env, check, make_project, \
     ratios, run_child, write_batches
 
 TITLE = "4. Incremental batch: preprocess of a snapshot grown by 10 %, against a full preprocess"
@@ -103,7 +103,7 @@ def run(ctx: Context) -> list[Figure]:
     base = QUICK_IMAGES if ctx.quick else FULL_IMAGES
     new = base // 10
     grown = base + new
-    project = make_project(ctx.folder("incremental") / "project")
+    project = make_project(ctx.folder("incremental") / "project", SCRATCH_DEFAULTS)
     cache = project / ".dvc" / "cache" / "anomaly-preprocess"
     warm = ctx.folder("incremental") / "warm-cache"
 

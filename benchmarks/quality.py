@@ -246,7 +246,11 @@ def run(ctx: Context) -> list[Figure]:
     global NOTES
     from pipeline.config import load
 
+    from benchmarks.common import SCRATCH_DEFAULTS, deep_update
+    from pipeline.config import parse
+
     config = load(ROOT / "params.yaml")
+    config = parse(deep_update(config.model_dump(mode="json", by_alias=True), SCRATCH_DEFAULTS))
     epochs = 2 if ctx.quick else config.train.epochs
     figures: list[Figure] = []
     notes = [PROTOCOL]

@@ -50,7 +50,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.common import PREPROCESS_IMPORTS, PYTHON, Context, Figure, bench_env, check, make_project, \
+from benchmarks.common import PREPROCESS_IMPORTS, PYTHON, SCRATCH_DEFAULTS, Context, Figure, bench_env, check, make_project, \
     run_child, write_batches
 
 TITLE = "5. Scale: preprocess and one training epoch at 1k, 10k and 50k images"
@@ -351,7 +351,8 @@ def run(ctx: Context) -> list[Figure]:
     # A project per count, and the repetitions in rounds (1k, 10k, 50k, 1k, 10k, 50k, ...): this
     # machine's speed drifts by 15 % or more over minutes (other tenants), and measuring each
     # count's repetitions back to back gave one count a slow stretch and the next a fast one.
-    projects = [make_project(ctx.folder(f"project-{label(count)}"), {"train": {"epochs": 1}}) for count in counts]
+    projects = [make_project(ctx.folder(f"project-{label(count)}"),
+                             {**SCRATCH_DEFAULTS, "train": {"epochs": 1}}) for count in counts]
     results = [prepare(ctx, project, pool, count) for project, count in zip(projects, counts)]
     validated = [listing(project) for project in projects]
     settle()

@@ -45,7 +45,9 @@ def run(ctx: Context) -> list[Figure]:
     import torch
     import yaml
 
-    root = prepared_project(ctx, "scoring", {"train": {"epochs": 1 if ctx.quick else 3}},
+    # the default family for images (patchcore at 224 px, params.yaml), fitted on the benchmark's batch
+    root = prepared_project(ctx, "scoring", {"train": {"epochs": 1 if ctx.quick else 3},
+                                             "model": {"type": "patchcore"}, "preprocess": {"image_size": 224}},
                             stages=("run",))
     params = yaml.safe_load((root / "params.yaml").read_text())
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -57,7 +59,7 @@ def run(ctx: Context) -> list[Figure]:
         mlflow.set_tracking_uri(None)
         mlflow.set_registry_uri(None)
     network = model.unwrap_python_model().model
-    files = sorted((root / "data" / "raw").rglob("*.png"))[: 64 if ctx.quick else 512]
+    files = sorted((root / "data" / "raw").rglob("*.png"))[: 64 if ctx.quick else 256]
     images = [f.read_bytes() for f in files]
     frame = pd.DataFrame({"image": images})
     size, channels = params["preprocess"]["image_size"], params["preprocess"]["channels"]

@@ -32,13 +32,16 @@ LABELLED_PER_KIND = 4
 TEST_NORMAL = 100
 TEST_PER_KIND = 20
 
-# kind: what it looks like (contrast in grey levels of 255)
+# kind: what it looks like. Contrast is in units of the photograph's own texture, sigma = the
+# median standard deviation of its 9 x 9 neighbourhoods (brick 5.6 grey levels, grass 32,
+# gravel 30): a fixed number of grey levels would be glaring on brick's smooth faces and
+# invisible in grass, where no inspector could see it either.
 DEFECTS = {
-    "scratch": "a thin bright line, 1-2 px wide, 25-60 px long, +25 to +60 levels",
-    "crack": "a dark random walk, 1 px wide, 30-60 steps, -30 to -70 levels",
-    "spot": "a disc of radius 2-5 px, +-30 to 70 levels",
-    "stain": "low contrast: a Gaussian blob, sigma 5-10 px, +-10 to 20 levels",
-    "smudge": "low contrast: a 16-24 px square where the texture is blurred (sigma 2-3 px)",
+    "scratch": "a thin bright line, 1-2 px wide, 25-60 px long, +3 to +6 sigma",
+    "crack": "a dark random walk, 1 px wide, 30-60 steps, -3 to -6 sigma",
+    "spot": "a disc of radius 2-5 px, +-3 to 6 sigma",
+    "stain": "low contrast: a Gaussian blob, sigma 5-10 px, +-1.5 to 3 sigma at its centre",
+    "smudge": "low contrast: a 16-24 px square where the texture is blurred (Gaussian, 2-3 px)",
 }
 KINDS = tuple(DEFECTS)
 
@@ -74,8 +77,19 @@ def _tiles(image: np.ndarray, train: bool, count: int, rng: np.random.Generator)
     return np.stack([image[y:y + TILE, x:x + TILE] for y, x in zip(ys, xs)])
 
 
-def draw_defect(tile: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
-    """One defect of ``kind`` on a copy of ``tile`` (uint8, TILE x TILE)."""
+def texture_sigma(image: np.ndarray) -> float:
+    """The median standard deviation of the photograph's 9 x 9 neighbourhoods: its texture's contrast."""
+    from scipy.ndimage import uniform_filter
+
+    pixels = image.astype(np.float64)
+    mean = uniform_filter(pixels, 9)
+    variance = np.clip(uniform_filter(pixels * pixels, 9) - mean * mean, 0, None)
+    return float(np.sqrt(np.median(variance)))
+
+
+def draw_defect(tile: np.ndarray, kind: str, rng: np.random.Generator, sigma: float) -> np.ndarray:
+    """One defect of ``kind`` on a copy of ``tile`` (uint8, TILE x TILE), its contrast in
+    units of ``sigma`` (``texture_sigma`` of the photograph)."""
     from scipy.ndimage import gaussian_filter
     from skimage.draw import disk, line_aa
 
@@ -86,12 +100,12 @@ def draw_defect(tile: np.ndarray, kind: str, rng: np.random.Generator) -> np.nda
         length, angle = rng.uniform(25, 60), rng.uniform(0, np.pi)
         y1 = int(np.clip(y0 + length * np.sin(angle), 0, TILE - 1))
         x1 = int(np.clip(x0 + length * np.cos(angle), 0, TILE - 1))
-        delta = rng.uniform(25, 60)
+        delta = rng.uniform(3, 6) * sigma
         for offset in range(int(rng.integers(1, 3))):
             rr, cc, val = line_aa(int(y0), int(x0) + offset, y1, min(x1 + offset, TILE - 1))
             out[rr, cc] += delta * val
     elif kind == "crack":
-        delta = rng.uniform(30, 70)
+        delta = rng.uniform(3, 6) * sigma
         y, x = float(y0), float(x0)
         heading = rng.uniform(0, 2 * np.pi)
         for _ in range(int(rng.integers(30, 61))):
@@ -101,11 +115,12 @@ def draw_defect(tile: np.ndarray, kind: str, rng: np.random.Generator) -> np.nda
             out[int(y), int(x)] = min(out[int(y), int(x)], tile[int(y), int(x)] - delta)
     elif kind == "spot":
         rr, cc = disk((y0, x0), rng.uniform(2, 5), shape=out.shape)
-        out[rr, cc] += rng.choice([-1, 1]) * rng.uniform(30, 70)
+        out[rr, cc] += rng.choice([-1, 1]) * rng.uniform(3, 6) * sigma
     elif kind == "stain":
-        sigma = rng.uniform(5, 10)
+        width = rng.uniform(5, 10)
         yy, xx = np.mgrid[:TILE, :TILE]
-        out += rng.choice([-1, 1]) * rng.uniform(10, 20) * np.exp(-((yy - y0) ** 2 + (xx - x0) ** 2) / (2 * sigma ** 2))
+        out += (rng.choice([-1, 1]) * rng.uniform(1.5, 3) * sigma
+                * np.exp(-((yy - y0) ** 2 + (xx - x0) ** 2) / (2 * width ** 2)))
     elif kind == "smudge":
         half = int(rng.integers(8, 13))
         blurred = gaussian_filter(out, rng.uniform(2, 3))
@@ -120,11 +135,12 @@ def surface_set(name: str, seed: int = 0, train_normal: int = TRAIN_NORMAL, test
     """One category of the realistic set, fixed by ``seed``."""
     rng = np.random.default_rng([seed, TEXTURES.index(name) if name in TEXTURES else 99])
     image = photograph(name)
+    sigma = texture_sigma(image)
     train_good = _tiles(image, True, train_normal, rng)
-    labelled = [draw_defect(t, kind, rng) for kind in KINDS
+    labelled = [draw_defect(t, kind, rng, sigma) for kind in KINDS
                 for t in _tiles(image, True, labelled_per_kind, rng)]
     test_good = _tiles(image, False, test_normal, rng)
-    test_bad = [draw_defect(t, kind, rng) for kind in KINDS for t in _tiles(image, False, test_per_kind, rng)]
+    test_bad = [draw_defect(t, kind, rng, sigma) for kind in KINDS for t in _tiles(image, False, test_per_kind, rng)]
     train_x = np.concatenate([train_good] + ([np.stack(labelled)] if labelled else []))[:, None]
     test_x = np.concatenate([test_good, np.stack(test_bad)])[:, None]
     kinds = np.array(["good"] * test_normal + [kind for kind in KINDS for _ in range(test_per_kind)])

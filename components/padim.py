@@ -13,10 +13,11 @@ from typing import Any
 
 import torch
 
+from components.backbones import LAYER_CHANNELS
 from components.feature_detectors import FeatureDetector, resolve_layers
 
-# channels drawn at random from the layers' concatenation; anomalib's defaults for the
-# ResNets, and for lite0 (176 channels in blocks 1, 2 and 4) the resnet18 figure
+# channels drawn at random from the layers' concatenation (at most all of them); anomalib's
+# defaults for the ResNets, and for lite0 (176 channels in blocks 1, 2 and 4) resnet18's
 N_FEATURES = {"resnet18": 100, "wide_resnet50_2": 550, "efficientnet_lite0": 100}
 
 
@@ -26,7 +27,8 @@ class Padim(FeatureDetector):
         from anomalib.models.image.padim.torch_model import PadimModel
 
         layers = resolve_layers("padim", spec["backbone"], spec.get("layers"))
-        n_features = int(spec.get("n_features") or N_FEATURES[spec["backbone"]])
+        available = sum(LAYER_CHANNELS[spec["backbone"]][layer] for layer in layers)
+        n_features = min(int(spec.get("n_features") or N_FEATURES[spec["backbone"]]), available)
         # the channel draw (a buffer, idx) uses torch's global generator: fit() seeded it
         self.inner = PadimModel(backbone=self.arch, layers=layers, pre_trained=False,
                                 n_features=n_features)

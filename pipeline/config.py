@@ -165,7 +165,7 @@ class Split(_Section):
 
 
 class Preprocess(_Section):
-    image_size: int = Field(64, ge=16, le=1024)
+    image_size: int = Field(224, ge=16, le=1024)
     channels: Literal[1, 3] = 3
     split: Split = Split()
     # decoding limits (components/images.py): validate, preprocess and the served model refuse
@@ -183,7 +183,7 @@ class Preprocess(_Section):
 
 
 class Model(_Section):
-    type: Literal["autoencoder", "deep_sad", "classifier", "patchcore", "padim"] = "deep_sad"
+    type: Literal["autoencoder", "deep_sad", "classifier", "patchcore", "padim"] = "patchcore"
     width: int = Field(32, ge=4, le=512)
     latent_dim: int = Field(64, ge=2, le=4096)
     # patchcore and padim (components/feature_detectors.py): a pretrained backbone and its layers

@@ -13,11 +13,15 @@ def test_project_params_parse_and_cover_every_section():
     config = parse(raw)
     assert set(raw) == {"base", "paths", "data", "table", "validate", "preprocess", "model", "train", "calibration",
                         "evaluate", "gates", "registry", "score", "schedule"}
-    assert config.flat()["model.type"] in ("autoencoder", "deep_sad", "classifier")
+    assert config.flat()["model.type"] in ("autoencoder", "deep_sad", "classifier", "patchcore", "padim")
 
 
 @pytest.mark.parametrize("section,values,key", [
     ("model", {"type": "transformer"}, "model.type"),
+    ("model", {"backbone": "vgg16"}, "model.backbone"),
+    ("model", {"layers": ["layer2"]}, "model.layers"),          # a ResNet's layer on lite0
+    ("model", {"coreset_ratio": 0}, "model.coreset_ratio"),
+    ("model", {"max_bank": 0}, "model.max_bank"),
     ("train", {"epochs": -1}, "train.epochs"),
     ("train", {"learning_rate": 0}, "train.learning_rate"),
     ("calibration", {"target_fpr": 1.5}, "calibration.target_fpr"),

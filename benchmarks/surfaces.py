@@ -173,3 +173,40 @@ def write_landing(folder, name: str, seed: int = 0, **sizes) -> None:
         label = next(labelled_kinds) if kind == "defect" else kind
         (root / label).mkdir(parents=True, exist_ok=True)
         Image.fromarray(tile[0], mode="L").save(root / label / f"{name}-{n:04d}.png")
+
+
+def heatmap_figure(path, texture: str = "gravel", kinds: tuple[str, ...] = ("spot", "scratch"), seed: int = 42) -> None:
+    """README's picture: PatchCore (params.yaml's defaults: lite0, 224 px) fitted on the
+    texture's normal training tiles, and its anomaly map on one test tile of each kind, the
+    threshold set at the 95th percentile of the normal test tiles' scores (the map's 128)."""
+    import tempfile
+    from pathlib import Path
+
+    from PIL import Image
+
+    from components.heatmaps import overlay
+    from components.training import TrainSettings, score_and_maps, train
+
+    data = surface_set(texture, seed)
+    spec = {"family": "patchcore", "channels": 3, "image_size": 224, "backbone": "efficientnet_lite0", "layers": None,
+            "backbone_weights": "auto", "coreset_ratio": 0.1, "max_bank": 10_000, "num_neighbors": 9}
+    settings = TrainSettings(epochs=1, batch_size=32, learning_rate=1e-3, seed=seed, device="cpu")
+    result = train(spec, resized(data.train_x, 224), data.train_y, settings, progress=False)
+    scores, maps = score_and_maps(result.model, resized(data.test_x, 224))
+    threshold = float(np.quantile(scores[data.test_kind == "good"], 0.95))
+    panels = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for kind in kinds:
+            rows = np.flatnonzero(data.test_kind == kind)
+            row = int(rows[np.argsort(scores[rows])[len(rows) // 2]])  # the median-scored one: no cherry-picking
+            target = Path(scratch) / f"{kind}.png"
+            overlay(resized(data.test_x[row:row + 1], 224, 1)[0], maps[row], threshold,
+                    f"{texture}, {kind}: score {scores[row]:.3g} (threshold {threshold:.3g})", target)
+            panels.append(Image.open(target).convert("RGB"))
+    width = sum(p.width for p in panels)
+    canvas = Image.new("RGB", (width, max(p.height for p in panels)), "white")
+    x = 0
+    for panel in panels:
+        canvas.paste(panel, (x, 0))
+        x += panel.width
+    canvas.save(path)

@@ -99,6 +99,17 @@ class FeatureDetector(nn.Module):
         raise TypeError(f"{self.spec['family']} is fitted in one pass, not trained with a loss")
 
 
+def import_quietly(module: str):
+    """Import an anomalib module without the two FutureWarnings its package import prints
+    about its own deprecated modules (timm.models.layers, dinov2) into every stage log."""
+    import importlib
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return importlib.import_module(module)
+
+
 def resolve_layers(family: str, backbone: str, layers: list[str] | None) -> list[str]:
     return list(layers) if layers else list(DEFAULT_LAYERS[family][backbone])
 

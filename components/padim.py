@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from components.backbones import LAYER_CHANNELS
-from components.feature_detectors import FeatureDetector, resolve_layers
+from components.feature_detectors import FeatureDetector, import_quietly, resolve_layers
 
 # channels drawn at random from the layers' concatenation (at most all of them); anomalib's
 # defaults for the ResNets, and for lite0 (176 channels in blocks 1, 2 and 4) resnet18's
@@ -24,7 +24,7 @@ N_FEATURES = {"resnet18": 100, "wide_resnet50_2": 550, "efficientnet_lite0": 100
 class Padim(FeatureDetector):
     def __init__(self, spec: dict[str, Any]):
         super().__init__(spec)
-        from anomalib.models.image.padim.torch_model import PadimModel
+        PadimModel = import_quietly("anomalib.models.image.padim.torch_model").PadimModel
 
         layers = resolve_layers("padim", spec["backbone"], spec.get("layers"))
         available = sum(LAYER_CHANNELS[spec["backbone"]][layer] for layer in layers)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from components.feature_detectors import FeatureDetector, resolve_layers
+from components.feature_detectors import FeatureDetector, import_quietly, resolve_layers
 
 
 def _coreset(pool: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -35,7 +35,7 @@ def _coreset(pool: torch.Tensor, ratio: float) -> torch.Tensor:
 
     Each step is one pass over the pool, so the selection costs pool x bank x dims: what
     ``model.max_bank`` bounds."""
-    from anomalib.models.components import KCenterGreedy
+    KCenterGreedy = import_quietly("anomalib.models.components").KCenterGreedy
 
     class _Identity:
         def fit(self, embedding: torch.Tensor) -> "_Identity":
@@ -68,7 +68,7 @@ def _coreset(pool: torch.Tensor, ratio: float) -> torch.Tensor:
 class PatchCore(FeatureDetector):
     def __init__(self, spec: dict[str, Any]):
         super().__init__(spec)
-        from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+        PatchcoreModel = import_quietly("anomalib.models.image.patchcore.torch_model").PatchcoreModel
 
         layers = resolve_layers("patchcore", spec["backbone"], spec.get("layers"))
         self.inner = PatchcoreModel(layers=layers, backbone=self.arch, pre_trained=False,

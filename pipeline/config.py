@@ -265,6 +265,7 @@ class Score(_Section):
     incoming: str = "data/incoming"
     archive: str = "data/scored"
     results: str = "scores"
+    heatmaps: bool = False   # patchcore/padim: each flagged image's anomaly map archived beside it
 
 
 class Schedule(_Section):

@@ -73,9 +73,14 @@ def _load(layout: Layout, model_uri: str | None):
     return model, model_uri, version
 
 
-def score_files(model, files: list[Path], root: Path) -> pd.DataFrame:
+MAP_SUFFIX = ".anomaly_map.png"
+
+
+def score_files(model, files: list[Path], root: Path, heatmaps: bool = False) -> pd.DataFrame:
     """One row per image (path relative to ``root``); a file that cannot be scored gets its
-    reason, and the others are scored all the same."""
+    reason, and the others are scored all the same. With ``heatmaps`` (``score.heatmaps``:
+    patchcore and padim) each flagged image gets its anomaly map beside it,
+    ``<name>.anomaly_map.png`` (grey, 128 = the threshold), named in ``anomaly_map_file``."""
     from components.images import ImageDecodeError, open_image
     from pipeline.stages.register import score_bytes
 
@@ -91,10 +96,18 @@ def score_files(model, files: list[Path], root: Path) -> pd.DataFrame:
             good.append((name, data))
         except ImageDecodeError as error:  # one bad file must not stop the others being scored
             errors[name] = str(error)
-    predictions = score_bytes(model, [data for _, data in good])
+    predictions = score_bytes(model, [data for _, data in good], {"anomaly_map": True} if heatmaps else None)
     table = pd.DataFrame({"file": [name for name, _ in good],
                           "anomaly_score": predictions["anomaly_score"].astype(float),
                           "is_anomaly": predictions["is_anomaly"].astype(bool), "error": ""})
+    if heatmaps:
+        written = []
+        for (name, _), flagged, png in zip(good, table["is_anomaly"], predictions.get("anomaly_map", [])):
+            if flagged:
+                with atomic_path(root / (name + MAP_SUFFIX)) as tmp:
+                    tmp.write_bytes(png)
+            written.append(name + MAP_SUFFIX if flagged else "")
+        table["anomaly_map_file"] = written
     return _with_errors(table, errors)
 
 
@@ -147,7 +160,8 @@ def _score(layout: Layout, model, files: list[Path], root: Path) -> pd.DataFrame
         from pipeline.stages.validate import text_columns
 
         return score_table_files(model, files, root, layout.config.table.key_column, text_columns(layout.config))
-    return score_files(model, files, root)
+    return score_files(model, [f for f in files if not f.name.endswith(MAP_SUFFIX)], root,
+                       heatmaps=layout.config.score.heatmaps)
 
 
 def _write_csv(table: pd.DataFrame, out: Path) -> None:

@@ -22,15 +22,17 @@ FINGERPRINT_TAG = "model_fingerprint"
 SCORE_CHUNK = 256
 
 
-def score_frame(model, inputs: pd.DataFrame) -> pd.DataFrame:
-    """A served model's predictions for ``inputs`` (a client's frame), a chunk at a time."""
-    parts = [model.predict(inputs.iloc[i:i + SCORE_CHUNK].reset_index(drop=True))
+def score_frame(model, inputs: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+    """A served model's predictions for ``inputs`` (a client's frame), a chunk at a time;
+    ``params`` go to its predict (``{"anomaly_map": True}``)."""
+    parts = [model.predict(inputs.iloc[i:i + SCORE_CHUNK].reset_index(drop=True), **({"params": params} if params
+                                                                                      else {}))
              for i in range(0, len(inputs), SCORE_CHUNK)]
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["anomaly_score", "is_anomaly"])
 
 
-def score_bytes(model, images: list[bytes]) -> pd.DataFrame:
-    return score_frame(model, pd.DataFrame({"image": images}))
+def score_bytes(model, images: list[bytes], params: dict | None = None) -> pd.DataFrame:
+    return score_frame(model, pd.DataFrame({"image": images}), params)
 
 
 def _metrics_of(predictions: pd.DataFrame, labels: np.ndarray) -> dict:

@@ -77,6 +77,30 @@ def test_the_champion_serves_scores_and_on_request_anomaly_maps(ws):
     assert mapped["is_anomaly"].iloc[3:].all() and not mapped["is_anomaly"].iloc[:3].any()
 
 
+def test_scoring_writes_anomaly_maps_beside_flagged_images_when_asked(ws, tmp_path):
+    import shutil
+
+    import pandas as pd
+
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    files = sorted((ws / "data" / "raw").rglob("*.png"))
+    for path in [f for f in files if f.parent.name == "good"][:2] + [f for f in files if f.parent.name == "spot"][:2]:
+        shutil.copy(path, folder / f"{path.parent.name}-{path.name}")
+    set_params(ws, score={"heatmaps": True})
+    try:
+        run_cli(ws, "score", str(folder), "--out", str(tmp_path / "scores.csv"))
+    finally:
+        set_params(ws, score={"heatmaps": False})
+    table = pd.read_csv(tmp_path / "scores.csv", keep_default_na=False)
+    flagged = table[table["is_anomaly"]]
+    assert set(flagged["file"]) == {name for name in table["file"] if name.startswith("spot-")}
+    for row in table.itertuples():
+        written = folder / (row.file + ".anomaly_map.png")
+        assert written.is_file() == bool(row.is_anomaly)
+        assert row.anomaly_map_file == (written.name if row.is_anomaly else "")
+
+
 def test_a_random_backbone_is_refused_at_register_and_the_champion_stays(ws):
     set_params(ws, model={"backbone_weights": "none"})
     result = run_cli(ws, "run", check=False)

@@ -1,10 +1,10 @@
 """9. Feature families at night-sized scale: fit seconds per image at 1k and 10k images,
 scoring throughput, model size and load time; on a GPU also bf16 against fp32.
 
-PatchCore and PaDiM are fitted on tiles of the real photographs of benchmarks/surfaces.py
-(``TRAIN_NORMAL`` is far too few for a night, so tiles are cut at random positions of the
-three textures) with EfficientNet-Lite0's packaged ImageNet weights and the families'
-default settings (``model.max_bank`` from params.yaml's default, 10,000). The fit
+PatchCore and PaDiM are fitted on 224 x 224 tiles of the real photographs of
+benchmarks/surfaces.py (``TRAIN_NORMAL`` is far too few for a night, so tiles are cut at random
+positions of the three textures) with EfficientNet-Lite0's packaged ImageNet weights and the
+families' default settings (224 px, default layers, ``model.max_bank`` 10,000). The fit
 is the train stage's own (``components.training.train``); scoring is
 ``components.training.score`` on uint8 arrays (decoding is benchmark 2's subject).
 
@@ -27,20 +27,20 @@ from benchmarks.common import Context, Figure
 TITLE = "9. Feature families at scale: fit s/image at 1k and 10k, scoring images/s, model size and load time"
 
 MAX_BANK = 10_000   # params.yaml's default model.max_bank
-SIZE = 128          # the families' default input size
+SIZE = 224          # the families' default input size (params.yaml)
 
 
-def tiles(count: int, seed: int = 0) -> np.ndarray:
-    """``count`` 128 x 128 tiles at random places of the three photographs (uint8, N x 1 x S x S)."""
-    from benchmarks.surfaces import TEXTURES, TILE, photograph
+def tiles(count: int, side: int = SIZE, seed: int = 0) -> np.ndarray:
+    """``count`` side x side tiles at random places of the three photographs (uint8, N x 1 x S x S)."""
+    from benchmarks.surfaces import TEXTURES, photograph
 
     rng = np.random.default_rng(seed)
     photos = [photograph(name) for name in TEXTURES]
-    out = np.empty((count, 1, TILE, TILE), np.uint8)
+    out = np.empty((count, 1, side, side), np.uint8)
     for n in range(count):
         photo = photos[n % len(photos)]
-        y, x = rng.integers(0, photo.shape[0] - TILE + 1), rng.integers(0, photo.shape[1] - TILE + 1)
-        out[n, 0] = photo[y:y + TILE, x:x + TILE]
+        y, x = rng.integers(0, photo.shape[0] - side + 1), rng.integers(0, photo.shape[1] - side + 1)
+        out[n, 0] = photo[y:y + side, x:x + side]
     return out
 
 
@@ -108,17 +108,17 @@ def _agreement(family: str, device: str) -> tuple[dict, dict]:
     the largest relative score difference against the CPU's fp32 scores."""
     from sklearn.metrics import roc_auc_score
 
-    from benchmarks.surfaces import surface_set
+    from benchmarks.surfaces import resized, surface_set
     from components.training import score
 
     data = surface_set("gravel", 0)
-    normal = data.train_x[data.train_y < 0.5]
-    reference = score(_fit(family, normal, "cpu")[0].model, data.test_x)
+    normal, test = resized(data.train_x[data.train_y < 0.5], SIZE, 1), resized(data.test_x, SIZE, 1)
+    reference = score(_fit(family, normal, "cpu")[0].model, test)
     out = {"cpu": roc_auc_score(data.test_y, reference)}
     differences = {}
     if device == "cuda":
         for name, bf16 in (("cuda_fp32", False), ("cuda_bf16", True)):
-            values = score(_fit(family, normal, "cuda", bf16)[0].model, data.test_x)
+            values = score(_fit(family, normal, "cuda", bf16)[0].model, test)
             out[name] = roc_auc_score(data.test_y, values)
             differences[name] = float(np.max(np.abs(values - reference) / np.maximum(np.abs(reference), 1e-12)))
     return out, differences
@@ -149,7 +149,8 @@ def run(ctx: Context) -> list[Figure]:
                                   f"{counts[1]} / {counts[0]} images", "ratio",
                                   [per_image[counts[1]] / per_image[counts[0]]], target="<= 1.2",
                                   met=per_image[counts[1]] / per_image[counts[0]] <= 1.2, higher_is_better=False))
-            rates = _score_rate(result.model, images[:2048 if not ctx.quick else 128], ctx.repeats)
+            scored = 128 if ctx.quick else (2048 if cuda else 256)
+            rates = _score_rate(result.model, images[:scored], ctx.repeats)
             figures.append(Figure(f"features.{family}.score_images_per_s", f"{family}: scoring", "images/s", rates,
                                   note=f"{where}, 1x{SIZE}x{SIZE} arrays", higher_is_better=True))
             figures.append(Figure(f"features.{family}.model_mb", f"{family}: served model size", "MB",
@@ -159,7 +160,7 @@ def run(ctx: Context) -> list[Figure]:
                                   higher_is_better=False, note="after the imports (anomalib's take ~5 s here)"))
             if cuda:
                 fp32_result, fp32_seconds = _fit(family, images[:counts[0]], device, bf16=False)
-                fp32_rates = _score_rate(fp32_result.model, images[:2048], ctx.repeats)
+                fp32_rates = _score_rate(fp32_result.model, images[:scored], ctx.repeats)
                 figures.append(Figure(f"features.{family}.bf16_score_speedup", f"{family}: scoring bf16 / fp32",
                                       "ratio", [b / f for b, f in zip(rates, fp32_rates)], higher_is_better=True))
             if not ctx.quick:

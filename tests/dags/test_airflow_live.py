@@ -270,5 +270,5 @@ def test_a_browser_changes_a_parameter_in_the_trigger_form_and_triggers(airflow,
             browser.close()
     [run] = created
     assert run["conf"]["epochs"] == 2 and run["conf"]["learning_rate"] == 0.005
-    assert run["conf"]["model_type"] == "patchcore"  # untouched fields keep params.yaml's values
+    assert run["conf"]["model_type"] == "deep_sad"  # untouched fields keep params.yaml's values (the workspace's)
     assert (shots / "airflow_trigger_form.png").stat().st_size > 10_000

@@ -8,8 +8,8 @@ two family modules are the thin adapter that fits them into ``train -> calibrate
 evaluate -> register``:
 
 * input: uint8 images as preprocess writes them, scaled to [0, 1] by
-  ``training.to_tensor``, grey repeated to three channels and ImageNet-normalised here
-  (``backbones.imagenet_input``), so the served model takes the same bytes as any family;
+  ``training.to_tensor``, grey repeated to three channels and normalised as the weights were
+  trained here (``backbones.backbone_input``), so the served model takes the same bytes as any family;
 * scores: the torch models' raw scores (anomalib's Lightning post-processor, which
   normalises and clamps them, is not used: calibration and gates need the raw ranking);
 * anomaly maps: ``score_and_map`` gives the per-pixel map at the input size;
@@ -28,12 +28,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from components.backbones import BACKBONES, IMAGENET_MEAN, IMAGENET_STD, apply_weights, backbone_input, \
+from components.backbones import BACKBONES, FEATURE_FAMILIES, IMAGENET_MEAN, IMAGENET_STD, apply_weights, backbone_input, \
     resolve_weights
 
 log = logging.getLogger(__name__)
 
-FEATURE_FAMILIES = ("patchcore", "padim")
 # the backbone under bf16 autocast on CUDA (benchmarks/feature_throughput.py measured it against
 # fp32: scores and AUROC in benchmarks/RESULTS.md); a switch for that comparison, not a setting
 BF16_ON_CUDA = True
@@ -140,11 +139,22 @@ def build(spec: dict[str, Any], load_weights: bool = False) -> FeatureDetector:
         raise ValueError(f"unknown feature family {family!r} (known: {', '.join(FEATURE_FAMILIES)})")
     if resolved is not None:
         apply_weights(model.extractor, resolved, backbone)
+    _drop_unused_blocks(model.extractor)
     # channels-last weights run the backbone's convolutions in NHWC, which oneDNN's CPU kernels
     # are faster at: lite0 at 224 px scored 1.4x faster here, with the same scores
     model.extractor.to(memory_format=torch.channels_last)
     model.eval()
     return model
+
+
+def _drop_unused_blocks(extractor: nn.Module) -> None:
+    """timm's EfficientNet feature extractor runs all seven blocks whatever layers are asked for
+    (``_stage_out_idx`` maps block number + 1 to an output); the blocks past the deepest one asked
+    for only cost time and model size. ResNets' feature extractors stop at their last layer already."""
+    blocks = getattr(extractor, "blocks", None)
+    stages = getattr(extractor, "_stage_out_idx", None)
+    if isinstance(blocks, nn.Sequential) and stages:
+        extractor.blocks = blocks[:max(stages)]
 
 
 def fit(spec: dict[str, Any], images: np.ndarray, labels: np.ndarray, settings, progress: bool | None = None):

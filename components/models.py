@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from components.feature_detectors import FEATURE_FAMILIES  # fitted on pretrained features, images only
+from components.backbones import FEATURE_FAMILIES  # fitted on pretrained features, images only
 
 FAMILIES = ("autoencoder", "deep_sad", "classifier")
 

@@ -29,7 +29,7 @@ def _coreset(pool: torch.Tensor, ratio: float) -> torch.Tensor:
       anew (3.7 million page faults and 24 s for a 15k-patch pool, against under a second);
     * the random projection is skipped where it would not make the features smaller. It
       projects to the Johnson-Lindenstrauss dimension for eps 0.9 (about 24 ln n: 290 for
-      150k patches), which is more than EfficientNet-Lite0's 152 channels: the projection
+      150k patches), which is more than EfficientNet-Lite0's 40 to 152 channels: the projection
       then costs time per step and only blurs the distances. For wide backbones (1,536
       channels for wide_resnet50_2) it projects as anomalib does.
 
@@ -87,7 +87,7 @@ class PatchCore(FeatureDetector):
         return self.inner.reshape_embedding(embedding), (batch, height, width)
 
     def _bank_size(self, total: int) -> int:
-        return max(1, min(math.ceil(self.coreset_ratio * total), self.max_bank, total))
+        return max(1, min(int(self.coreset_ratio * total), self.max_bank, total))  # anomalib's int(n * ratio)
 
     def begin_fit(self, images: int) -> None:
         self._pool, self._images, self._keep, self._total = [], images, 1.0, 0

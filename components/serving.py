@@ -106,7 +106,7 @@ class AnomalyDetector(mlflow.pyfunc.PythonModel):
             encoded = [encode_png(m, self.threshold) for m in maps]
         else:
             scores = score(self.model, images, batch_size=SCORE_BATCH, device="cpu") if arrays else np.zeros(0)
-        out = pd.DataFrame({"anomaly_score": scores.astype(np.float64), "is_anomaly": scores > self.threshold},
+        out = pd.DataFrame({"anomaly_score": scores.astype(np.float64), "is_anomaly": ~(scores <= self.threshold)},
                            index=model_input.index)
         if want_map:
             out["anomaly_map"] = encoded
@@ -121,5 +121,5 @@ class AnomalyDetector(mlflow.pyfunc.PythonModel):
         frame = check_frame(model_input, self.transform)
         rows = self.transform.apply(frame)
         scores = score(self.model, rows, batch_size=4096, device="cpu") if len(rows) else np.zeros(0)
-        return pd.DataFrame({"anomaly_score": scores.astype(np.float64), "is_anomaly": scores > self.threshold},
+        return pd.DataFrame({"anomaly_score": scores.astype(np.float64), "is_anomaly": ~(scores <= self.threshold)},
                             index=model_input.index)

@@ -496,9 +496,10 @@ def score(model: torch.nn.Module, images: np.ndarray, batch_size: int = 256, dev
 
 @torch.no_grad()
 def score_and_maps(model: torch.nn.Module, images: np.ndarray, batch_size: int = 64,
-                   device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Scores (float64) and anomaly maps (float32, N x S x S) of a feature family's model,
-    which has ``score_and_map``; the other families have no map."""
+                   device: str | None = None, map_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Scores (float64) and anomaly maps (float32, N x S x S, or N x map_size x map_size
+    resized by area: a split's maps at full size would take 200 KB an image) of a feature
+    family's model, which has ``score_and_map``; the other families have no map."""
     if not hasattr(model, "score_and_map"):
         raise ValueError(f"a {type(model).__name__} model gives no anomaly map (only patchcore and padim do)")
     model.eval()
@@ -506,10 +507,13 @@ def score_and_maps(model: torch.nn.Module, images: np.ndarray, batch_size: int =
     scores, maps = [], []
     for start in range(0, len(images), batch_size):
         batch_scores, batch_maps = model.score_and_map(to_tensor(images[start:start + batch_size], target))
+        if map_size is not None and map_size < batch_maps.shape[-1]:
+            batch_maps = torch.nn.functional.interpolate(batch_maps[:, None], size=(map_size, map_size),
+                                                         mode="area")[:, 0]
         scores.append(batch_scores.float().cpu().numpy())
         maps.append(batch_maps.float().cpu().numpy())
     if not scores:
-        side = images.shape[-1] if images.ndim == 4 else 0
+        side = min(images.shape[-1], map_size or images.shape[-1]) if images.ndim == 4 else 0
         return np.zeros(0), np.zeros((0, side, side), dtype=np.float32)
     return np.concatenate(scores).astype(np.float64), np.concatenate(maps)
 

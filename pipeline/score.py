@@ -76,11 +76,14 @@ def _load(layout: Layout, model_uri: str | None):
 MAP_SUFFIX = ".anomaly_map.png"
 
 
-def score_files(model, files: list[Path], root: Path, heatmaps: bool = False) -> pd.DataFrame:
+def score_files(model, files: list[Path], root: Path, heatmaps: bool = False,
+                map_dir: Path | None = None) -> pd.DataFrame:
     """One row per image (path relative to ``root``); a file that cannot be scored gets its
     reason, and the others are scored all the same. With ``heatmaps`` (``score.heatmaps``:
     patchcore and padim) each flagged image gets its anomaly map beside it,
-    ``<name>.anomaly_map.png`` (grey, 128 = the threshold), named in ``anomaly_map_file``."""
+    ``<name>.anomaly_map.png`` (grey, 128 = the threshold), named in ``anomaly_map_file``
+    (relative to ``map_dir``, default ``root``). A champion that gives no maps (a family trained
+    from scratch) is scored all the same, without maps, and says so."""
     from components.images import ImageDecodeError, open_image
     from pipeline.stages.register import score_bytes
 
@@ -96,17 +99,33 @@ def score_files(model, files: list[Path], root: Path, heatmaps: bool = False) ->
             good.append((name, data))
         except ImageDecodeError as error:  # one bad file must not stop the others being scored
             errors[name] = str(error)
-    predictions = score_bytes(model, [data for _, data in good], {"anomaly_map": True} if heatmaps else None)
+    images = [data for _, data in good]
+    predictions = None
+    if heatmaps and images:
+        try:
+            predictions = score_bytes(model, images, {"anomaly_map": True})
+        except ValueError as error:  # a champion of a family without maps: score all the same
+            print(f"score: no anomaly maps: {error}")
+        if predictions is not None and "anomaly_map" not in predictions:
+            print("score: no anomaly maps: the champion gives none (registered before maps existed?)")
+            predictions = None
+    maps = predictions["anomaly_map"].tolist() if predictions is not None else None
+    if predictions is None:
+        predictions = score_bytes(model, images)
     table = pd.DataFrame({"file": [name for name, _ in good],
                           "anomaly_score": predictions["anomaly_score"].astype(float),
                           "is_anomaly": predictions["is_anomaly"].astype(bool), "error": ""})
     if heatmaps:
         written = []
-        for (name, _), flagged, png in zip(good, table["is_anomaly"], predictions.get("anomaly_map", [])):
-            if flagged:
-                with atomic_path(root / (name + MAP_SUFFIX)) as tmp:
-                    tmp.write_bytes(png)
-            written.append(name + MAP_SUFFIX if flagged else "")
+        for n, ((name, _), flagged) in enumerate(zip(good, table["is_anomaly"])):
+            if flagged and maps is not None:
+                target = (map_dir or root) / (name + MAP_SUFFIX)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(target) as tmp:
+                    tmp.write_bytes(maps[n])
+                written.append(str(target.relative_to(map_dir or root)))
+            else:
+                written.append("")
         table["anomaly_map_file"] = written
     return _with_errors(table, errors)
 
@@ -155,13 +174,14 @@ def _suffixes(layout: Layout) -> set[str]:
     return set(TABLE_SUFFIXES) if layout.config.data.kind == "table" else IMAGE_SUFFIXES
 
 
-def _score(layout: Layout, model, files: list[Path], root: Path) -> pd.DataFrame:
+def _score(layout: Layout, model, files: list[Path], root: Path, heatmaps: bool = False,
+           map_dir: Path | None = None) -> pd.DataFrame:
     if layout.config.data.kind == "table":
         from pipeline.stages.validate import text_columns
 
         return score_table_files(model, files, root, layout.config.table.key_column, text_columns(layout.config))
     return score_files(model, [f for f in files if not f.name.endswith(MAP_SUFFIX)], root,
-                       heatmaps=layout.config.score.heatmaps)
+                       heatmaps=heatmaps, map_dir=map_dir)
 
 
 def _write_csv(table: pd.DataFrame, out: Path) -> None:
@@ -179,7 +199,12 @@ def run(layout: Layout, folder: Path, out: Path | None, model_uri: str | None = 
         raise StageError(f"score: no {' or '.join(s[1:].upper() for s in sorted(_suffixes(layout)))} files "
                          f"under {folder}")
     model, model_uri, version = _load(layout, model_uri)
-    table = _score(layout, model, files, folder)
+    # the folder scored is the user's: anomaly maps (score.heatmaps) go beside --out, not into it
+    map_dir = Path(out).with_name(Path(out).stem + "-maps") if out is not None else None
+    if layout.config.score.heatmaps and out is None:
+        print("score: score.heatmaps is on but there is no --out to write the maps beside; none written")
+    table = _score(layout, model, files, folder, heatmaps=layout.config.score.heatmaps and out is not None,
+                   map_dir=map_dir)
     table["model_uri"], table["model_version"] = model_uri, version
     if out is not None:
         _write_csv(table, out)
@@ -242,7 +267,7 @@ def _score_incoming(inbox: Path, archive: Path, inflight: Path, results: Path, l
             if out.is_file():  # scored before a kill; only the move was left to do
                 table = pd.read_csv(out, keep_default_na=False, na_values=[""])
             else:
-                table = _score(layout, model, _visible_files(folder), folder)
+                table = _score(layout, model, _visible_files(folder), folder, heatmaps=layout.config.score.heatmaps)
                 table["model_uri"], table["model_version"] = model_uri, version
                 table["scored_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
                 table["archived_to"] = [str(destination / name) for name in table["file"]]

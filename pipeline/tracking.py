@@ -157,7 +157,7 @@ FEATURE_MODEL_REQUIREMENTS = ("anomalib", "timm", "torchvision")
 
 def model_requirements(family: str | None = None) -> list[str]:
     """The served model's pip requirements, pinned to this environment's versions."""
-    from components.feature_detectors import FEATURE_FAMILIES
+    from components.backbones import FEATURE_FAMILIES
 
     names = MODEL_REQUIREMENTS + (FEATURE_MODEL_REQUIREMENTS if family in FEATURE_FAMILIES else ())
     return [f"{name}=={metadata.version(name)}" for name in names]

@@ -128,6 +128,10 @@ def _run_params(project: Path, overrides: dict[str, Any]) -> dict:
     landing = Path(str(params.get("data", {}).get("landing", "data/landing")))
     if not landing.is_absolute():  # the data lands in the project, not in the run's copy of it
         params.setdefault("data", {})["landing"] = str((project / landing).resolve())
+    weights = str(params.get("model", {}).get("backbone_weights", "auto"))
+    if weights not in ("auto", "download", "none") and not Path(weights).expanduser().is_absolute():
+        # a weights file kept in the project (git-ignored, so not in the run's worktree)
+        params["model"]["backbone_weights"] = str((project / weights).resolve())
     return params
 
 

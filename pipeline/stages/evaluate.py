@@ -43,6 +43,16 @@ def run(layout: Layout) -> dict:
     return metrics
 
 
+def _upsample(values, side: int):
+    """A stored map back at the image's size (bilinear), for the overlay."""
+    import numpy as np
+    from PIL import Image
+
+    if values.shape[0] == side:
+        return values
+    return np.asarray(Image.fromarray(values.astype(np.float32), mode="F").resize((side, side), Image.Resampling.BILINEAR))
+
+
 OVERLAYS_EACH = 3   # worst false positives, worst false negatives, best detections per defect kind
 
 
@@ -67,7 +77,9 @@ def _overlays(layout: Layout, test: pd.DataFrame, threshold: float) -> None:
     for _, rows in anomalous.groupby("label"):
         chosen += [("detected", r) for r in rows.nlargest(OVERLAYS_EACH, "score").itertuples() if r.score > threshold]
     for n, (kind, r) in enumerate(chosen):
-        anomaly_map = np.frombuffer(r.anomaly_map, dtype=np.float16).astype(np.float32).reshape(side, side)
+        stored = np.frombuffer(r.anomaly_map, dtype=np.float16).astype(np.float32)
+        small = int(round(len(stored) ** 0.5))  # train stores them at most 64 x 64
+        anomaly_map = _upsample(stored.reshape(small, small), side)
         title = f"{kind.replace('_', ' ')}: {r.label}, score {r.score:.4g} (threshold {threshold:.4g})"
         overlay(np.asarray(images[int(r.row)]), anomaly_map, threshold, title,
                 folder / f"{kind}-{n:02d}-{r.label}.png")

@@ -229,8 +229,9 @@ def run(layout: Layout, run_id: str | None = None) -> dict:
     run_id = run_id or os.environ.get("MLFLOW_RUN_ID")
     metrics, calibration = read_json(layout.metrics), read_json(layout.threshold)
     spec = read_json(layout.spec)
-    weights = spec["spec"].get("weights")
-    if weights is not None and not weights.get("pretrained"):
+    from components.backbones import FEATURE_FAMILIES
+
+    if spec["spec"]["family"] in FEATURE_FAMILIES and not (spec["spec"].get("weights") or {}).get("pretrained"):
         raise DataError(f"register: refused: the {spec['spec']['family']} model's backbone "
                         f"({spec['spec']['backbone']}) holds random weights (model.backbone_weights: "
                         f"{spec['spec'].get('backbone_weights')!r}), so its features mean nothing; set "

@@ -30,7 +30,7 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-from components.feature_detectors import FEATURE_FAMILIES
+from components.backbones import FEATURE_FAMILIES
 from pipeline.io import DataError, StageError, atomic_path, write_json
 from pipeline.layout import Layout
 
@@ -104,6 +104,10 @@ def _sigterm_raises() -> Iterator[None]:
     finally:
         signal.signal(signal.SIGTERM, previous)
 
+
+# evaluate's overlays need where the defect is, not every pixel: 64 x 64 float16 is 8 KB a test
+# image in scores.parquet (a 224 px map would be 100 KB; PatchCore's own grid is 28 x 28 there)
+MAP_SIDE = 64
 
 # Under torchrun: where a process that refuses the data (a diverged loss) leaves its message,
 # so that the launching stage fails as a data error too (no retry), not as torchrun's exit 1
@@ -198,6 +202,7 @@ def _run(layout: Layout) -> dict:
 def _train_and_write(layout: Layout, rank: int, world: int) -> dict:
     import torch
 
+    from components.backbones import BackboneWeightsError
     from components.training import TrainingDivergedError, TrainSettings, score, score_and_maps, train
 
     config = layout.config
@@ -219,7 +224,8 @@ def _train_and_write(layout: Layout, rank: int, world: int) -> dict:
     spec = model_spec(layout)
     # torch.optim imports torch._dynamo at the first step (3-8 s here): start-up, not training,
     # so it is paid before the clock starts and samples_per_second measures the training
-    import torch._dynamo  # noqa: F401
+    if spec["family"] not in FEATURE_FAMILIES:  # the feature families take no optimiser step
+        import torch._dynamo  # noqa: F401
     started = time.perf_counter()
     try:
         result = train(spec, images, train_rows["is_anomaly"].to_numpy(np.float32), settings,
@@ -229,7 +235,11 @@ def _train_and_write(layout: Layout, rank: int, world: int) -> dict:
         eta = ", or train.eta (the weight of labelled anomalies)" if spec["family"] == "deep_sad" else ""
         raise DataError(f"train: {error}. Lower train.learning_rate{eta}, or check the training data. "
                         "No model was written, so nothing will be registered") from None
-    except ValueError as error:  # BackboneWeightsError too: it names model.backbone_weights
+    except BackboneWeightsError as error:  # a setting to fix: retrying changes nothing, but a download may
+        if config.model.backbone_weights == "download":
+            raise StageError(f"train: {error}") from None
+        raise DataError(f"train: {error}. Nothing was fitted, so nothing will be registered") from None
+    except ValueError as error:
         raise StageError(f"train: {error}") from None
     seconds = time.perf_counter() - started
     if rank != 0:  # the first process writes the outputs
@@ -252,8 +262,9 @@ def _train_and_write(layout: Layout, rank: int, world: int) -> dict:
         rows = index[index["split"] == split].sort_values("row").copy()
         images = np.load(layout.split_images(split), mmap_mode="r")
         if spec["family"] in FEATURE_FAMILIES and split == "test":
-            # the test split's anomaly maps too (float16 bytes, S x S), for evaluate's overlays
-            rows["score"], maps = score_and_maps(result.model, images, batch_size=settings.batch_size)
+            # the test split's anomaly maps too (float16 bytes, at most MAP_SIDE square), for evaluate's overlays
+            rows["score"], maps = score_and_maps(result.model, images, batch_size=settings.batch_size,
+                                                 map_size=MAP_SIDE)
             rows["anomaly_map"] = [m.astype(np.float16).tobytes() for m in maps]
         else:
             # in training's batches: score's default (256) took ~100 MB more than the training loop

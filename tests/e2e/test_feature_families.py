@@ -95,10 +95,12 @@ def test_scoring_writes_anomaly_maps_beside_flagged_images_when_asked(ws, tmp_pa
     table = pd.read_csv(tmp_path / "scores.csv", keep_default_na=False)
     flagged = table[table["is_anomaly"]]
     assert set(flagged["file"]) == {name for name in table["file"] if name.startswith("spot-")}
+    maps = tmp_path / "scores-maps"  # beside --out: the folder scored is left as it was
     for row in table.itertuples():
-        written = folder / (row.file + ".anomaly_map.png")
+        written = maps / (row.file + ".anomaly_map.png")
         assert written.is_file() == bool(row.is_anomaly)
         assert row.anomaly_map_file == (written.name if row.is_anomaly else "")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(table["file"])
 
 
 def test_a_random_backbone_is_refused_at_register_and_the_champion_stays(ws):

@@ -51,3 +51,25 @@ def test_texture_sigma_is_the_local_contrast():
     flat = np.full((64, 64), 100, np.uint8)
     assert texture_sigma(flat) == 0.0
     assert texture_sigma(photograph("brick")) < texture_sigma(photograph("grass"))
+
+
+def test_the_frozen_feature_head_learns_to_single_out_an_odd_patch():
+    """Item 6's measurement head (benchmarks/frozen_head.py): normal images are patches from one
+    cloud; a defective image has one patch far from it. The head must rank those first."""
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from benchmarks.frozen_head import deep_sad_head_scores
+
+    generator = torch.Generator().manual_seed(0)
+
+    def images(count: int, defective: bool) -> torch.Tensor:
+        features = torch.randn(count, 49, 8, generator=generator)
+        if defective:
+            features[:, 7] += 6.0
+        return features
+
+    train = torch.cat([images(40, False), images(4, True)])
+    test = torch.cat([images(20, False), images(20, True)])
+    scores = deep_sad_head_scores(train, np.r_[np.zeros(40), np.ones(4)], test, seed=0)
+    assert roc_auc_score(np.r_[np.zeros(20), np.ones(20)], scores) > 0.9

@@ -79,11 +79,13 @@ def run(ctx: Context) -> list[Figure]:
         hand_rate.append(len(images) / (time.perf_counter() - started))
     note = f"{len(images)} PNGs of {files and _side(files[0])} px -> {channels}x{size}x{size}, " \
            f"{params['model']['type']}, {torch.get_num_threads()} threads, CPU"
+    family = params["model"]["type"]  # keys name it: the figures before 2026-12-04 were deep_sad's at 64 px
     return [
-        Figure("scoring.pyfunc_images_per_s", "pyfunc predict", "images/s", pyfunc_rate, note=note,
+        Figure(f"scoring.{family}.pyfunc_images_per_s", "pyfunc predict", "images/s", pyfunc_rate, note=note,
                higher_is_better=True),
-        Figure("scoring.hand_images_per_s", "by hand (Pillow + torch)", "images/s", hand_rate, higher_is_better=True),
-        check(Figure("scoring.ratio", "pyfunc / by hand", "ratio", ratios(pyfunc_rate, hand_rate),
+        Figure(f"scoring.{family}.hand_images_per_s", "by hand (Pillow + torch)", "images/s", hand_rate,
+               higher_is_better=True),
+        check(Figure(f"scoring.{family}.ratio", "pyfunc / by hand", "ratio", ratios(pyfunc_rate, hand_rate),
                      higher_is_better=True), at_least=0.8),
     ]
 

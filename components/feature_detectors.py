@@ -171,9 +171,9 @@ def fit(spec: dict[str, Any], images: np.ndarray, labels: np.ndarray, settings, 
         raise ValueError(f"{spec['family']} fits on normal images; the training split has none")
     device = select_device(settings.device)
     make_deterministic(settings.seed, settings.num_threads, device)
-    # PatchCore's coreset selection allocates and frees a pool-sized tensor per selected patch:
-    # with glibc's moving thresholds each one was mapped and faulted in anew (23 s instead of
-    # 0.8 s for a 15k-patch pool here). The same fix as the training loop's.
+    # the allocator settings of the training loop (keep_freed_memory says why): each batch of
+    # features allocates and frees tens of MB. The coreset's own page faults (one pool-sized
+    # tensor per selected patch in anomalib) are avoided where they arise: patchcore._coreset
     keep_freed_memory()
     spec = dict(spec)
     started = time.perf_counter()

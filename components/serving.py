@@ -105,7 +105,7 @@ class AnomalyDetector(mlflow.pyfunc.PythonModel):
             scores, maps = score_and_maps(self.model, images, batch_size=SCORE_BATCH, device="cpu")
             encoded = [encode_png(m, self.threshold) for m in maps]
         else:
-            scores = score(self.model, images, batch_size=SCORE_BATCH, device="cpu") if arrays else np.zeros(0)
+            scores = score(self.model, images, batch_size=SCORE_BATCH, device="cpu")
         out = pd.DataFrame({"anomaly_score": scores.astype(np.float64), "is_anomaly": ~(scores <= self.threshold)},
                            index=model_input.index)
         if want_map:

@@ -317,13 +317,10 @@ def train(
 
     from components.feature_detectors import FEATURE_FAMILIES, fit
 
-    if spec["family"] in FEATURE_FAMILIES:
-        if len(images) == 0:
-            raise ValueError("no training images")
-        return fit(spec, images, labels, settings, progress=progress)
-
     if len(images) == 0:
         raise ValueError("no training images")
+    if spec["family"] in FEATURE_FAMILIES:
+        return fit(spec, images, labels, settings, progress=progress)
     rank, world = _distributed()
     device = select_device(settings.device)
     if device.type == "cuda" and world > 1:

@@ -35,7 +35,17 @@ class Paths(_Section):
 class Data(_Section):
     kind: Literal["image", "table"] = "image"   # table: CSV/Parquet records, the ``table`` section
     landing: str = "data/landing"
+    # the folders data.landing may lie in (relative: to the project); the trigger form's landing
+    # is checked against them too, so a run can read nothing else the worker can (landing_folder)
+    allowed_roots: list[str] = ["data"]
     extensions: list[str] = [".png", ".jpg", ".jpeg"]
+
+    @field_validator("allowed_roots")
+    @classmethod
+    def _some_folders(cls, value: list[str]) -> list[str]:
+        if not value or not all(str(v).strip() for v in value):
+            raise ValueError("needs at least one folder, and no empty name")
+        return value
 
     @field_validator("extensions")
     @classmethod
@@ -355,8 +365,32 @@ def parse(raw: dict[str, Any]) -> Config:
         raise ConfigError(_describe(error)) from None
 
 
+def landing_folder(config: Config, project: str | Path) -> Path:
+    """data.landing's real path (links and ``..`` resolved), refused unless it lies in one of
+    data.allowed_roots (each resolved as well). Relative paths are relative to ``project``.
+
+    The check is on the resolved path, not on the text: ``data/../../etc``, a ``data/landing``
+    that is a link to ``/etc``, or ``data-evil`` next to an allowed ``data`` are all outside.
+    """
+    project = Path(project).resolve()
+
+    def real(name: str) -> Path:
+        folder = Path(name)
+        return (folder if folder.is_absolute() else project / folder).resolve()
+
+    landing = real(config.data.landing)
+    roots = [real(name) for name in config.data.allowed_roots]
+    if not any(landing.is_relative_to(root) for root in roots):
+        raise ConfigError(
+            f"invalid params:\n  data.landing: {config.data.landing!r} resolves to {landing}, which is outside "
+            f"data.allowed_roots ({', '.join(map(str, roots))}); a run reads its data from these folders only: "
+            "add the folder to data.allowed_roots in params.yaml to allow it")
+    return landing
+
+
 def load(path: str | Path = "params.yaml", *, check_landing: bool = False) -> Config:
-    """Read and validate params; with check_landing the landing folder must exist."""
+    """Read and validate params; with check_landing the landing folder must lie in one of
+    data.allowed_roots (relative paths: to the params file's folder, the project) and exist."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"params file not found: {path}")
@@ -369,9 +403,7 @@ def load(path: str | Path = "params.yaml", *, check_landing: bool = False) -> Co
         raise ConfigError(f"params file {path} must hold a mapping of sections")
     config = parse(raw)
     if check_landing:
-        landing = Path(config.data.landing)
-        if not landing.is_absolute():
-            landing = path.parent / landing
+        landing = landing_folder(config, path.parent)
         if not landing.is_dir():
             raise ConfigError(f"invalid params:\n  data.landing: folder does not exist (got {config.data.landing!r})")
     return config

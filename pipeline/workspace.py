@@ -128,6 +128,12 @@ def _run_params(project: Path, overrides: dict[str, Any]) -> dict:
     landing = Path(str(params.get("data", {}).get("landing", "data/landing")))
     if not landing.is_absolute():  # the data lands in the project, not in the run's copy of it
         params.setdefault("data", {})["landing"] = str((project / landing).resolve())
+    from pipeline.config import Data
+
+    data = params.setdefault("data", {})
+    if isinstance(data.get("allowed_roots", []), list):  # the project's folders, not the run's (empty) copy
+        data["allowed_roots"] = [str((project / root).resolve()) if isinstance(root, str) and root.strip() else root
+                                 for root in data.get("allowed_roots", Data().allowed_roots)]
     weights = str(params.get("model", {}).get("backbone_weights", "auto"))
     if weights not in ("auto", "download", "none") and not Path(weights).expanduser().is_absolute():
         # a weights file kept in the project (git-ignored, so not in the run's worktree)

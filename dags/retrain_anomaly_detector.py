@@ -73,7 +73,8 @@ FORM: dict[str, tuple[str | None, Param]] = {
     "landing": ("data.landing", Param(
         _p["data"]["landing"], type="string", minLength=1, title="Data landing folder",
         description="folder of batches (" + ("<batch>.csv|.parquet" if _TABLE else "<batch>/<label>/*.png")
-                    + "); relative paths are inside the project")),
+                    + "); relative to the project; it must lie in one of data.allowed_roots ("
+                    + ", ".join(map(str, _p["data"].get("allowed_roots", ["data"]))) + "), or the run is refused")),
     "force_promote": (None, Param(
         False, type="boolean", title="Force promotion",
         description="make this model the champion even if gates fail (needs a reason)")),

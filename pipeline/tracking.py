@@ -106,26 +106,36 @@ def git_info(root: Path) -> dict[str, str]:
 
 
 def uncommitted_patch(root: Path) -> bytes:
-    """The code that ran, as a binary patch against its commit: every change, staged or not,
-    and every untracked file git does not ignore. params.yaml and dvc.lock are left out
-    (the run records them whole), and so are DVC's .gitignore files and a run workspace's
-    own record. ``reproduce`` applies it to rebuild a dirty run's code.
+    """The code that ran, as a binary patch against its commit: every change to a tracked file,
+    staged or not, and the untracked files under the code folders; never a file whose name
+    looks like a secret (pipeline/code_changes.py says which). params.yaml and dvc.lock are
+    left out (the run records them whole), and so are DVC's .gitignore files and a run
+    workspace's own record. ``reproduce`` applies it to rebuild a dirty run's code.
 
     Bytes, not text: a patch must apply byte for byte (CRLF, other encodings). A throw-away
     index is used, so the repository's own index is never touched.
     """
+    import sys
     import tempfile
+
+    from pipeline.code_changes import code_changes
 
     with tempfile.TemporaryDirectory() as scratch:
         env = {**os.environ, "GIT_INDEX_FILE": str(Path(scratch) / "index")}
 
-        def git(*args: str) -> bytes:
-            return subprocess.run(["git", *args], cwd=root, env=env, capture_output=True, check=True,
+        def git(*args: str, stdin: bytes | None = None) -> bytes:
+            return subprocess.run(["git", *args], cwd=root, env=env, input=stdin, capture_output=True, check=True,
                                   timeout=120).stdout
 
         try:
+            changes = code_changes(root)
+            if changes.left_out:
+                print(f"uncommitted.patch: left out {len(changes.left_out)} file(s) whose names look like secrets: "
+                      + ", ".join(changes.left_out), file=sys.stderr)
             git("read-tree", "HEAD")
-            git("add", "-A", "--", ".")
+            if changes.recorded:  # by name, not pathspec: no glob in a file name can take in more
+                git("update-index", "--add", "--remove", "-z", "--stdin",
+                    stdin=b"".join(name.encode("utf-8", "surrogateescape") + b"\0" for name in changes.recorded))
             return git("diff", "--cached", "--binary", "HEAD", "--", ".", ":(exclude)params.yaml",
                        ":(exclude)dvc.lock", ":(exclude)**/.gitignore", ":(exclude).workspace.json")
         except (OSError, subprocess.SubprocessError):

@@ -80,14 +80,19 @@ def _git(project: Path, *args: str, check: bool = True) -> str:
 
 
 def _overlay_uncommitted(project: Path, root: Path) -> None:
-    """Make the worktree equal the project's working tree (minus ignored files): every
-    change against HEAD, staged or not, and every untracked file git does not ignore."""
-    changed = _git(project, "diff", "--name-only", "-z", "--no-renames", "--diff-filter=d", "HEAD").split("\0")
-    deleted = _git(project, "diff", "--name-only", "-z", "--no-renames", "--diff-filter=D", "HEAD").split("\0")
-    untracked = _git(project, "ls-files", "-z", "--others", "--exclude-standard").split("\0")
-    for name in filter(None, deleted):
+    """Make the worktree's code equal the project's: every change against HEAD to a tracked
+    file, staged or not, and the untracked files under the code folders; never a file whose
+    name looks like a secret (a ``.env``, a key), which stays in the project alone
+    (pipeline/code_changes.py)."""
+    from pipeline.code_changes import code_changes
+
+    changes = code_changes(project)
+    if changes.left_out:
+        print(f"workspace: not copied into the run's workspace, as their names look like secrets: "
+              f"{', '.join(changes.left_out)}", file=sys.stderr)
+    for name in changes.deleted:
         (root / name).unlink(missing_ok=True)
-    for name in filter(None, changed + untracked):
+    for name in changes.changed + changes.untracked:
         if (project / name).is_file():
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(project / name, root / name)

@@ -92,3 +92,87 @@ def test_prune_removes_worktrees_too(project):
     assert [p.exists() for p in made] == [False, False, True, True]
     listed = subprocess.run(["git", "worktree", "list"], cwd=project, capture_output=True, text=True).stdout
     assert "run-0" not in listed and "run-3" in listed
+
+
+def _git_project_with_secrets(project):
+    """A project whose working tree holds code changes and secrets side by side. Its
+    .gitignore is the project's without the ``.env`` rules, so that what keeps the secrets
+    out is the code that records the changes, not only .gitignore."""
+    gitignore = project / ".gitignore"
+    gitignore.write_text("".join(line for line in gitignore.read_text().splitlines(keepends=True)
+                                 if ".env" not in line))
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-qam",
+                    "no .env rules"], cwd=project, check=True)
+    tracked = project / "components" / "metrics.py"
+    tracked.write_text(tracked.read_text() + "\nTRACKED_CHANGE = 1\n")
+    (project / "components" / "new_family.py").write_text("NEW_CODE = 1\n")
+    secrets = {
+        ".env": "MLFLOW_TRACKING_PASSWORD=root-secret-1\n",
+        "pipeline/.env": "AWS_SECRET_ACCESS_KEY=sub-secret-2\n",
+        "components/credentials.json": '{"token": "named-secret-3"}\n',
+        "components/deploy.pem": "-----BEGIN PRIVATE KEY----- key-secret-4\n",
+        "dags/.env.production": "FERNET_KEY=dotenv-secret-5\n",
+    }
+    for name, text in secrets.items():
+        (project / name).write_text(text)
+    (project / "scratch.py").write_text("OUTSIDE_CODE_FOLDERS = 1\n")  # not code the pipeline runs
+    return secrets
+
+
+def test_the_patch_holds_the_code_changes_and_no_secret(project):
+    secrets = _git_project_with_secrets(project)
+    patch = tracking.uncommitted_patch(project).decode()
+    assert "TRACKED_CHANGE = 1" in patch and "b/components/new_family.py" in patch and "NEW_CODE = 1" in patch
+    for name, text in secrets.items():
+        assert name not in patch and text.strip().split("=")[-1] not in patch, name
+    assert "scratch.py" not in patch
+    # the patch applies to the commit and gives the code back
+    subprocess.run(["git", "stash", "-q", "--include-untracked"], cwd=project, check=True)
+    subprocess.run(["git", "apply", "--binary", "-"], cwd=project, input=patch.encode(), check=True)
+    assert "TRACKED_CHANGE = 1" in (project / "components" / "metrics.py").read_text()
+    assert (project / "components" / "new_family.py").read_text() == "NEW_CODE = 1\n"
+
+
+def test_a_run_workspace_gets_the_code_changes_and_no_secret(project):
+    secrets = _git_project_with_secrets(project)
+    ws = workspace.create(project, "manual__secrets", {})
+    assert "TRACKED_CHANGE = 1" in (ws.root / "components" / "metrics.py").read_text()
+    assert (ws.root / "components" / "new_family.py").read_text() == "NEW_CODE = 1\n"
+    for name in secrets:
+        assert not (ws.root / name).exists(), name
+    assert not (ws.root / "scratch.py").exists()
+    contents = "\n".join(p.read_text(errors="replace") for p in ws.root.rglob("*")
+                         if p.is_file() and ".git" not in p.parts and p.stat().st_size < 1_000_000)
+    assert not any(text.strip().split("=")[-1] in contents for text in secrets.values())
+
+
+@pytest.mark.parametrize("name", [".env", "pipeline/.env", "docker/.env", ".env.local", "components/deploy.pem",
+                                  "id_rsa", "components/credentials.json", ".netrc"])
+def test_gitignore_keeps_secrets_out_of_git_everywhere(name):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    ignored = subprocess.run(["git", "check-ignore", "-q", "--no-index", name], cwd=root)
+    assert ignored.returncode == 0, f"{name} is not ignored by .gitignore"
+
+
+def test_an_example_env_file_is_not_ignored():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    assert subprocess.run(["git", "check-ignore", "-q", "--no-index", "docker/.env.example"], cwd=root).returncode == 1
+
+
+@pytest.mark.parametrize("name, secret", [
+    (".env", True), ("pipeline/.env", True), (".env.local", True), ("prod.env", True), ("dags/.ENV", True),
+    ("components/deploy.pem", True), ("tls.key", True), ("id_ed25519.pub", True), (".netrc", True),
+    (".aws/config", True), ("components/credentials.json", True), ("config/client_secret_1.json", True),
+    ("secrets/settings.py", True),  # a folder named like a secret: everything in it
+    ("docker/.env.example", False),  # a template documents the keys, it holds no secret
+    ("pipeline/secrets.py", False), ("components/credential_scrub.py", False),  # code, needed to run
+    ("components/metrics.py", False), ("dvc.yaml", False), ("pipeline/keys.py", False),
+])
+def test_which_names_count_as_secrets(name, secret):
+    from pipeline.code_changes import is_secret
+
+    assert is_secret(name) is secret

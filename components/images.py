@@ -94,19 +94,37 @@ def discover(root: Path, extensions: tuple[str, ...] | list[str] = (".png", ".jp
     root holds batch folders (``<batch>/<label>/*``). A root that is itself one batch
     (it has a ``good/`` folder, or MVTec's ``train/good``) is read as a batch named after it.
     With include_all_files, files with other extensions are listed too, so that
-    validation can name them instead of silently skipping them.
+    validation can name them instead of silently skipping them. A symbolic link (file or
+    folder) is followed only when it stays inside root; one that leaves it, or dangles,
+    raises ValueError naming it.
     """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"data folder does not exist: {root}")
+    real_root = root.resolve()
+
+    def inside(path: Path) -> None:
+        """A symbolic link is followed only into ``root``: ingest's snapshot holds none, so one
+        here (a hand-made folder) is refused by name rather than read from wherever it points."""
+        real = path.resolve()
+        if not real.exists():
+            raise ValueError(f"{path.relative_to(root).as_posix()} -> {real}: a dangling link")
+        if not real.is_relative_to(real_root):
+            raise ValueError(f"{path.relative_to(root).as_posix()} -> {real}: a link that leaves {root}; not read")
+
     single = (root / NORMAL_LABEL).is_dir() or (root / "train" / NORMAL_LABEL).is_dir()
     batches = [root] if single else [p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")]
     wanted = {e.lower() for e in extensions}
     files: list[ImageFile] = []
     for batch_dir in batches:
         for label, folder in _label_dirs(batch_dir):
+            inside(folder)  # the batch's and the label's folders, whichever of them is a link
             for path in sorted(folder.rglob("*")):
-                if not path.is_file() or path.name.startswith("."):
+                if path.name.startswith("."):
+                    continue
+                if path.is_symlink():
+                    inside(path)
+                if not path.is_file():
                     continue
                 if not include_all_files and path.suffix.lower() not in wanted:
                     continue

@@ -81,7 +81,10 @@ def run(layout: Layout) -> dict:
     if config.data.kind == "table":
         manifest, report = _table_manifest(layout)
         return _write_reports(layout, manifest, report)
-    files = discover(layout.raw, config.data.extensions, include_all_files=True)
+    try:
+        files = discover(layout.raw, config.data.extensions, include_all_files=True)
+    except ValueError as error:  # a link out of the snapshot (ingest writes none: a hand-made folder)
+        raise DataError(f"validate: refused: {error}") from None
     manifest = build_manifest(files, split_fractions(config), decode_limits(config))
     report = validate_manifest(manifest, rules_from(config))
     return _write_reports(layout, manifest, report)

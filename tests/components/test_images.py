@@ -123,3 +123,28 @@ def test_split_is_a_stable_function_of_content():
     first = [split_of(d, (0.6, 0.2, 0.2)) for d in digests]
     assert first == [split_of(d, (0.6, 0.2, 0.2)) for d in digests]
     assert set(first) == {"train", "calibration", "test"}
+
+
+def test_discover_follows_links_only_inside_its_folder(tmp_path):
+    """Issue 19 (2): a link in the snapshot is read only when it stays inside it; one that leaves
+    it (file or folder) or dangles is named, never read from wherever it points."""
+    import os
+
+    good = tmp_path / "raw" / "b1" / "good"
+    good.mkdir(parents=True)
+    (good / "a.png").write_bytes(b"x")
+    os.symlink("a.png", good / "alias.png")                  # inside: listed
+    assert [f.relpath for f in discover(tmp_path / "raw")] == ["b1/good/a.png", "b1/good/alias.png"]
+    (tmp_path / "secret").mkdir()
+    (tmp_path / "secret" / "key.png").write_bytes(b"private")
+    os.symlink(tmp_path / "secret" / "key.png", good / "key.png")
+    with pytest.raises(ValueError, match=r"b1/good/key\.png -> .*secret/key\.png: a link that leaves"):
+        discover(tmp_path / "raw")
+    (good / "key.png").unlink()
+    os.symlink(tmp_path / "secret", tmp_path / "raw" / "b1" / "spot")   # a label folder out
+    with pytest.raises(ValueError, match=r"b1/spot -> .*secret: a link that leaves"):
+        discover(tmp_path / "raw")
+    (tmp_path / "raw" / "b1" / "spot").unlink()
+    os.symlink(tmp_path / "gone.png", good / "gone.png")
+    with pytest.raises(ValueError, match=r"b1/good/gone\.png -> .*gone\.png: a dangling link"):
+        discover(tmp_path / "raw", include_all_files=True)

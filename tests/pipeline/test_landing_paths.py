@@ -185,3 +185,15 @@ def test_the_ingest_command_refuses_a_link_out_without_retry(run_project):
     assert result.returncode == EXIT_DATA_ERROR, result.stdout + result.stderr
     assert "batch-0001/good/passwd.png -> /etc/passwd" in result.stdout + result.stderr
     assert not (run_project / "data" / "raw").exists()
+
+
+def test_validate_refuses_a_link_out_of_a_hand_made_snapshot(tmp_path):
+    """Ingest writes no link into data/raw; a raw folder made by hand with one is refused by
+    validate as bad data (no retry), naming the link, instead of reading where it points."""
+    from pipeline.stages import validate
+
+    layout, good = _landing(tmp_path)
+    ingest.run(layout)
+    os.symlink("/etc/passwd", layout.raw / "batch-0001" / "good" / "passwd.png")
+    with pytest.raises(DataError, match=r"batch-0001/good/passwd\.png -> /etc/passwd: a link that leaves"):
+        validate.run(layout)

@@ -13,6 +13,7 @@ it, so a retried or later task of the same run finds its files where it left the
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -54,9 +55,21 @@ def runs_dir(project: Path) -> Path:
     return Path(os.environ.get(RUNS_ENV) or Path(project) / "runs")
 
 
+_HASHED = re.compile(r"-[0-9a-f]{8}$")
+
+
 def key_of(run_id: str) -> str:
-    """Airflow run ids hold ':' and '+'; a folder name should not."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", run_id).strip("-.") or "run"
+    """The run's folder name: the run id where it is a plain folder name already, else the id
+    made one (Airflow's ids hold ':' and '+'), readable, plus a short hash of the id itself.
+
+    The hash keeps two ids apart that become the same name (``manual__...T00:00:00+00:00`` and
+    ``manual__...T00-00-00-00-00``): two runs in one folder would share a worktree and an
+    MLflow run. An id that ends like a hashed name is hashed too, so it cannot equal one.
+    The score DAG names its claims with it as well."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", run_id).strip("-.")[:200].rstrip("-.") or "run"
+    if safe == run_id and not _HASHED.search(run_id):
+        return safe
+    return f"{safe}-{hashlib.sha256(run_id.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
 
 
 def apply_overrides(params: dict, overrides: dict[str, Any]) -> dict:

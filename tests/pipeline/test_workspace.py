@@ -27,7 +27,8 @@ def test_a_workspace_is_a_worktree_with_the_runs_params_and_the_projects_dvc_sto
     subprocess.run(["git", "rm", "-q", "--cached", ".dvcignore"], cwd=project, check=True)
     (project / ".dvcignore").unlink()
     ws = workspace.create(project, "manual__2026-11-29T02:00:00+00:00", {"train.epochs": 3})
-    assert ws.root == project / "runs" / "manual__2026-11-29T02-00-00-00-00"
+    assert ws.root == project / "runs" / workspace.key_of("manual__2026-11-29T02:00:00+00:00")
+    assert ws.root.name.startswith("manual__2026-11-29T02-00-00-00-00-")  # readable, and its own
     params = yaml.safe_load((ws.root / "params.yaml").read_text())
     assert params["train"]["epochs"] == 3
     assert params["data"]["landing"] == str(project / "data" / "landing")  # the project's data, not a copy
@@ -176,3 +177,28 @@ def test_which_names_count_as_secrets(name, secret):
     from pipeline.code_changes import is_secret
 
     assert is_secret(name) is secret
+
+
+def test_two_run_ids_never_share_a_workspace_folder():
+    """``:`` and ``+`` become ``-`` in a folder name: without more, these two ids were one folder."""
+    one, two = "manual__2026-01-01T00:00:00+00:00", "manual__2026-01-01T00-00-00-00-00"
+    assert workspace.key_of(one) != workspace.key_of(two)
+    assert workspace.key_of(two) == two  # an id that is a fine folder name already stays as it is
+    assert workspace.key_of(one).startswith("manual__2026-01-01T00-00-00-00-00")  # and a changed one stays readable
+
+
+def test_the_workspace_key_is_injective_readable_and_stable():
+    import itertools
+    import re
+
+    stems = ["manual__2026-01-01T00:00:00+00:00", "scheduled__2026-03-04T02:00:00+00:00", "run", "", "-", ".", "a",
+             "asset_triggered__2026-01-01T00:00:00.123456+00:00", "backfill__2026-01-01T00:00:00+00:00", "x y", "x/y",
+             "../../etc", "ümlaut", "a" * 200]
+    ids = {a + b for a, b in itertools.product(stems, ["", ":", "+", "-", "--", "/", " ", ".", "-", "-0123abcd",
+                                                       "-deadbeef"])}
+    ids |= {workspace.key_of(i) for i in ids}  # an id equal to another id's key
+    keys = {i: workspace.key_of(i) for i in ids}
+    assert len(set(keys.values())) == len(ids), "two run ids share a workspace folder"
+    for run_id, key in keys.items():
+        assert re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", key) and key not in (".", ".."), key
+        assert len(key) <= 255 and key == workspace.key_of(run_id)  # a folder name, the same every time

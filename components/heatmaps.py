@@ -33,7 +33,8 @@ def decode_png(data: bytes, threshold: float) -> np.ndarray:
     """The map back from its PNG, in score units (saturated at twice the threshold)."""
     from PIL import Image
 
-    levels = np.asarray(Image.open(io.BytesIO(data)), dtype=np.float64)
+    # PNG only: these are the model's own maps, and no other decoder need see what is passed here
+    levels = np.asarray(Image.open(io.BytesIO(data), formats=["PNG"]), dtype=np.float64)
     return levels * max(float(threshold), 1e-12) / THRESHOLD_LEVEL
 
 

@@ -67,6 +67,20 @@ class Validate(_Section):
     min_std: float = Field(1.0, ge=0)
     uniform_geometry: bool = True
 
+    @field_validator("allowed_formats")
+    @classmethod
+    def _pillow_names(cls, value: list[str]) -> list[str]:
+        """Pillow's names, upper case: also the only decoders validate, preprocess and the served
+        model run (components/images.py), so an unknown name or an empty list is refused here."""
+        value = [str(name).upper() for name in value]
+        if not value:
+            raise ValueError("needs at least one format (PNG, JPEG, ...)")
+        if set(value) - {"PNG", "JPEG"}:
+            from components.images import DecodeLimits
+
+            DecodeLimits(formats=tuple(value))  # raises, naming an unknown format
+        return value
+
     @field_validator("anomaly_ratio")
     @classmethod
     def _ratio_bounds(cls, value: tuple[float, float]) -> tuple[float, float]:

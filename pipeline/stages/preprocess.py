@@ -79,8 +79,11 @@ WRITE_FAILURES = {
 
 
 def decode_limits(config: Config) -> DecodeLimits:
-    """The decoding limits of params (preprocess.max_pixels, preprocess.max_bytes)."""
-    return DecodeLimits(max_pixels=config.preprocess.max_pixels, max_bytes=config.preprocess.max_bytes)
+    """The decoding limits of params (preprocess.max_pixels, preprocess.max_bytes, and the
+    formats validation allows, validate.allowed_formats): validate, preprocess and the served
+    model (its spec.json's decode_limits) decode the same formats and no other."""
+    return DecodeLimits(max_pixels=config.preprocess.max_pixels, max_bytes=config.preprocess.max_bytes,
+                        formats=tuple(config.validation.allowed_formats))
 
 
 def _warn(message: str) -> None:

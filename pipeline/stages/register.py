@@ -51,10 +51,10 @@ def _metrics_of(predictions: pd.DataFrame, labels: np.ndarray) -> dict:
     return metrics
 
 
-def _example_png(data: bytes, size: int) -> bytes:
+def _example_png(data: bytes, size: int, formats: list[str]) -> bytes:
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as image:
+    with Image.open(io.BytesIO(data), formats=formats) as image:  # validate.allowed_formats, as everywhere
         small = image.convert("RGB").resize((size, size))
         buffer = io.BytesIO()
         small.save(buffer, format="PNG")
@@ -179,7 +179,8 @@ def _example(layout: Layout, test: pd.DataFrame, spec: dict) -> pd.DataFrame:
     """The input example logged with the model: three records, or one small PNG."""
     if layout.config.data.kind == "table":
         return test.head(3)
-    return pd.DataFrame({"image": [_example_png(test["image"].iloc[0], spec["image_size"])]})
+    return pd.DataFrame({"image": [_example_png(test["image"].iloc[0], spec["image_size"],
+                                                layout.config.validation.allowed_formats)]})
 
 
 def compare(layout: Layout, candidate: dict, champion_version: str | None, test: pd.DataFrame,

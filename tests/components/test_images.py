@@ -148,3 +148,54 @@ def test_discover_follows_links_only_inside_its_folder(tmp_path):
     os.symlink(tmp_path / "gone.png", good / "gone.png")
     with pytest.raises(ValueError, match=r"b1/good/gone\.png -> .*gone\.png: a dangling link"):
         discover(tmp_path / "raw", include_all_files=True)
+
+
+def _encoded(fmt: str) -> bytes:
+    """A real file of that format, as Pillow writes it (EPS: PostScript, which Pillow would hand
+    to Ghostscript to decode)."""
+    noise = (np.random.default_rng(4).random((24, 24, 3)) * 255).astype(np.uint8)
+    return _png(Image.fromarray(noise), fmt)
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "TIFF", "BMP", "WEBP", "EPS"])
+def test_only_the_allowed_formats_are_decoded(fmt, monkeypatch):
+    """Issue 19 (6): a format outside validate.allowed_formats is refused by name, and Pillow's
+    decoder for it is never called (its plugin's opener is replaced by one that fails the test)."""
+    data = _encoded(fmt)
+    Image.init()
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError(f"the {fmt} decoder ran")
+
+    monkeypatch.setitem(Image.OPEN, fmt, (must_not_run, Image.OPEN[fmt][1]))
+    message = rf"{fmt} is not an allowed format \(validate.allowed_formats: PNG, JPEG\); not decoded"
+    with pytest.raises(ImageDecodeError, match=message):
+        open_image(data)
+    with pytest.raises(ImageDecodeError, match=message):
+        decode_to_array(data, 16, 3)  # preprocess's and the served model's path
+    with pytest.raises(ImageDecodeError, match=r"BMP is not an allowed format \(validate.allowed_formats: PNG\)"):
+        open_image(_encoded("BMP"), DecodeLimits(formats=("PNG",)))
+
+
+def test_a_format_decodes_once_it_is_allowed():
+    for fmt in ("GIF", "TIFF", "BMP"):
+        image = open_image(_encoded(fmt), DecodeLimits(formats=("PNG", "JPEG", fmt)))
+        assert image.format == fmt and image.size == (24, 24)
+    assert decode_to_array(_encoded("JPEG"), 16, 3).shape == (3, 16, 16)
+    with pytest.raises(ImageDecodeError, match="not an image Pillow can identify"):
+        open_image(b"plain text, no image format at all")
+
+
+def test_decode_limits_carry_the_allowed_formats_and_an_old_spec_gets_png_and_jpeg():
+    """The served model's spec.json carries them in decode_limits; a model registered before
+    they existed (no 'formats' there) decodes PNG and JPEG only."""
+    assert DEFAULT_LIMITS.formats == ("PNG", "JPEG")
+    assert DecodeLimits.from_dict({"max_pixels": 10, "max_bytes": 20}).formats == ("PNG", "JPEG")
+    limits = DecodeLimits(10, 20, formats=("png", "gif"))
+    assert limits.formats == ("PNG", "GIF")
+    assert limits.as_dict() == {"max_pixels": 10, "max_bytes": 20, "formats": ["PNG", "GIF"]}
+    assert DecodeLimits.from_dict(limits.as_dict()) == limits
+    with pytest.raises(ValueError, match="'JPG'"):
+        DecodeLimits(formats=("PNG", "JPG"))  # Pillow calls it JPEG
+    with pytest.raises(ValueError, match="at least one format"):
+        DecodeLimits(formats=())

@@ -84,3 +84,21 @@ def test_missing_or_malformed_params_file(tmp_path):
     bad.write_text("model: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load(bad)
+
+
+def test_params_yaml_shows_the_landing_allow_list_at_its_default():
+    """Issue 19 (2): data.allowed_roots is in params.yaml, where an operator looks for it."""
+    from pipeline.config import Data
+
+    raw = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    assert raw["data"]["allowed_roots"] == Data().allowed_roots == ["data"]
+
+
+def test_allowed_formats_are_pillows_names_and_nothing_else():
+    """Issue 19 (6): the formats are the decoders run everywhere; a name Pillow does not know
+    (JPG: Pillow's is JPEG) would refuse every such file, so it is refused here, by key."""
+    assert parse({"validate": {"allowed_formats": ["png", "jpeg", "gif"]}}).validation.allowed_formats == [
+        "PNG", "JPEG", "GIF"]
+    for bad in (["PNG", "JPG"], []):
+        with pytest.raises(ConfigError, match="validate.allowed_formats"):
+            parse({"validate": {"allowed_formats": bad}})

@@ -258,3 +258,49 @@ def test_bad_batches_are_refused_with_an_actionable_report(champion, landing, ma
         assert text in named or text in described, f"{text!r} not in the report:\n{described}\n{named}"
         assert text in output and text in html, f"{text!r} not in the run's output or the HTML report"
 
+
+
+def _other_format(fmt: str, seed: int) -> bytes:
+    """A real image file of another format than PNG and JPEG, as Pillow writes it."""
+    return _png(Image.fromarray(_noise((64, 64, 3), seed)), fmt)
+
+
+OTHER_FORMATS = ("GIF", "TIFF", "BMP", "WEBP")
+
+
+def test_a_format_validation_does_not_allow_is_refused_by_name_without_decoding(champion, landing):
+    """Issue 19 (6): GIF/TIFF/BMP/WEBP content under a .png name is not decoded at all: each file
+    is named in the report with its format and validate.allowed_formats."""
+    root, before = champion
+    good = landing / "batch-0002" / "good"
+    shutil.copytree(landing / "batch-0001" / "good", good)
+    for index, fmt in enumerate(OTHER_FORMATS):
+        (good / f"{fmt.lower()}.png").write_bytes(_other_format(fmt, index))
+    output, summary, html = _run_refused(root, before)
+    decode = _named(summary, "decode_ok")
+    for fmt in OTHER_FORMATS:
+        line = (f"batch-0002/good/{fmt.lower()}.png: {fmt} is not an allowed format "
+                "(validate.allowed_formats: PNG, JPEG); not decoded")
+        assert line in decode, f"{fmt} not named with its reason:\n{decode}"
+        assert line in output and line in html, f"{fmt} not named in the run's output or the HTML report"
+
+
+def test_the_served_champion_decodes_only_the_formats_it_was_trained_with(champion):
+    """Issue 19 (6): the registered pyfunc carries validate.allowed_formats in its spec's
+    decode_limits, and refuses any other format by name instead of handing it to Pillow."""
+    import mlflow
+    import pandas as pd
+
+    root, _ = champion
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
+    assert model.unwrap_python_model().limits.formats == ("PNG", "JPEG")  # from its spec.json's decode_limits
+    normal = sorted((root / "data" / "landing" / "batch-0001" / "good").glob("*.png"))[0].read_bytes()
+    jpeg = _png(Image.open(io.BytesIO(normal)).convert("RGB"), "JPEG")
+    assert model.predict(pd.DataFrame({"image": [normal, jpeg]}))["anomaly_score"].notna().all()
+    for index, fmt in enumerate(OTHER_FORMATS):
+        with pytest.raises(ValueError, match=rf"row 1: {fmt} is not an allowed format "
+                                             r"\(validate.allowed_formats: PNG, JPEG\); not decoded"):
+            model.predict(pd.DataFrame({"image": [normal, _other_format(fmt, index)]}))

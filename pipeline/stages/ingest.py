@@ -79,7 +79,12 @@ def _copy(source: Path, target: Path) -> None:
     os.utime(target, ns=(info.st_atime_ns, info.st_mtime_ns))
 
 
-def run(layout: Layout) -> dict:
+def scan(layout: Layout) -> tuple[Path, list[str], list[tuple[Path, str]]]:
+    """The landing folder checked as the module's docstring says, without reading a byte of a
+    file: (landing, folders, (source, relpath) files), or a StageError / DataError naming every
+    refused path. Cheap (one lstat per entry), so a caller may run it before ``dvc repro``,
+    whose hashing of the landing dependency reads every file a link points to and would block
+    on a FIFO, before this stage ever runs."""
     try:
         landing = landing_folder(layout.config, layout.root)
     except ConfigError as error:
@@ -93,6 +98,11 @@ def run(layout: Layout) -> dict:
     if problems:
         raise DataError(f"ingest: refused {len(problems)} path(s) in the landing folder {landing} (nothing was "
                         "copied; remove or replace them):\n" + "\n".join(f"  {p}" for p in problems))
+    return landing, folders, sources
+
+
+def run(layout: Layout) -> dict:
+    landing, folders, sources = scan(layout)
     with atomic_path(layout.raw) as tmp:
         tmp.mkdir()
         for rel in folders:

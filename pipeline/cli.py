@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
                            help="relative and absolute tolerance for metrics and threshold (default: exact on the "
                                 "CPU, 1e-3 when either run trained on a GPU)")
     reproduce.add_argument("--keep", action="store_true", help="keep the rebuilt worktree (default: removed)")
+    reproduce.add_argument("--any-run", action="store_true",
+                           help="also rebuild a run that made no version of the model (its recorded code and patch "
+                                "run here: only for runs you trust)")
 
     score = sub.add_parser("score", help="score a folder of PNG/JPEG images with the champion")
     score.add_argument("folder", type=Path)
@@ -175,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         if command == "reproduce":
             from pipeline import reproduce
 
-            matched, _, _ = reproduce.reproduce(layout, args.ref, tolerance=args.tolerance, keep=args.keep)
+            matched, _, _ = reproduce.reproduce(layout, args.ref, tolerance=args.tolerance, keep=args.keep,
+                                                  any_run=args.any_run)
             return 0 if matched else 1
         if command == "score-incoming":
             import time

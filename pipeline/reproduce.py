@@ -62,6 +62,29 @@ def _resolve(client, name: str, ref: str) -> tuple[str, str | None]:
                          f"in this registry: {str(error).splitlines()[0]}") from None
 
 
+def _version_of(client, name: str, run_id: str) -> str | None:
+    """The (first) version of ``name`` registered from ``run_id``; None when it made none."""
+    found = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    return str(min(int(v.version) for v in found)) if found else None
+
+
+def _patch_files(patch: bytes) -> list[str]:
+    """The files a recorded patch changes, from its ``diff --git a/<path> b/<path>`` lines."""
+    files = []
+    for line in patch.decode("utf-8", "replace").splitlines():
+        if line.startswith("diff --git a/") and " b/" in line:
+            files.append(line.rsplit(" b/", 1)[1])
+    return files
+
+
+def _describe_patch(patch: Path) -> str:
+    if not patch.is_file():
+        return "no patch (the run's tree was clean, or it recorded none)"
+    files = _patch_files(patch.read_bytes())
+    return (f"patch of {len(files)} file{'s' if len(files) != 1 else ''}, {patch.stat().st_size} bytes: "
+            + ", ".join(files))
+
+
 def _run(command: list[str], cwd: Path, env: dict[str, str] | None = None, quiet: bool = False) -> int:
     out = subprocess.DEVNULL if quiet else None
     return subprocess.run(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT if quiet else None
@@ -124,20 +147,27 @@ def print_table(rows: list[Row], title: str) -> None:
 
 
 def reproduce(layout: Layout, ref: str, tolerance: float | None = None, keep: bool = False,
-              workdir: Path | None = None) -> tuple[bool, list[Row], Path]:
-    """Rebuild ``ref`` in a scratch worktree; returns (all required rows match, rows, worktree)."""
+              workdir: Path | None = None, any_run: bool = False) -> tuple[bool, list[Row], Path]:
+    """Rebuild ``ref`` in a scratch worktree; returns (all required rows match, rows, worktree).
+
+    A rebuild runs the recorded code, patch included, on this machine. So a run id is taken
+    only when the run made a version of the configured model (what register records, and
+    what the registry vouches for); any other run only with ``any_run``, and then the output
+    says so. Either way it says first what runs: the run, its commit, and the patch's files.
+    """
     from components.registry import connect
     from pipeline import graph, tracking, workspace
 
     client = connect(tracking.store(layout))
     name = layout.config.registry.model_name
     run_id, version = _resolve(client, name, ref)
+    if version is None:
+        version = _version_of(client, name, run_id)
     run = client.get_run(run_id)
     commit = run.data.tags.get("git_commit", "unknown")
     if commit in ("", "unknown"):
         raise StageError(f"reproduce: run {run_id} recorded no git commit; it cannot be rebuilt")
     label = f"{name} v{version} (run {run_id})" if version else f"run {run_id}"
-    print(f"reproduce: {label}: commit {commit[:12]}, data {run.data.tags.get('data_version', '?')}")
 
     project = layout.root
     workspace.runs_dir(project).mkdir(parents=True, exist_ok=True)
@@ -146,15 +176,27 @@ def reproduce(layout: Layout, ref: str, tolerance: float | None = None, keep: bo
     root = scratch / "work"
     try:
         record.mkdir(parents=True, exist_ok=True)
-        client.download_artifacts(run_id, "pipeline", str(record))
+        try:
+            client.download_artifacts(run_id, "pipeline", str(record))
+        except Exception as error:  # no record at all: said below, by the files it lacks
+            print(f"reproduce: run {run_id} has no pipeline record: {str(error).splitlines()[0]}")
         recorded = record / "pipeline"
+        patch = recorded / "uncommitted.patch"
+        if version is None and not any_run:
+            raise StageError(
+                f"reproduce: refused: run {run_id} made no version of {name}, so nothing vouches for its code "
+                f"(commit {commit[:12]}, {_describe_patch(patch)}), and a rebuild runs it here. Name a version "
+                f"(7, @champion) or a run that registered one; to rebuild this run anyway, add --any-run")
+        if version is None:
+            label = f"run {run_id} (made no version of {name}; --any-run)"
+        print(f"reproduce: {label}: commit {commit[:12]}, data {run.data.tags.get('data_version', '?')}, "
+              f"{_describe_patch(patch)}")
         missing = [f for f in ("params.yaml", "dvc.lock", "metrics.json", "threshold.json")
                    if not (recorded / f).is_file()]
         if missing:
             raise StageError(f"reproduce: run {run_id} did not record {', '.join(missing)}; it cannot be rebuilt")
 
         _git(project, "worktree", "add", "--detach", "--force", str(root), commit)
-        patch = recorded / "uncommitted.patch"
         if patch.is_file():
             print("reproduce: the run's code had uncommitted changes; applying its recorded patch")
             _git(root, "apply", "--binary", "--whitespace=nowarn", str(patch))

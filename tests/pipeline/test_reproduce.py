@@ -92,3 +92,52 @@ def test_an_unknown_reference_is_a_clear_error(ws):
     result = run_cli(ws, "reproduce", "99", check=False)
     assert result.returncode == 1
     assert "'99' is neither a version nor an alias of anomaly-detector" in result.stderr
+
+
+def _client(ws: Path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{ws / 'mlflow.db'}"
+    return MlflowClient(uri, uri)
+
+
+EVIL = b"""diff --git a/pipeline/evil.py b/pipeline/evil.py
+new file mode 100644
+index 0000000..1111111
+--- /dev/null
++++ b/pipeline/evil.py
+@@ -0,0 +1 @@
++import os; os.system("echo pwned")
+"""
+
+
+def test_a_run_that_made_no_version_of_the_model_is_refused_and_says_what_it_is(ws):
+    """Anyone who can log a run could otherwise have their patch applied and run here."""
+    client = _client(ws)
+    experiment = client.get_experiment_by_name("anomaly-detector").experiment_id
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ws, capture_output=True, text=True).stdout.strip()
+    run_id = client.create_run(experiment, tags={"git_commit": commit, "git_dirty": "true"}).info.run_id
+    client.log_text(run_id, EVIL.decode(), "pipeline/uncommitted.patch")
+
+    refused = run_cli(ws, "reproduce", run_id, check=False)
+    assert refused.returncode == 1, refused.stdout[-3000:]
+    assert f"run {run_id} made no version of anomaly-detector" in refused.stderr
+    assert "--any-run" in refused.stderr and "pipeline/evil.py" in refused.stderr  # what it would have applied
+    assert "reproduce: running" not in refused.stdout and not list((ws / "runs").glob("reproduce-*"))
+
+    # asked for explicitly, it says what it runs: the run, its commit, the patch and its files
+    anyway = run_cli(ws, "reproduce", run_id, "--any-run", check=False)
+    assert anyway.returncode == 1  # this run recorded no params: nothing to rebuild, and it says so
+    assert f"run {run_id} (made no version of anomaly-detector; --any-run)" in anyway.stdout
+    assert f"commit {commit[:12]}" in anyway.stdout and "patch of 1 file" in anyway.stdout
+    assert "pipeline/evil.py" in anyway.stdout
+    assert "did not record params.yaml" in anyway.stderr
+
+
+def test_the_run_id_of_a_registered_version_is_that_version(ws):
+    """v2 (v1's record was changed by the test above): its run id, its version, its patch."""
+    run_id = _client(ws).get_model_version("anomaly-detector", "2").run_id
+    result = run_cli(ws, "reproduce", run_id)
+    assert f"anomaly-detector v2 (run {run_id})" in result.stdout
+    assert "patch of 1 file" in result.stdout and "pipeline/stages/evaluate.py" in result.stdout
+    assert "reproduce: MATCH" in result.stdout

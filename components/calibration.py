@@ -33,6 +33,19 @@ class Calibration:
         return asdict(self)
 
 
+def non_finite_scores(scores: np.ndarray, names: list[str], what: str) -> str | None:
+    """None when every score is a finite number; else what is wrong, naming the items.
+
+    A score that is not a finite number (NaN, +-inf) is neither normal nor anomalous:
+    compared with a threshold it reads as "not flagged", and dropped it hides a model that
+    fails on some inputs. Calibration and evaluation refuse it instead."""
+    bad = [name for name, ok in zip(names, np.isfinite(np.asarray(scores, dtype=np.float64))) if not ok]
+    if not bad:
+        return None
+    return (f"{len(bad)} {what} have a score that is not a finite number (NaN or infinite), so the model cannot "
+            f"be judged on them: {', '.join(bad[:10])}" + (", ..." if len(bad) > 10 else ""))
+
+
 def conformal_threshold(normal_scores: np.ndarray, alpha: float) -> tuple[float, float]:
     """(threshold, bound) such that P(new normal score > threshold) <= bound <= alpha."""
     n = len(normal_scores)

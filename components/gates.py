@@ -1,6 +1,7 @@
 """Promotion gates: absolute bounds and bounds relative to the champion. Pure functions."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -18,7 +19,18 @@ class Gate:
 
 
 def _fmt(value: float | None) -> str:
-    return "missing" if value is None else f"{value:.4f}"
+    if value is None:
+        return "missing"
+    return f"{value:.4f}" if math.isfinite(value) else f"{value} (not a finite number)"
+
+
+def _number(value: Any) -> float | None:
+    """A metric as a gate reads it: a value that is not a finite number (NaN from scores that
+    were not numbers) is no measurement, so it counts as missing and never passes a bound."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def absolute_gates(candidate: dict[str, Any], min_auroc: float, min_average_precision: float,
@@ -26,10 +38,12 @@ def absolute_gates(candidate: dict[str, Any], min_auroc: float, min_average_prec
     gates = []
     for metric, bound, higher in (("auroc", min_auroc, True), ("average_precision", min_average_precision, True),
                                   ("fpr", max_fpr, False)):
-        value = candidate.get(metric)
+        raw = candidate.get(metric)
+        value = _number(raw)
         if value is None:
-            gates.append(Gate(f"{metric}_{'min' if higher else 'max'}", False, None, bound,
-                              f"{metric} could not be computed on the test split (one class only?)"))
+            why = ("is not a finite number" if raw is not None else
+                   "could not be computed on the test split (one class only?)")
+            gates.append(Gate(f"{metric}_{'min' if higher else 'max'}", False, None, bound, f"{metric} {why}"))
             continue
         passed = value >= bound if higher else value <= bound
         relation = ">=" if higher else "<="
@@ -53,10 +67,10 @@ def champion_gates(candidate: dict[str, Any], champion: dict[str, Any] | None,
     label = f"champion v{champion_version}" if champion_version else "the champion"
     for metric, bound in bounds.items():
         direction, tolerance = bound["direction"], float(bound.get("tolerance", 0.0))
-        new, old = candidate.get(metric), champion.get(metric)
-        if new is None or old is None:
+        new, old = _number(candidate.get(metric)), _number(champion.get(metric))
+        if new is None or old is None:  # a champion without the metric is no yardstick; a candidate must have it
             gates.append(Gate(f"vs_champion_{metric}", new is not None, new, old,
-                              f"{metric}: candidate {_fmt(new)}, {label} {_fmt(old)}"))
+                              f"{metric}: candidate {_fmt(candidate.get(metric))}, {label} {_fmt(champion.get(metric))}"))
             continue
         limit = old - tolerance if direction == "higher" else old + tolerance
         passed = new >= limit if direction == "higher" else new <= limit

@@ -2,12 +2,13 @@
 records) and returns scores and flags.
 
 For tables the input DataFrame holds the feature columns its signature names; a missing
-column or a value of the wrong type is refused with an error that names it.
+column, a value of the wrong type, or a number too far from the training values to encode
+(amount=1e300 overflows float32) is refused with an error that names the column and the row.
 
 Contract (ARCHITECTURE.md): input DataFrame with column ``image`` holding PNG/JPEG
 bytes (base64 text is accepted too, as JSON clients send it); output DataFrame with
 ``anomaly_score`` (float, higher = more anomalous) and ``is_anomaly`` (bool, score >
-the calibrated threshold); for patchcore and padim, on request (``params={"anomaly_map":
+the calibrated threshold, or a score that is not a finite number: see ``is_anomalous``); for patchcore and padim, on request (``params={"anomaly_map":
 True}``), ``anomaly_map`` too. The ``components`` package travels with the model as
 code, so a consumer needs neither this repository nor its params. The decoding
 limits the model was trained with (``decode_limits`` in its spec.json) apply when it
@@ -38,6 +39,15 @@ def _as_bytes(value: Any, row: int) -> bytes:
         except (binascii.Error, ValueError):
             raise ValueError(f"row {row}: column '{INPUT_COLUMN}' holds text that is not base64") from None
     raise ValueError(f"row {row}: column '{INPUT_COLUMN}' must hold encoded image bytes, got {type(value).__name__}")
+
+
+def is_anomalous(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """The flags of ``scores``: an item is normal only when its score is a finite number at or
+    below the threshold. A score that is not a finite number (NaN, or -inf as much as +inf:
+    the network's arithmetic overflowed on an input far outside anything it was trained on)
+    is never read as normal: it is flagged, and the score is returned as it is."""
+    scores = np.asarray(scores, dtype=np.float64)
+    return ~(np.isfinite(scores) & (scores <= threshold))
 
 
 def _flag(params: dict | None, name: str) -> bool:
@@ -106,20 +116,21 @@ class AnomalyDetector(mlflow.pyfunc.PythonModel):
             encoded = [encode_png(m, self.threshold) for m in maps]
         else:
             scores = score(self.model, images, batch_size=SCORE_BATCH, device="cpu")
-        out = pd.DataFrame({"anomaly_score": scores.astype(np.float64), "is_anomaly": ~(scores <= self.threshold)},
-                           index=model_input.index)
+        out = pd.DataFrame({"anomaly_score": scores.astype(np.float64),
+                            "is_anomaly": is_anomalous(scores, self.threshold)}, index=model_input.index)
         if want_map:
             out["anomaly_map"] = encoded
         return out
 
     def _predict_rows(self, model_input) -> pd.DataFrame:
         """data.kind table: the feature columns (others are ignored), checked, then encoded
-        as in training; a missing column or a value of the wrong type is refused by name."""
+        as in training; a missing column, a value of the wrong type or one that does not fit
+        the encoding is refused by column and row (the row by its index label)."""
         from components.tables import check_frame
         from components.training import score
 
         frame = check_frame(model_input, self.transform)
         rows = self.transform.apply(frame)
         scores = score(self.model, rows, batch_size=4096, device="cpu") if len(rows) else np.zeros(0)
-        return pd.DataFrame({"anomaly_score": scores.astype(np.float64), "is_anomaly": ~(scores <= self.threshold)},
-                            index=model_input.index)
+        return pd.DataFrame({"anomaly_score": scores.astype(np.float64),
+                             "is_anomaly": is_anomalous(scores, self.threshold)}, index=model_input.index)

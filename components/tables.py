@@ -218,13 +218,30 @@ class Transform:
         return names
 
     def apply(self, frame: pd.DataFrame) -> np.ndarray:
-        """float32 rows x width. Values must already have the right types (see ``check_frame``)."""
+        """float32 rows x width. Values must already have the right types (see ``check_frame``).
+
+        Every encoded value is a finite float32, or a ValueError names the column and the row
+        (by the frame's index label: the position in a client's frame): a finite number far
+        enough from the training values (amount=1e300) would overflow to infinity, and the
+        networks would give it a NaN score instead of refusing it. This holds for every split
+        preprocess encodes and for every frame the served model scores."""
         parts = []
         for name in self.columns:
             if name in self.numeric:
                 stats = self.numeric[name]
                 values = frame[name].astype(float).fillna(stats["median"]).to_numpy(np.float64)
-                parts.append(((values - stats["mean"]) / stats["std"])[:, None])
+                with np.errstate(over="ignore", invalid="ignore"):
+                    encoded = (values - stats["mean"]) / stats["std"]
+                    fits = np.isfinite(encoded.astype(np.float32))
+                if not fits.all():
+                    row = int(np.flatnonzero(~fits)[0])
+                    many = int((~fits).sum())
+                    raise ValueError(
+                        f"column '{name}': row {row_name(frame, row)} holds {_shown(frame[name].iloc[row])}, too far "
+                        f"from the training values to encode ((x - {stats['mean']:.6g}) / {stats['std']:.6g} "
+                        f"overflows a float32); refused rather than scored as NaN"
+                        + (f" ({many} rows in all)" if many > 1 else ""))
+                parts.append(encoded[:, None])
             else:
                 known = self.categorical[name]
                 text = category_text(frame[name])
@@ -250,6 +267,19 @@ class Transform:
         return cls(data["numeric"], data["categorical"], tuple(data["columns"]))
 
 
+def _shown(value: Any) -> str:
+    """A value as an error shows it: 1e+300, not np.float64(1e+300)."""
+    if isinstance(value, (float, np.floating)):
+        return repr(float(value))
+    return repr(value.item() if isinstance(value, np.generic) else value)
+
+
+def row_name(frame: pd.DataFrame, position: int) -> str:
+    """How an error names a row: its index label (its position in a client's frame, whose
+    index is 0, 1, 2...; the record's key where pipeline score indexes a file's rows by it)."""
+    return str(frame.index[position])
+
+
 def check_frame(frame: Any, transform: Transform) -> pd.DataFrame:
     """The feature columns of ``frame`` with their types checked, or a ValueError that says
     which columns are missing or which column holds a value of the wrong type (and where)."""
@@ -271,11 +301,13 @@ def check_frame(frame: Any, transform: Transform) -> pd.DataFrame:
                 bad = converted.isna() & column.notna()
                 if bad.any():
                     row = bad.to_numpy().nonzero()[0][0]
-                    raise ValueError(f"column '{name}' must be numeric; row {row} holds {column.iloc[row]!r}")
+                    raise ValueError(f"column '{name}' must be numeric; row {row_name(frame, row)} holds "
+                                     f"{_shown(column.iloc[row])}")
             infinite = np.isinf(converted.to_numpy())
             if infinite.any():
                 row = infinite.nonzero()[0][0]
-                raise ValueError(f"column '{name}' must be a finite number; row {row} holds {column.iloc[row]!r}")
+                raise ValueError(f"column '{name}' must be a finite number; row {row_name(frame, row)} holds "
+                                 f"{_shown(column.iloc[row])}")
             out[name] = converted
         else:
             out[name] = column  # any type: categories are compared as text (category_text)

@@ -114,7 +114,7 @@ def score_files(model, files: list[Path], root: Path, heatmaps: bool = False,
         predictions = score_bytes(model, images)
     table = pd.DataFrame({"file": [name for name, _ in good],
                           "anomaly_score": predictions["anomaly_score"].astype(float),
-                          "is_anomaly": predictions["is_anomaly"].astype(bool), "error": ""})
+                          "is_anomaly": _never_normal(predictions, "this folder"), "error": ""})
     if heatmaps:
         written = []
         for n, ((name, _), flagged) in enumerate(zip(good, table["is_anomaly"])):
@@ -132,7 +132,9 @@ def score_files(model, files: list[Path], root: Path, heatmaps: bool = False,
 
 def _with_errors(table: pd.DataFrame, errors: dict[str, str]) -> pd.DataFrame:
     if errors:
-        bad = pd.DataFrame({"file": list(errors), "anomaly_score": float("nan"), "is_anomaly": False,
+        # not scored is not normal: no score, flagged, and the error says why (a consumer that
+        # reads is_anomaly alone must not take a refused record for a cleared one)
+        bad = pd.DataFrame({"file": list(errors), "anomaly_score": float("nan"), "is_anomaly": True,
                             "error": list(errors.values())})
         table = pd.concat([table, bad], ignore_index=True) if len(table) else bad
         for name, reason in errors.items():
@@ -140,29 +142,54 @@ def _with_errors(table: pd.DataFrame, errors: dict[str, str]) -> pd.DataFrame:
     return table
 
 
+def _predict_records(model, frame: pd.DataFrame) -> pd.DataFrame:
+    """The model's predictions for a file's records, a chunk at a time, each chunk keeping the
+    frame's index: indexed by the records' keys, a refusal (a value of the wrong type, or one
+    too far from the training values to encode) names the record by its key, wherever in the
+    file it is, as the ``row`` column of the results does."""
+    from pipeline.stages.register import SCORE_CHUNK
+
+    parts = [model.predict(frame.iloc[start:start + SCORE_CHUNK]) for start in range(0, len(frame), SCORE_CHUNK)]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["anomaly_score", "is_anomaly"])
+
+
+def _never_normal(predictions: pd.DataFrame, name: str):
+    """The flags, with the served model's rule applied to whatever a champion returned (one
+    registered before the rule read a -inf score as normal): a score that is not a finite
+    number is never normal (components.serving.is_anomalous)."""
+    import numpy as np
+
+    scores = predictions["anomaly_score"].to_numpy(np.float64)
+    flags = predictions["is_anomaly"].astype(bool).to_numpy()
+    odd = ~np.isfinite(scores)
+    if odd.any():
+        print(f"score: {int(odd.sum())} of {len(scores)} in {name} got a score that is not a finite number: "
+              "flagged as anomalous (a non-finite score is never normal)")
+    return flags | odd
+
+
 def score_table_files(model, files: list[Path], root: Path, key: str, text_columns: tuple[str, ...]) -> pd.DataFrame:
     """data.kind table: one row per record of each CSV/Parquet file (its ``key`` value in
     ``row``), read as training read them (``text_columns`` as text); a file the model refuses
     gets one row with the reason, and the others are scored all the same."""
     from components.tables import read_table_file
-    from pipeline.stages.register import score_frame
 
     parts, errors = [], {}
     for path in files:
         name = path.relative_to(root).as_posix()
         try:
             frame = read_table_file(path, text_columns)
-            predictions = score_frame(model, frame)
+            rows = frame[key].astype(str) if key in frame.columns else pd.Series(range(len(frame))).astype(str)
+            predictions = _predict_records(model, frame.set_axis(rows.to_numpy()))
         except Exception as error:  # a file missing a column, or unreadable: the others are still scored
             message = str(error) or type(error).__name__
             if "Failed to enforce schema" in message:  # MLflow's signature check: its reason, not the whole frame
                 message = message.split("Error: ", 1)[-1]
             errors[name] = message.splitlines()[0]
             continue
-        rows = frame[key].astype(str) if key in frame.columns else pd.Series(range(len(frame))).astype(str)
         parts.append(pd.DataFrame({"file": name, "row": rows.to_numpy(),
                                    "anomaly_score": predictions["anomaly_score"].astype(float).to_numpy(),
-                                   "is_anomaly": predictions["is_anomaly"].astype(bool).to_numpy(), "error": ""}))
+                                   "is_anomaly": _never_normal(predictions, name), "error": ""}))
     table = pd.concat(parts, ignore_index=True) if parts else \
         pd.DataFrame(columns=["file", "row", "anomaly_score", "is_anomaly", "error"])
     return _with_errors(table, errors)
@@ -208,8 +235,10 @@ def run(layout: Layout, folder: Path, out: Path | None, model_uri: str | None = 
     table["model_uri"], table["model_version"] = model_uri, version
     if out is not None:
         _write_csv(table, out)
-    flagged = int(table["is_anomaly"].sum())
+    unscored = int((table["error"] != "").sum())
+    flagged = int(table["is_anomaly"].sum()) - unscored
     print(f"score: {len(table)} {layout.unit} with {model_uri} (v{version or '?'}): {flagged} flagged as anomalous"
+          + (f", {unscored} could not be scored (flagged too: not scored is not normal)" if unscored else "")
           + (f"; written to {out}" if out else ""))
     return table
 
@@ -283,8 +312,9 @@ def _score_incoming(inbox: Path, archive: Path, inflight: Path, results: Path, l
             continue
         os.replace(folder, destination)
         summary["files"] += len(table)
-        summary["flagged"] += int(table["is_anomaly"].astype(str).str.lower().eq("true").sum())
-        summary["errors"] += int((table["error"].fillna("").astype(str) != "").sum())
+        unscored = table["error"].fillna("").astype(str) != ""
+        summary["flagged"] += int((table["is_anomaly"].astype(str).str.lower().eq("true") & ~unscored).sum())
+        summary["errors"] += int(unscored.sum())
         summary["claims"].append({"claim": folder.name, "results": str(out), "archive": str(destination),
                                   "files": len(table)})
     print(f"score: {summary['files']} {layout.unit} scored with {model_uri} (v{version or '?'}): {summary['flagged']} "

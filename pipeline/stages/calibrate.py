@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from components.calibration import CalibrationError, calibrate
+from components.calibration import CalibrationError, calibrate, non_finite_scores
 from pipeline.io import StageError, write_json
 from pipeline.layout import Layout
 
@@ -12,6 +12,10 @@ def run(layout: Layout) -> dict:
     config = layout.config.calibration
     scores = pd.read_parquet(layout.scores)
     rows = scores[scores["split"] == "calibration"]
+    refused = non_finite_scores(rows["score"].to_numpy(), rows["path"].astype(str).tolist(),
+                                f"calibration {layout.unit}")
+    if refused:  # train refuses such scores before writing them: this guards a scores file from elsewhere
+        raise StageError(f"calibration: {refused}")
     try:
         result = calibrate(rows["score"].to_numpy(), rows["is_anomaly"].to_numpy(), config.method,
                            target_fpr=config.target_fpr, target_recall=config.target_recall)

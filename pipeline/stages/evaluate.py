@@ -5,14 +5,18 @@ import csv
 
 import pandas as pd
 
+from components.calibration import non_finite_scores
 from components.metrics import curves, evaluate, plot_all
-from pipeline.io import atomic_path, read_json, write_json
+from pipeline.io import StageError, atomic_path, read_json, write_json
 from pipeline.layout import Layout
 
 
 def run(layout: Layout) -> dict:
     scores = pd.read_parquet(layout.scores)
     test = scores[scores["split"] == "test"]
+    refused = non_finite_scores(test["score"].to_numpy(), test["path"].astype(str).tolist(), f"test {layout.unit}")
+    if refused:  # compared with the threshold they would count as normal; dropped, as never seen
+        raise StageError(f"evaluate: {refused}")
     calibration = read_json(layout.threshold)
     threshold = calibration["threshold"]
     values, labels = test["score"].to_numpy(), test["is_anomaly"].to_numpy()

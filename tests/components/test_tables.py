@@ -286,3 +286,196 @@ def test_the_pyfunc_checks_the_frame_itself_too():
             amount=lambda f: f["amount"].where(f.index != 2, "ten")), transform)
     with pytest.raises(ValueError, match="input must be a DataFrame"):
         check_frame([1, 2, 3], transform)
+
+
+# Records whose numbers overflow the encoding, and scores that are not numbers (issue 19,
+# item 4). A finite amount of 1e300 standardises to ~1e298, which is inf as a float32: the
+# networks then give NaN (or -inf) scores, read as "normal". Such a row is refused by
+# column and row wherever rows are encoded (preprocess, the served model, pipeline score),
+# and a score that is not a finite number is never normal (is_anomaly is True).
+
+TABLE_FAMILIES = ("autoencoder", "deep_sad", "classifier")
+
+
+def _table_layout(root: Path):
+    from pipeline.config import parse
+    from pipeline.layout import Layout
+
+    raw = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    raw["data"]["kind"] = "table"
+    raw["model"]["type"] = "deep_sad"
+    return Layout(root, parse(raw))
+
+
+@pytest.fixture(scope="module")
+def served_families(tmp_path_factory):
+    """One trained model of each table family, logged, registered and loaded as a pyfunc."""
+    import mlflow
+    import torch
+
+    from components.registry import Store, connect, ensure_experiment, log_detector
+    from components.training import TrainSettings, train
+
+    root = tmp_path_factory.mktemp("families")
+    frame = generate_transactions(800, 12)
+    transform = Transform.fit(frame, declared_columns())
+    client = connect(Store(f"sqlite:///{root / 'mlflow.db'}"))
+    experiment = ensure_experiment(client, "families", (root / "artifacts").as_uri())
+    models = {}
+    for family in TABLE_FAMILIES:
+        spec = {"family": family, "input": "table", "features": transform.width, "width": 8, "latent_dim": 8}
+        result = train(spec, transform.apply(frame), frame["is_fraud"].to_numpy(np.float32),
+                       TrainSettings(epochs=1, batch_size=128, learning_rate=0.003, seed=0, device="cpu",
+                                     num_threads=1), progress=False)
+        weights = root / f"{family}.pt"
+        torch.save(result.model.state_dict(), weights)
+        with mlflow.start_run(experiment_id=experiment):
+            _, version = log_detector(weights, {"spec": result.spec, "kind": "table",
+                                                "transform": transform.as_dict()}, 0.5,
+                                      frame[list(declared_columns())].head(3), family, [], PROJECT / "components")
+        models[family] = mlflow.pyfunc.load_model(f"models:/{family}/{version}")
+    return models, frame
+
+
+@pytest.mark.parametrize("family", TABLE_FAMILIES)
+@pytest.mark.parametrize("value", [1e300, -1e300])
+def test_a_number_too_large_to_encode_is_refused_by_column_and_row_by_every_family(served_families, family, value):
+    models, frame = served_families
+    sample = frame.head(6).copy()
+    sample.loc[3, "amount"] = value
+    with pytest.raises(Exception) as refused:
+        out = models[family].predict(sample)
+        pytest.fail(f"scored instead of refused: {out.to_dict('list')}")
+    message = str(refused.value)
+    assert "'amount'" in message and "row 3" in message, message
+    # the other rows alone are scored, with finite scores
+    assert np.isfinite(models[family].predict(sample.drop(index=3))["anomaly_score"]).all()
+
+
+def test_the_encoding_refuses_an_overflowing_row_by_its_label_as_preprocess_encodes_a_split():
+    transform = Transform.fit(generate_transactions(300, 13), declared_columns())
+    rows = generate_transactions(20, 14).sort_values("transaction_id", ascending=False)  # preprocess's order
+    rows.loc[7, "distance_from_home_km"] = -1e300
+    with pytest.raises(ValueError, match=r"column 'distance_from_home_km'.*row 7"):
+        transform.apply(rows)
+
+
+@pytest.mark.parametrize("family", TABLE_FAMILIES)
+def test_pipeline_score_names_the_column_and_the_record_of_an_overflowing_or_infinite_value(served_families, family,
+                                                                                             tmp_path):
+    """Through pipeline score's reading of files (CSV text as a producer writes it): 1e300,
+    -1e300 and inf are refused by column and by the record's key (a file of 600 rows, so the
+    bad record is past the first chunk the model is given); NaN text is a missing value,
+    imputed as in training, and scored."""
+    from pipeline.score import score_table_files
+    from pipeline.stages.validate import text_columns
+
+    layout = _table_layout(tmp_path)
+    models, _ = served_families
+    batch = generate_transactions(600, 15).drop(columns=["is_fraud"])
+    bad_row = 421
+    key = batch.loc[bad_row, "transaction_id"]
+    for name, text in (("over", "1e300"), ("under", "-1e300"), ("infinite", "inf"), ("missing", "NaN")):
+        rows = batch.astype({"amount": object})
+        rows.loc[bad_row, "amount"] = text
+        rows.to_csv(tmp_path / f"{name}.csv", index=False)
+    files = sorted(tmp_path.glob("*.csv"))
+    table = score_table_files(models[family], files, tmp_path, "transaction_id", text_columns(layout.config))
+    errors = dict(zip(table.loc[table["error"] != "", "file"], table.loc[table["error"] != "", "error"]))
+    assert set(errors) == {"over.csv", "under.csv", "infinite.csv"}, table.groupby("file")["error"].first()
+    for name, message in errors.items():
+        assert "'amount'" in message and key in message, (name, message)
+    assert table.loc[table["error"] != "", "is_anomaly"].all()  # not scored is never read as normal
+    scored = table[table["file"] == "missing.csv"]
+    assert len(scored) == 600 and np.isfinite(scored["anomaly_score"]).all()
+
+
+class _FixedScores:
+    """A stand-in network whose scores are given: what a model whose arithmetic overflowed returns."""
+
+    def __init__(self, scores):
+        import torch
+
+        self.scores = torch.tensor(scores, dtype=torch.float32)
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def eval(self):
+        return self
+
+    def parameters(self):
+        return iter([self.weight])
+
+    def score(self, batch):
+        return self.scores[: len(batch)]
+
+
+def test_a_score_that_is_not_a_finite_number_is_never_normal_in_the_served_model():
+    from components.serving import AnomalyDetector
+
+    frame = generate_transactions(5, 16)
+    detector = AnomalyDetector()
+    detector.transform = Transform.fit(generate_transactions(200, 16), declared_columns())
+    detector.threshold = 1.0
+    detector.model = _FixedScores([0.5, float("nan"), float("-inf"), float("inf"), 2.0])
+    out = detector.predict(None, frame)
+    assert out["is_anomaly"].tolist() == [False, True, True, True, True]
+    assert out["anomaly_score"].isna().tolist() == [False, True, False, False, False]  # the score is shown as is
+
+
+def test_pipeline_score_flags_a_non_finite_score_even_from_a_champion_that_did_not(tmp_path):
+    """A champion registered before this rule (its code travels with it) read a -inf or NaN
+    score as normal: pipeline score applies the rule to what any champion returns."""
+    from pipeline.score import score_table_files
+
+    class OldChampion:
+        def predict(self, frame, params=None):
+            scores = np.array([0.1, float("nan"), float("-inf"), 3.0][: len(frame)])
+            return pd.DataFrame({"anomaly_score": scores, "is_anomaly": scores > 1.0})
+
+    generate_transactions(4, 17).to_csv(tmp_path / "batch.csv", index=False)
+    table = score_table_files(OldChampion(), [tmp_path / "batch.csv"], tmp_path, "transaction_id", ())
+    assert table["is_anomaly"].tolist() == [False, True, True, True]
+
+
+def test_gates_read_a_metric_that_is_not_a_number_as_missing_never_as_passed():
+    from components.gates import absolute_gates, champion_gates
+
+    nan = float("nan")
+    candidate = {"auroc": nan, "average_precision": nan, "fpr": nan}
+    for gate in absolute_gates(candidate, 0.5, 0.5, 0.5):
+        assert not gate.passed and "not a finite number" in gate.reason, gate
+    bounds = {"auroc": {"direction": "higher", "tolerance": 0.0}, "fpr": {"direction": "lower", "tolerance": 0.0}}
+    for champion in ({"auroc": None, "fpr": None}, {"auroc": 0.9, "fpr": 0.1}):
+        for gate in champion_gates(candidate, champion, bounds, "1"):
+            assert not gate.passed, gate
+    # a champion whose metric is not a number is no yardstick: as if it had none
+    [auroc, fpr] = champion_gates({"auroc": 0.9, "fpr": 0.1}, {"auroc": nan, "fpr": nan}, bounds, "1")
+    assert auroc.passed and fpr.passed
+
+
+@pytest.mark.parametrize("stage", ["calibrate", "evaluate"])
+def test_calibrate_and_evaluate_refuse_scores_that_are_not_numbers_and_name_the_records(tmp_path, stage):
+    """train refuses non-finite scores before it writes them; a scores file that holds some
+    anyway (written by hand, an older train) is refused, not read as normal nor dropped."""
+    import importlib
+
+    from pipeline.io import StageError, write_json
+
+    layout = _table_layout(tmp_path)
+    rng = np.random.default_rng(0)
+    rows = []
+    for split in ("calibration", "test"):
+        for i in range(200):
+            rows.append({"path": f"{split}-{i:04d}", "split": split, "row": i, "label": "1" if i % 10 == 0 else "0",
+                         "is_anomaly": int(i % 10 == 0), "score": float(rng.random()), "batch": "b"})
+    scores = pd.DataFrame(rows)
+    split = "calibration" if stage == "calibrate" else "test"
+    scores.loc[(scores["split"] == split) & (scores["row"] == 17), "score"] = float("nan")
+    scores.loc[(scores["split"] == split) & (scores["row"] == 40), "score"] = float("-inf")
+    layout.scores.parent.mkdir(parents=True, exist_ok=True)
+    scores.to_parquet(layout.scores, index=False)
+    layout.threshold.parent.mkdir(parents=True, exist_ok=True)
+    write_json(layout.threshold, {"threshold": 0.5, "method": "fpr", "fpr_bound": 0.05})
+    with pytest.raises(StageError) as refused:
+        importlib.import_module(f"pipeline.stages.{stage}").run(layout)
+    assert f"{split}-0017" in str(refused.value) and f"{split}-0040" in str(refused.value), str(refused.value)

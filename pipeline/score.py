@@ -25,6 +25,7 @@ import pandas as pd
 
 from pipeline.io import StageError, atomic_path
 from pipeline.layout import Layout
+from pipeline.secrets import scrub
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 INFLIGHT = ".inflight"
@@ -69,7 +70,7 @@ def _load(layout: Layout, model_uri: str | None):
         load_uri = f"models:/{name}/{version}"
         model = mlflow.pyfunc.load_model(load_uri)
     except Exception as error:
-        raise StageError(f"score: cannot load {model_uri}: {error}") from None
+        raise StageError(scrub(f"score: cannot load {model_uri}: {error}")) from None  # MLflow names the URL
     return model, model_uri, version
 
 
@@ -305,9 +306,9 @@ def _score_incoming(inbox: Path, archive: Path, inflight: Path, results: Path, l
             failed = archive / "failed" / folder.name
             failed.parent.mkdir(parents=True, exist_ok=True)
             os.replace(folder, failed)
-            (failed.parent / f"{folder.name}.error.txt").write_text(f"{type(error).__name__}: {error}\n")
-            print(f"score: could NOT score claim {folder.name} ({type(error).__name__}: {error}); "
-                  f"its files are in {failed}")
+            (failed.parent / f"{folder.name}.error.txt").write_text(scrub(f"{type(error).__name__}: {error}\n"))
+            print(scrub(f"score: could NOT score claim {folder.name} ({type(error).__name__}: {error}); "
+                        f"its files are in {failed}"))
             summary["failed_claims"].append(str(failed))
             continue
         os.replace(folder, destination)

@@ -9,7 +9,14 @@ scored exactly once and none is lost, even when a run is killed half-way:
    on one file system is atomic, so a file is either waiting or claimed, never both);
 2. score every claim folder (this run's, and any a killed run left behind) and write
    ``<results>/<claim>.csv`` atomically; a claim whose CSV exists is not scored again;
-3. move the claim folder to ``<archive>/<claim>/``.
+3. move the claim folder to ``<archive>/<claim>/``; one whose scoring raises goes to
+   ``<archive>/failed/<claim>/`` with its error beside it, under a name failed/ has not had
+   (Airflow retries a task with the same run id, so a claim name can fail twice), so a
+   failure never leaves a claim in ``.inflight`` for every later run to trip over.
+
+Before a file is read its size on disk is checked against the champion's ``max_bytes``, and
+it is decoded with the champion's limits (its spec.json's ``decode_limits``): a file the
+champion would refuse is refused alone, by name, and a multi-GB file is never read.
 
 Producers should write a file under a hidden name (``.name.png``) or elsewhere and
 rename it into the incoming folder when complete: hidden files are never claimed.
@@ -77,6 +84,23 @@ def _load(layout: Layout, model_uri: str | None):
 MAP_SUFFIX = ".anomaly_map.png"
 
 
+def champion_limits(model):
+    """The decoding limits the model applies when it scores: its spec.json's ``decode_limits``,
+    as its python model loaded them (components.serving). The pre-check of ``score_files``
+    uses them, so a file the champion would refuse is refused alone, by name, instead of
+    failing the batch it came in; a model that does not carry them gets the defaults."""
+    from components.images import DEFAULT_LIMITS, DecodeLimits
+
+    try:
+        limits = model.unwrap_python_model().limits
+    except Exception:  # not a pyfunc of ours, or a table model: nothing decoded, the defaults
+        return DEFAULT_LIMITS
+    # rebuilt from its values: the champion's components (packed with it) may be another copy
+    return DecodeLimits.from_dict({"max_pixels": getattr(limits, "max_pixels", None) or DEFAULT_LIMITS.max_pixels,
+                                   "max_bytes": getattr(limits, "max_bytes", None) or DEFAULT_LIMITS.max_bytes,
+                                   "formats": list(getattr(limits, "formats", None) or DEFAULT_LIMITS.formats)})
+
+
 def score_files(model, files: list[Path], root: Path, heatmaps: bool = False,
                 map_dir: Path | None = None) -> pd.DataFrame:
     """One row per image (path relative to ``root``); a file that cannot be scored gets its
@@ -88,18 +112,26 @@ def score_files(model, files: list[Path], root: Path, heatmaps: bool = False,
     from components.images import ImageDecodeError, open_image
     from pipeline.stages.register import score_bytes
 
+    limits = champion_limits(model)
     good, errors = [], {}
     for path in files:
         name = path.relative_to(root).as_posix()
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             errors[name] = f"not a PNG or JPEG file ({path.suffix or 'no extension'})"
             continue
-        data = path.read_bytes()
         try:
-            open_image(data).close()
+            # the size on disk first: a multi-GB file is refused without being read (read whole,
+            # it would kill the task, and every retry, before any limit was looked at)
+            limits.check_bytes(path.stat().st_size)
+            with path.open("rb") as handle:
+                data = handle.read(limits.max_bytes + 1)  # never more, should it grow meanwhile
+            limits.check_bytes(len(data))
+            open_image(data, limits).close()  # the champion's limits: what it would refuse, refused here
             good.append((name, data))
         except ImageDecodeError as error:  # one bad file must not stop the others being scored
             errors[name] = str(error)
+        except OSError as error:
+            errors[name] = f"cannot be read: {error.strerror or error}"
     images = [data for _, data in good]
     predictions = None
     if heatmaps and images:
@@ -281,7 +313,9 @@ def _score_incoming(inbox: Path, archive: Path, inflight: Path, results: Path, l
     model, model_uri, version = _load(layout, model_uri)  # no champion: every file stays where it is
 
     if waiting:
-        claim = inflight / _unused_name(claim_name, inflight, archive, results, suffix=".csv")
+        # a name no claim, archived batch, set-aside batch or result has: Airflow retries a task
+        # with the same run id, so the same claim_name comes back after a failure
+        claim = inflight / _unused_name(claim_name, inflight, archive, archive / "failed", results, suffix=".csv")
         for path in waiting:
             target = claim / path.relative_to(inbox)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -303,6 +337,11 @@ def _score_incoming(inbox: Path, archive: Path, inflight: Path, results: Path, l
                 table["archived_to"] = [str(destination / name) for name in table["file"]]
                 _write_csv(table, out)
         except Exception as error:  # keep the files, set them aside, tell the operator
+            fresh = _unused_name(folder.name, archive / "failed", suffix=".error.txt")
+            if fresh != folder.name:  # failed/ has this name already (a claim from before that rule):
+                # rename the claim first, so the move below cannot meet a full folder (ENOTEMPTY,
+                # and the claim stuck in .inflight for every later run) nor overwrite an error text
+                folder = folder.rename(inflight / _unused_name(fresh, inflight))
             failed = archive / "failed" / folder.name
             failed.parent.mkdir(parents=True, exist_ok=True)
             os.replace(folder, failed)

@@ -304,3 +304,34 @@ def test_the_served_champion_decodes_only_the_formats_it_was_trained_with(champi
         with pytest.raises(ValueError, match=rf"row 1: {fmt} is not an allowed format "
                                              r"\(validate.allowed_formats: PNG, JPEG\); not decoded"):
             model.predict(pd.DataFrame({"image": [normal, _other_format(fmt, index)]}))
+
+
+def test_the_scoring_dag_refuses_by_the_champions_limits_without_reading_or_jamming(champion):
+    """Issue 19 (5), through ``pipeline score-incoming`` (what the scoring DAG runs) with the
+    registered champion, whose decode_limits (MAX_PIXELS, MAX_BYTES) are far below the
+    defaults: a file over either is refused by name with the champion's limit, a 400 MB file
+    by its size on disk, and the good one is still scored (the old pre-check let the first two
+    through, the champion refused the whole claim, and it was set aside unscored)."""
+    import pandas as pd
+    from PIL import PngImagePlugin
+
+    root, _ = champion
+    incoming = root / "data" / "incoming"
+    incoming.mkdir(parents=True, exist_ok=True)
+    good = sorted((root / "data" / "landing" / "batch-0001" / "good").glob("*.png"))[0]
+    (incoming / "good.png").write_bytes(good.read_bytes())
+    Image.new("RGB", (1100, 1000), (128, 128, 128)).save(incoming / "wide.png")   # 1.1 M pixels, a few KB
+    padding = PngImagePlugin.PngInfo()
+    padding.add_text("padding", "".join(np.random.default_rng(0).choice(list("abcdefgh"), size=3_000_000)))
+    Image.fromarray(_noise((64, 64, 3), 5)).save(incoming / "heavy.png", pnginfo=padding)  # > 2 MB, 64x64
+    with (incoming / "huge.png").open("wb") as handle:
+        handle.truncate(400 * 1024 * 1024)  # sparse
+    result = run_cli(root, "score-incoming", "--claim", "limits", check=False)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    table = pd.read_csv(root / "scores" / "limits.csv", keep_default_na=False).set_index("file")
+    assert table.loc["good.png", "error"] == ""
+    assert f"max_pixels={MAX_PIXELS}" in table.loc["wide.png", "error"]
+    assert f"max_bytes={MAX_BYTES}" in table.loc["heavy.png", "error"]
+    assert f"{400 * 1024 * 1024} bytes, over the limit max_bytes={MAX_BYTES}" in table.loc["huge.png", "error"]
+    assert not [p for p in incoming.rglob("*") if p.is_file()]
+    assert not [p for p in (root / "data" / "scored" / ".inflight").rglob("*") if p.is_file()]

@@ -88,6 +88,21 @@ def _overrides(params: dict) -> dict:
     return {key: params[name] for name, (key, _) in FORM.items() if key is not None and name in params}
 
 
+def triggered_by(dag_run) -> str:
+    """Who started this run, for the audit trail (the version's ``promoted_by``): the user who
+    triggered it (UI, REST API, ``airflow dags trigger``, a backfill: Airflow 3.1+ records it
+    on the DagRun as ``triggering_user_name``), or ``scheduler`` when the schedule did."""
+    user = getattr(dag_run, "triggering_user_name", None)
+    if user:
+        return str(user)
+    run_type = str(getattr(dag_run.run_type, "value", dag_run.run_type))
+    if run_type == "scheduled":
+        return "scheduler"
+    if run_type == "asset_triggered":
+        return "scheduler (asset event)"
+    return f"unknown (a {run_type} run with no triggering user)"
+
+
 def _prepare(context) -> None:
     """Check the trigger input and make the run's workspace and MLflow run (idempotent)."""
     from pipeline.orchestrate import PermanentFailure, prepare
@@ -99,7 +114,8 @@ def _prepare(context) -> None:
     try:
         prepare(PROJECT, context["run_id"], _overrides(params), force=bool(params.get("force_promote")),
                 reason=str(params.get("force_reason") or ""),
-                trigger=f"airflow-{getattr(dag_run.run_type, 'value', dag_run.run_type)}")
+                trigger=f"airflow-{getattr(dag_run.run_type, 'value', dag_run.run_type)}",
+                triggered_by=triggered_by(dag_run))
     except PermanentFailure as error:
         raise AirflowFailException(str(error)) from None
 

@@ -63,11 +63,13 @@ def store_env(project: Path) -> dict[str, str]:
 
 
 def prepare(project: Path, run_id: str, overrides: dict[str, Any] | None = None, force: bool = False,
-            reason: str = "", trigger: str = "airflow") -> Workspace:
+            reason: str = "", trigger: str = "airflow", triggered_by: str = "") -> Workspace:
     """The run's workspace and MLflow run, made by the first task that asks.
 
     Trigger input is checked here, before anything is made: a bad value, or a forced
-    promotion without a reason, is a PermanentFailure that names the key.
+    promotion without a reason, is a PermanentFailure that names the key. ``triggered_by``
+    (the user who triggered the run, or ``scheduler``) is kept for the audit trail: the MLflow
+    run's ``triggered_by`` tag, and the version's ``promoted_by`` if this run promotes.
     """
     if force and not str(reason or "").strip():
         raise PermanentFailure("force_promote is set but force_reason is empty: a forced promotion must say why")
@@ -81,9 +83,10 @@ def prepare(project: Path, run_id: str, overrides: dict[str, Any] | None = None,
         mlflow_run_id = runner.start(ws.layout, trigger, tags={
             "airflow_run_id": run_id, "workspace": str(ws.root),
             "trigger_overrides": json.dumps(ws.record.get("overrides", {}), sort_keys=True),
-            "force_promote": str(bool(force)).lower(), "force_reason": reason or ""})
+            "force_promote": str(bool(force)).lower(), "force_reason": reason or "",
+            "triggered_by": triggered_by or ""})
     return workspace.update(ws, mlflow_run_id=mlflow_run_id, force=bool(force), reason=reason or "",
-                            started=time.time())
+                            triggered_by=triggered_by or "", started=time.time())
 
 
 def _existing(project: Path, run_id: str) -> Workspace:
@@ -150,7 +153,8 @@ def promote(project: Path, run_id: str) -> dict:
     force, reason = bool(ws.record.get("force")), str(ws.record.get("reason", ""))
     with environ(store_env(ws.project)):
         report = read_json(layout.gates)
-        outcome = promote_stage.run(layout, version=str(report["version"]), force=force, reason=reason)
+        outcome = promote_stage.run(layout, version=str(report["version"]), force=force, reason=reason,
+                                    actor=ws.record.get("triggered_by") or None)
         if not outcome.get("promoted") and not report.get("unchanged_of") and \
                 str(outcome.get("champion")) == str(report["version"]):
             outcome["promoted"] = True  # a retry after the alias moved: the move is this run's

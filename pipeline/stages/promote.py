@@ -8,6 +8,14 @@ from pipeline.io import StageError, read_json
 from pipeline.layout import Layout
 
 
+def _airflow_owner() -> str | None:
+    """In an Airflow task that did not say who triggered its run: the DAG's owner, named as
+    such (it is a team, not the person who asked for the move). Outside Airflow: None, and
+    the registry records the user running the command."""
+    owner = os.environ.get("AIRFLOW_CTX_DAG_OWNER")
+    return f"{owner} (dag owner; no triggering user recorded)" if owner else None
+
+
 def _client(layout: Layout):
     from components.registry import connect
 
@@ -37,11 +45,14 @@ def _regate(layout: Layout, client, gates: dict, current: str) -> list[str]:
     return reasons
 
 
-def run(layout: Layout, version: str | None = None, force: bool = False, reason: str = "") -> dict:
+def run(layout: Layout, version: str | None = None, force: bool = False, reason: str = "",
+        actor: str | None = None) -> dict:
     """Promote the version that register just gated (or an explicit one).
 
     Without force, only a version whose gates all passed moves; with force a reason is
-    required, and the version records that it was forced and why.
+    required, and the version records that it was forced and why, and by whom: ``actor``
+    (from Airflow, the user who triggered the run, or ``scheduler``), else the user running
+    this command.
     """
     from components.registry import PromotionError, promote
 
@@ -65,7 +76,7 @@ def run(layout: Layout, version: str | None = None, force: bool = False, reason:
         for line in reasons:
             print(f"  - {line}")
         return {"promoted": False, "version": str(version), "reasons": reasons}
-    actor = os.environ.get("AIRFLOW_CTX_DAG_OWNER") or None
+    actor = actor or _airflow_owner()
     why = reason or "all gates passed"
     client = _client(layout)
     try:
@@ -106,7 +117,7 @@ def rollback(layout: Layout, reason: str) -> dict:
 
     try:
         outcome = do_rollback(_client(layout), layout.config.registry.model_name, reason=reason,
-                              actor=os.environ.get("AIRFLOW_CTX_DAG_OWNER") or None,
+                              actor=_airflow_owner(),
                               lock=tracking.promotion_lock(layout))
     except PromotionError as error:
         raise StageError(f"rollback: {error}") from None

@@ -362,25 +362,28 @@ def test_the_encoding_refuses_an_overflowing_row_by_its_label_as_preprocess_enco
 
 @pytest.mark.parametrize("family", TABLE_FAMILIES)
 def test_pipeline_score_names_the_column_and_the_record_of_an_overflowing_or_infinite_value(served_families, family,
-                                                                                             tmp_path):
-    """Through pipeline score's reading of files (CSV text as a producer writes it): 1e300,
-    -1e300 and inf are refused by column and by the record's key (a file of 600 rows, so the
-    bad record is past the first chunk the model is given); NaN text is a missing value,
-    imputed as in training, and scored."""
-    from pipeline.score import score_table_files
-    from pipeline.stages.validate import text_columns
+                                                                                             tmp_path, monkeypatch):
+    """``pipeline score <folder> --out`` (the registry look-up replaced by the family's model)
+    on CSV text as a producer writes it: 1e300, -1e300 and inf are refused by column and by
+    the record's key (a file of 600 rows, so the bad record is past the first chunk the model
+    is given); NaN text is a missing value, imputed as in training, and scored."""
+    from pipeline import score
 
-    layout = _table_layout(tmp_path)
     models, _ = served_families
+    monkeypatch.setattr(score, "_load", lambda *args, **kwargs: (models[family], "models:/anomaly-detector/1", "1"))
+    layout = _table_layout(tmp_path / "project")
+    folder = tmp_path / "incoming"
+    folder.mkdir()
     batch = generate_transactions(600, 15).drop(columns=["is_fraud"])
     bad_row = 421
     key = batch.loc[bad_row, "transaction_id"]
     for name, text in (("over", "1e300"), ("under", "-1e300"), ("infinite", "inf"), ("missing", "NaN")):
         rows = batch.astype({"amount": object})
         rows.loc[bad_row, "amount"] = text
-        rows.to_csv(tmp_path / f"{name}.csv", index=False)
-    files = sorted(tmp_path.glob("*.csv"))
-    table = score_table_files(models[family], files, tmp_path, "transaction_id", text_columns(layout.config))
+        rows.to_csv(folder / f"{name}.csv", index=False)
+    score.run(layout, folder, tmp_path / "scores.csv")
+    table = pd.read_csv(tmp_path / "scores.csv", keep_default_na=False, na_values=[""])
+    table["error"] = table["error"].fillna("")
     errors = dict(zip(table.loc[table["error"] != "", "file"], table.loc[table["error"] != "", "error"]))
     assert set(errors) == {"over.csv", "under.csv", "infinite.csv"}, table.groupby("file")["error"].first()
     for name, message in errors.items():

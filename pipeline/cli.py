@@ -118,11 +118,19 @@ def main(argv: list[str] | None = None) -> int:
 
         return airflow_local.main(args.params.resolve().parent, args.airflow_args)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # progress bars garble logs
+    from pipeline.tracking import client_env
+
+    for name, value in client_env(os.environ.get("MLFLOW_TRACKING_URI", "")).items():
+        os.environ.setdefault(name, value)  # no run link that holds a password
     import warnings
 
     # MLflow asks for type hints on predict; the model's explicit signature is its contract
     warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pipeline.secrets import ScrubbingFormatter, scrub
+
+    for handler in logging.getLogger().handlers:  # a library's log line may name the tracking URL
+        handler.setFormatter(ScrubbingFormatter(handler.formatter))
     for noisy in ("alembic", "mlflow.store.db.utils", "urllib3", "git", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -194,8 +202,13 @@ def main(argv: list[str] | None = None) -> int:
             score.run(layout, args.folder, args.out, args.model_uri)
             return 0
     except (ConfigError, StageError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {scrub(error)}", file=sys.stderr)
         if isinstance(error, ConfigError):
             return 2
         return EXIT_DATA_ERROR if isinstance(error, DataError) else 1
+    except Exception:  # Python would print it; scrubbed first, as MLflow's errors name the tracking URL
+        import traceback
+
+        print(scrub(traceback.format_exc()), end="", file=sys.stderr)
+        return 1
     raise AssertionError(f"unhandled command {args.command}")

@@ -32,6 +32,22 @@ class PermanentFailure(StageError):
     diverged model); a scheduler should fail the run at once instead of retrying."""
 
 
+@contextmanager
+def _scrubbed_errors() -> Iterator[None]:
+    """An error that leaves a task with a secret in its text (MLflow names the tracking URL,
+    password and all) leaves it scrubbed: the scheduler logs it and hands it to the failure
+    callback. A StageError keeps its type (PermanentFailure still means "do not retry")."""
+    from pipeline.secrets import scrubbed_error
+
+    try:
+        yield
+    except Exception as error:
+        clean = scrubbed_error(error)
+        if clean is None or clean is error:
+            raise
+        raise clean from None
+
+
 def project_layout(project: Path) -> Layout:
     return Layout(root=Path(project).resolve(), config=load(Path(project) / "params.yaml"))
 
@@ -56,6 +72,7 @@ def store_env(project: Path) -> dict[str, str]:
 
     layout = project_layout(project)
     env = {"MLFLOW_TRACKING_URI": tracking.tracking_uri(layout)}
+    env.update(tracking.client_env(env["MLFLOW_TRACKING_URI"]))
     root = tracking.artifact_root(layout)
     if root:
         env["MLFLOW_ARTIFACT_ROOT"] = root
@@ -79,7 +96,7 @@ def prepare(project: Path, run_id: str, overrides: dict[str, Any] | None = None,
         raise PermanentFailure(str(error)) from None
     if ws.mlflow_run_id:
         return ws
-    with environ(store_env(ws.project)):
+    with environ(store_env(ws.project)), _scrubbed_errors():
         mlflow_run_id = runner.start(ws.layout, trigger, tags={
             "airflow_run_id": run_id, "workspace": str(ws.root),
             "trigger_overrides": json.dumps(ws.record.get("overrides", {}), sort_keys=True),
@@ -130,7 +147,7 @@ def register(project: Path, run_id: str) -> dict:
 
     ws = _existing(project, run_id)
     layout = ws.layout
-    with environ(store_env(ws.project)):
+    with environ(store_env(ws.project)), _scrubbed_errors():
         env = runner.stage_env(layout, ws.mlflow_run_id)
         if runner.has_remote(ws.root):
             code, _ = _stream([sys.executable, "-m", "dvc", "push", "--quiet"], ws.root, env)
@@ -151,7 +168,7 @@ def promote(project: Path, run_id: str) -> dict:
     ws = _existing(project, run_id)
     layout = ws.layout
     force, reason = bool(ws.record.get("force")), str(ws.record.get("reason", ""))
-    with environ(store_env(ws.project)):
+    with environ(store_env(ws.project)), _scrubbed_errors():
         report = read_json(layout.gates)
         outcome = promote_stage.run(layout, version=str(report["version"]), force=force, reason=reason,
                                     actor=ws.record.get("triggered_by") or None)
@@ -167,9 +184,14 @@ def promote(project: Path, run_id: str) -> dict:
 def record_failure(project: Path, run_id: str, task: str, error: str, details: dict[str, Any]) -> Path:
     """One place a person looks after a failed night: ``runs/failures.jsonl`` (one line per
     failed task), the run's MLflow run (FAILED, with ``failed_stage`` and ``error`` tags)
-    and the run's summary. Never raises: it runs while something else already went wrong."""
+    and the run's summary. Never raises: it runs while something else already went wrong.
+    Every text is scrubbed (pipeline.secrets): an exception from MLflow names the tracking
+    URL, password and all."""
+    from pipeline.secrets import scrub, scrub_data
+
     project = Path(project).resolve()
     path = workspace.runs_dir(project) / FAILURES
+    error = scrub(error)
     line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run_id": run_id, "task": task, "error": error, **details}
     has_workspace = (workspace.runs_dir(project) / workspace.key_of(run_id) / workspace.RECORD).is_file()
     try:  # a retraining run has a workspace and an MLflow run; a scoring run has neither
@@ -182,9 +204,10 @@ def record_failure(project: Path, run_id: str, task: str, error: str, details: d
                 runner.fail(ws.layout, ws.mlflow_run_id, task, error)
     except Exception as problem:  # the record below still gets written
         line["note"] = f"MLflow run not updated: {problem}"
+    line = scrub_data(json.loads(json.dumps(line, default=str)))
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as handle:
-        handle.write(json.dumps(line, default=str) + "\n")
+        handle.write(json.dumps(line) + "\n")
     print(f"failure recorded in {path}: {task}: {error}")
     return path
 

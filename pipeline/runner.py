@@ -123,9 +123,15 @@ def stream(command: list[str], cwd: Path, env: dict[str, str], merge: bool = Tru
     If this process is signalled or interrupted (SIGTERM, SIGINT, Airflow's timeout
     exception) while the command runs, the command's whole process tree is stopped
     before the exception goes on, so no stage outlives the task that started it.
+
+    Each line is scrubbed (pipeline.secrets) before it is echoed or kept: a stage's
+    MLflow error names the tracking URL, and a password in it would reach the task's log.
     """
+    from pipeline.secrets import literals, scrub
+
     tail: deque[str] = deque(maxlen=80)
     out = sys.stdout if merge else sys.stderr
+    known = literals({**os.environ, **(env or {})})
     with _signals_raise():
         process = None
         try:
@@ -134,6 +140,7 @@ def stream(command: list[str], cwd: Path, env: dict[str, str], merge: bool = Tru
                                        bufsize=1, errors="replace")
             pipe = process.stdout if merge else process.stderr
             for line in pipe:
+                line = scrub(line, known)
                 print(line, end="", file=out, flush=True)
                 tail.append(line)
             process.wait()
@@ -206,14 +213,20 @@ def stage_env(layout: Layout, run_id: str) -> dict[str, str]:
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     if artifacts:
         env["MLFLOW_ARTIFACT_ROOT"] = artifacts
+    env.update(tracking.client_env(uri))
     return env
 
 
 def fail(layout: Layout, run_id: str, stage: str, error: str = "") -> dict:
-    """End the MLflow run FAILED with the validation report attached; write and print the summary."""
+    """End the MLflow run FAILED with the validation report attached; write and print the summary.
+
+    The error is scrubbed first (pipeline.secrets): MLflow's exception texts hold the tracking
+    URL, with any password in it, and it goes to a tag, the summary and the log."""
     from components.registry import connect
     from pipeline import tracking
+    from pipeline.secrets import scrub, scrub_data
 
+    error = scrub(error)
     client = connect(tracking.store(layout))
     if layout.validation_dir.is_dir():
         client.log_artifacts(run_id, str(layout.validation_dir), "validation")
@@ -226,6 +239,7 @@ def fail(layout: Layout, run_id: str, stage: str, error: str = "") -> dict:
                "message": f"the pipeline stopped at {stage}; nothing was registered or promoted"
                if stage not in ("register", "promote") else f"the pipeline stopped at {stage}; the champion "
                "was not moved"}
+    summary = scrub_data(summary)
     write_json(layout.run_summary, summary)
     _print_summary(layout, summary, tracking.store(layout).tracking_uri)
     return summary
@@ -234,12 +248,14 @@ def fail(layout: Layout, run_id: str, stage: str, error: str = "") -> dict:
 def finish(layout: Layout, run_id: str, report: dict, promotion: dict, seconds: float | None = None) -> dict:
     """Write and print the summary of a retraining that got through register and promote."""
     from pipeline import tracking
+    from pipeline.secrets import scrub_data
 
     summary = {"status": "finished", "run_id": run_id, "seconds": seconds,
                "validation": _validation(layout), "train": read_json(layout.train_metrics),
                "calibration": read_json(layout.threshold), "metrics": read_json(layout.metrics),
                "gates": {k: report[k] for k in ("passed", "failed", "reasons")},
                "version": report["version"], "unchanged_of": report.get("unchanged_of"), "promotion": promotion}
+    summary = scrub_data(summary)  # the gate report's champion note, a promotion's reasons: error texts
     write_json(layout.run_summary, summary)
     _print_summary(layout, summary, tracking.store(layout).tracking_uri)
     return summary

@@ -30,14 +30,21 @@ def artifact_root(layout: Layout) -> str | None:
 
 
 def shown(uri: str) -> str:
-    """A tracking URI fit for a log line: a user or password in it (MLFLOW_TRACKING_URI may
-    hold one; params.yaml may not) is replaced by ***."""
-    from urllib.parse import urlsplit, urlunsplit
+    """A tracking URI fit for a log line or a report: a user or password in it (MLFLOW_TRACKING_URI
+    may hold one; params.yaml may not) is replaced by *** (pipeline.secrets.scrub)."""
+    from pipeline.secrets import scrub
 
-    parts = urlsplit(uri)
-    if not (parts.username or parts.password):
-        return uri
-    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+    return scrub(uri)
+
+
+# MLflow prints "View run ... at: <tracking URL>/#/..." each time a run ends, URL password and all
+QUIET_LINKS = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
+
+
+def client_env(uri: str) -> dict[str, str]:
+    """What a process that talks to ``uri`` needs besides it: where the URI holds credentials,
+    MLflow's run links are not printed (the pipeline prints its own, with shown())."""
+    return {QUIET_LINKS: "true"} if shown(uri) != uri else {}
 
 
 def local_store(layout: Layout) -> Path | None:

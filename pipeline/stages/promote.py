@@ -6,6 +6,7 @@ import os
 from pipeline import tracking
 from pipeline.io import StageError, read_json
 from pipeline.layout import Layout
+from pipeline.secrets import scrub
 
 
 def _airflow_owner() -> str | None:
@@ -85,7 +86,7 @@ def run(layout: Layout, version: str | None = None, force: bool = False, reason:
                           else None, recheck=(lambda current: _regate(layout, client, gates, current)) if passed
                           else None)
     except PromotionError as error:
-        raise StageError(f"promote: {error}") from None
+        raise StageError(scrub(f"promote: {error}")) from None
     if not outcome.get("promoted") and outcome.get("reasons"):
         print(f"promote: {name} v{version} NOT promoted; the champion moved to v{outcome['champion']} after "
               f"register compared against v{gates.get('gated_against')}, and against it:")
@@ -120,6 +121,6 @@ def rollback(layout: Layout, reason: str) -> dict:
                               actor=_airflow_owner(),
                               lock=tracking.promotion_lock(layout))
     except PromotionError as error:
-        raise StageError(f"rollback: {error}") from None
+        raise StageError(scrub(f"rollback: {error}")) from None
     print(f"rollback: champion v{outcome['rolled_back_from']} -> v{outcome['champion']} by {outcome['by']}: {reason}")
     return outcome

@@ -220,6 +220,7 @@ def run(layout: Layout, run_id: str | None = None) -> dict:
     from components.registry import CHAMPION, alias_version, connect, ensure_experiment, log_detector, \
         tag_version, wait_until_ready
     from pipeline import tracking
+    from pipeline.secrets import scrub_data
     from pipeline.stages.preprocess import decode_limits
 
     config = layout.config
@@ -247,7 +248,8 @@ def run(layout: Layout, run_id: str | None = None) -> dict:
     fingerprint = model_fingerprint(layout, origin, spec, calibration, patch)
     twin = unchanged_version(client, name, fingerprint, run_id)
     if twin is not None:
-        return _unchanged(layout, client, name, run_id, experiment_id, origin, twin, store.tracking_uri)
+        return _unchanged(layout, client, name, run_id, experiment_id, origin, twin,
+                          tracking.shown(store.tracking_uri))
 
     test, labels = test_split(layout)
 
@@ -279,7 +281,8 @@ def run(layout: Layout, run_id: str | None = None) -> dict:
         report.update(model_name=name, version=version, model_uri=model_uri, run_id=run_id,
                       champion_version=champion_version, gated_against=gated_against, champion_note=champion_note,
                       candidate_metrics=candidate, champion_metrics=champion, serving_parity_max_abs_diff=parity,
-                      threshold=calibration["threshold"], tracking_uri=store.tracking_uri)
+                      threshold=calibration["threshold"], tracking_uri=tracking.shown(store.tracking_uri))
+        report = scrub_data(report)  # no password from the URI, none in an error text (champion_note)
         mlflow.log_metric("serving_parity_max_abs_diff", parity)
         mlflow.log_dict(report, "gates/gates.json")
         tag_version(client, name, version, {
@@ -301,6 +304,8 @@ def _unchanged(layout: Layout, client, name: str, run_id: str | None, experiment
     which version it would have been; the gate report is that version's own."""
     import mlflow
 
+    from pipeline.secrets import scrub_data
+
     version, tags = twin
     passed = tags.get("gate_status") == "passed"
     failed = [f for f in tags.get("gates_failed", "").split(",") if f]
@@ -309,6 +314,7 @@ def _unchanged(layout: Layout, client, name: str, run_id: str | None, experiment
               "model_uri": f"models:/{name}/{version}", "run_id": run_id, "unchanged_of": version,
               "gated_against": None, "threshold": float(tags["threshold"]) if tags.get("threshold") else None,
               "tracking_uri": tracking_uri}
+    report = scrub_data(report)
     with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id) as active:
         report["run_id"] = active.info.run_id
         mlflow.set_tags({**origin, "unchanged_of": version, "gate_status": tags.get("gate_status", "")})

@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.secrets import ScrubbingFormatter, scrub
 
     for handler in logging.getLogger().handlers:  # a library's log line may name the tracking URL
-        handler.setFormatter(ScrubbingFormatter(handler.formatter))
+        if not isinstance(handler.formatter, ScrubbingFormatter):
+            handler.setFormatter(ScrubbingFormatter(handler.formatter))
     for noisy in ("alembic", "mlflow.store.db.utils", "urllib3", "git", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -29,7 +29,8 @@ run: venv data
 	started=$$(date +%s); $(BIN)/python -m pipeline airflow dags test retrain_anomaly_detector; status=$$?; \
 	$(BIN)/python -m pipeline summary --newer-than $$started; exit $$status
 
-# Airflow's UI, scheduler and API on http://localhost:8080 with this project's DAGs
+# Airflow's UI, scheduler and API on http://127.0.0.1:8080 with this project's DAGs: this machine
+# only (pipeline/airflow_local.py sets AIRFLOW__API__HOST; AIRFLOW__API__HOST=0.0.0.0 make airflow opens it)
 airflow: venv data
 	$(BIN)/python -m pipeline airflow standalone
 

@@ -2,8 +2,10 @@
 
 Sets AIRFLOW_HOME to ``<project>/.airflow`` (SQLite metadata database, logs, the
 generated admin password), points Airflow at the project's dags/, and on first use
-migrates the database and creates the ``gpu`` pool the train task runs in. Settings
-already in the environment win, so a real deployment configures Airflow as usual.
+migrates the database and creates the ``gpu`` pool the train task runs in. The api-server
+(UI, REST API) listens on 127.0.0.1 only: SimpleAuthManager is for one machine. Settings
+already in the environment win (AIRFLOW__API__HOST=0.0.0.0 opens it), so a real deployment
+configures Airflow as usual.
 The Makefile (``make run``, ``make airflow``) and the tests use this one set-up.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 GPU_POOL = "gpu"
 ADMIN_USER = "admin"
+API_HOST = "127.0.0.1"
 
 
 def env(project: Path, home: Path | None = None) -> dict[str, str]:
@@ -26,6 +29,7 @@ def env(project: Path, home: Path | None = None) -> dict[str, str]:
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN_USER}:admin",
+        "AIRFLOW__API__HOST": API_HOST,  # Airflow's own default is 0.0.0.0: every interface
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
         "ANOMALY_PIPELINE_PROJECT": str(project),
         "GIT_PYTHON_REFRESH": "quiet",
@@ -61,7 +65,8 @@ def main(project: Path, args: list[str]) -> int:
     environment = env(project)
     init(environment)
     if args[:1] == ["standalone"]:
-        print(f"airflow: AIRFLOW_HOME={environment['AIRFLOW_HOME']}; UI at http://localhost:8080 once started; "
+        host, port = environment["AIRFLOW__API__HOST"], environment.get("AIRFLOW__API__PORT", "8080")
+        print(f"airflow: AIRFLOW_HOME={environment['AIRFLOW_HOME']}; UI at http://{host}:{port} once started; "
               f"log in as '{ADMIN_USER}' with the password in {password_file(environment)}")
     os.execve(sys.executable, [sys.executable, "-m", "airflow", *args], environment)
     return 0  # not reached

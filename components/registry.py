@@ -171,9 +171,10 @@ def promote(client: MlflowClient, name: str, version: str, *, reason: str, force
 
     Checks first that the version is READY and that its model loads, so a version
     whose upload did not finish can never serve. Then, under ``lock``, re-reads the
-    champion: if it is no longer ``gated_against`` (the one the gates compared with),
-    another promotion got there first, and ``recheck(current)`` must return no failed
-    gate reasons for the move to go on (a forced promotion skips that).
+    champion (a read that fails is a PromotionError: nothing moves): if it is no longer
+    ``gated_against`` (the one the gates compared with), another promotion got there first,
+    and ``recheck(current)`` must return no failed gate reasons for the move to go on (a
+    forced promotion skips that).
     """
     version = str(version)
     wait_until_ready(client, name, version, timeout=60)
@@ -182,7 +183,12 @@ def promote(client: MlflowClient, name: str, version: str, *, reason: str, force
     except Exception as error:
         raise PromotionError(f"{name} v{version} does not load, not promoted: {error}") from None
     with promotion_lock(lock):
-        current = alias_version(client, name, CHAMPION)  # re-read right before the move
+        try:  # re-read right before the move; unread, nothing says whom the candidate would replace
+            current = alias_version(client, name, CHAMPION)
+        except (MlflowException, OSError) as error:
+            raise PromotionError(f"the '{CHAMPION}' alias of {name} could not be read right before the move, so "
+                                 f"v{version} was not promoted and the champion is unchanged: "
+                                 f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
         if current not in (version, gated_against, None) and recheck is not None and not forced:
             reasons = recheck(current)
             if reasons:

@@ -7,6 +7,9 @@ the tests crash (SIGKILL of its process group) and start again on the same datab
 - 9: two promotions at once end on the better model, with the right ``previous``.
 - 10: a candidate that fails its gates leaves the champion alone; rollback restores
   ``previous`` and records who and why.
+- 13: the champion moved since a candidate was gated, and promote's re-check cannot do
+  its job: the alias cannot be read (the server stops at that moment), or the new champion
+  cannot be re-scored (its weights corrupted in the store). Promotion refuses, naming why.
 
 Every project here logs to the same server; the champion is read back from it after
 each fault, so "nothing lost" is checked against the registry itself.
@@ -217,3 +220,97 @@ def test_10_failed_gates_keep_the_champion_and_rollback_restores_previous_with_w
     assert tags["rollback_reason"] == "good model flags too much on line 3" and tags["rolled_back_by"]
     restored = _client(server).get_model_version(NAME, champion).tags
     assert restored["restore_reason"] == "good model flags too much on line 3" and restored["restored_by"]
+
+
+# 13: the promotion's re-check, when it cannot do its job. A candidate is gated against one
+# champion; by the time it is promoted the champion has moved (another promotion), so promote
+# re-reads the alias and re-scores the new champion on the candidate's test split. Neither
+# the read nor the scoring may fail open.
+
+RECHECKED = {"epochs": 2, "learning_rate": 0.001}  # a model of its own (not a twin of FAIR or GOOD)
+
+
+@pytest.fixture(scope="module")
+def recheck_candidate(ws, server, tmp_path_factory):
+    """A candidate whose gates passed against today's champion; not promoted."""
+    champion = _alias(server, "champion")
+    root, version = _gated(server, tmp_path_factory.mktemp("recheck") / "candidate", RECHECKED)
+    return champion, root, version
+
+
+def test_13_the_champion_alias_cannot_be_read_at_promotion_and_nothing_moves(server, recheck_candidate,
+                                                                               monkeypatch):
+    """The server stops at the moment promote re-reads the champion alias (in this process,
+    so the fault lands exactly there): the promotion is refused with an error that says the
+    alias could not be read, and after the restart both aliases are as they were."""
+    from components import registry
+    from pipeline.io import StageError
+    from pipeline.orchestrate import project_layout
+    from pipeline.stages import promote
+
+    champion, root, version = recheck_candidate
+    previous = _alias(server, "previous")
+    for key, value in FAIL_FAST.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    read_alias = registry.alias_version
+    reads = []
+
+    def server_dies_first(client, name, alias):
+        reads.append(alias)
+        server.crash()
+        return read_alias(client, name, alias)
+
+    monkeypatch.setattr(registry, "alias_version", server_dies_first)
+    try:
+        with pytest.raises(StageError) as refused:
+            promote.run(project_layout(root))
+    finally:
+        monkeypatch.setattr(registry, "alias_version", read_alias)
+        server.start()
+    assert reads == ["champion"]  # the fault hit the re-read, not anything before it
+    message = str(refused.value)
+    assert f"the 'champion' alias of {NAME} could not be read" in message and f"v{version} was not promoted" in message
+    assert "127.0.0.1" in message  # the cause: the server it could not reach
+    assert (_alias(server, "champion"), _alias(server, "previous")) == (champion, previous)
+    assert "promoted_at" not in _client(server).get_model_version(NAME, version).tags
+
+
+def test_13_a_new_champion_that_cannot_be_rescored_blocks_the_promotion(server, recheck_candidate, tmp_path):
+    """The champion moved (to a whole model, which loaded when it took over); then its weights
+    are corrupted in the artifact store. Re-scoring it fails, so the candidate, which was never
+    compared with it, is refused; the champion stays, and the candidate's version says why."""
+    import mlflow
+
+    champion, root, version = recheck_candidate
+    client = _client(server)
+    previous = _alias(server, "previous")
+    mlflow.set_tracking_uri(server.uri)
+    mlflow.set_registry_uri(server.uri)
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/{champion}", dst_path=str(tmp_path / "m")))
+    experiment = client.get_experiment_by_name(NAME).experiment_id
+    run_id = client.create_run(experiment, tags={"trigger": "test-moved-champion"}).info.run_id
+    client.log_artifacts(run_id, str(local), "model")
+    moved = str(client.create_model_version(NAME, f"runs:/{run_id}/model", run_id).version)
+    mlflow.pyfunc.load_model(f"models:/{NAME}/{moved}")  # whole when it took over
+    client.set_registered_model_alias(NAME, "previous", champion)
+    client.set_registered_model_alias(NAME, "champion", moved)
+    stored = [p for p in Path(server.artifacts).rglob("*.pt") if run_id in p.as_posix()]
+    assert stored, "the moved champion's weights are not in the server's artifact store"
+    for path in stored:  # lost afterwards: a bad disk, a bucket policy, a hand in the bucket
+        path.write_bytes(b"not a torch file")
+    try:
+        refused = run_cli(root, "promote", check=False)
+        assert refused.returncode == 3, refused.stdout[-3000:] + refused.stderr[-3000:]
+        assert f"the champion moved to v{moved}" in refused.stdout
+        assert f"champion v{moved} could not be scored on this test split" in refused.stdout  # the cause
+        assert "not promoted over a champion it could not be compared with" in refused.stdout
+        assert (_alias(server, "champion"), _alias(server, "previous")) == (moved, champion)
+        tags = client.get_model_version(NAME, version).tags
+        assert tags["gate_status"] == "failed" and tags["gated_against"] == moved and "promoted_at" not in tags
+        assert f"champion v{moved} could not be scored" in tags["gate_reasons"]
+    finally:
+        _reset(server, champion, previous)
+        if previous is None:
+            client.delete_registered_model_alias(NAME, "previous")
+        client.delete_model_version(NAME, moved)  # the other tests count versions

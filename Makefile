@@ -12,7 +12,7 @@ PIP_FILTER := grep -v -e 'is ignored: it is neither a file nor a directory' || t
 help:
 	@echo "make run | make test | make bench | make airflow | make mlflow | make score FOLDER=... | make up | make down | make clean-outputs"
 
-$(BIN)/.installed: requirements.txt requirements.lock pyproject.toml
+$(BIN)/.installed: requirements.txt requirements-runtime.txt requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	set -o pipefail; $(BIN)/python -m pip install --quiet -r requirements.txt -c requirements.lock 2>&1 | $(PIP_FILTER)

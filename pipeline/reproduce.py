@@ -157,6 +157,7 @@ def reproduce(layout: Layout, ref: str, tolerance: float | None = None, keep: bo
     """
     from components.registry import connect
     from pipeline import graph, tracking, workspace
+    from pipeline.secrets import scrub
 
     client = connect(tracking.store(layout))
     name = layout.config.registry.model_name
@@ -179,7 +180,7 @@ def reproduce(layout: Layout, ref: str, tolerance: float | None = None, keep: bo
         try:
             client.download_artifacts(run_id, "pipeline", str(record))
         except Exception as error:  # no record at all: said below, by the files it lacks
-            print(f"reproduce: run {run_id} has no pipeline record: {str(error).splitlines()[0]}")
+            print(f"reproduce: run {run_id} has no pipeline record: {scrub(str(error)).splitlines()[0]}")
         recorded = record / "pipeline"
         patch = recorded / "uncommitted.patch"
         if version is None and not any_run:

@@ -148,8 +148,10 @@ def make_project(root: Path, params: dict | None = None) -> Path:
 
     import yaml
 
+    from pipeline.code_changes import CODE_FOLDERS
+
     root.mkdir(parents=True, exist_ok=True)
-    for name in ("components", "pipeline", "dags"):
+    for name in CODE_FOLDERS:
         shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
         shutil.copy2(ROOT / name, root / name)

@@ -6,7 +6,7 @@ benchmarks/surfaces.py (``TRAIN_NORMAL`` is far too few for a night, so tiles ar
 positions of the three textures) with EfficientNet-Lite0's packaged ImageNet weights and the
 families' default settings (224 px, default layers, ``model.max_bank`` 10,000). The fit
 is the train stage's own (``components.training.train``); scoring is
-``components.training.score`` on uint8 arrays (decoding is benchmark 2's subject).
+``detector.scoring.score`` on uint8 arrays (decoding is benchmark 2's subject).
 
 On CUDA the backbone runs under bf16 autocast (the families' default there); the same fit
 and scoring are also timed in fp32, and the two models' scores on a labelled texture are
@@ -52,7 +52,7 @@ def _spec(family: str) -> dict:
 def _fit(family: str, images: np.ndarray, device: str, bf16: bool = True):
     import torch
 
-    from components import feature_detectors
+    from detector import feature_detectors
     from components.training import TrainSettings, train
 
     settings = TrainSettings(epochs=1, batch_size=64, learning_rate=1e-3, seed=0, device=device)
@@ -69,7 +69,7 @@ def _fit(family: str, images: np.ndarray, device: str, bf16: bool = True):
 def _score_rate(model, images: np.ndarray, repeats: int) -> list[float]:
     import torch
 
-    from components.training import score
+    from detector.scoring import score
 
     cuda = next(model.parameters()).is_cuda
     score(model, images[:64], batch_size=64)  # warm-up: kernels, allocator
@@ -92,7 +92,7 @@ def _load_seconds(result) -> float:
 
     import torch
 
-    from components.models import build
+    from detector.networks import build
 
     buffer = io.BytesIO()
     torch.save({k: v.cpu() for k, v in result.model.state_dict().items()}, buffer)
@@ -109,7 +109,7 @@ def _agreement(family: str, device: str) -> tuple[dict, dict]:
     from sklearn.metrics import roc_auc_score
 
     from benchmarks.surfaces import resized, surface_set
-    from components.training import score
+    from detector.scoring import score
 
     data = surface_set("gravel", 0)
     normal, test = resized(data.train_x[data.train_y < 0.5], SIZE, 1), resized(data.test_x, SIZE, 1)
@@ -127,7 +127,7 @@ def _agreement(family: str, device: str) -> tuple[dict, dict]:
 def run(ctx: Context) -> list[Figure]:
     import torch
 
-    from components import feature_detectors
+    from detector import feature_detectors
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"

@@ -3,7 +3,7 @@ PatchCore's patch embeddings) beat plain PatchCore where a few labelled defects 
 
 A measurement, not a family: it ships as one only if it wins. The head sees exactly PatchCore's
 patch embeddings (EfficientNet-Lite0 blocks.2 at 224 px, 3x3 average-pooled: 28 x 28 patches of
-40 channels per image) and is trained like components/models.DeepSAD, at the patch level:
+40 channels per image) and is trained like detector/networks.DeepSAD, at the patch level:
 
 * a bias-free MLP (40 -> 64 -> 32) maps each patch to a latent point; its centre c is the mean
   latent of the normal training patches (near-zero coordinates pushed to +-0.1, as DeepSAD does);
@@ -28,7 +28,7 @@ def _patch_features(model, images: np.ndarray, batch: int = 32):
     """PatchCore's patch embeddings (N x P x C) of uint8 images, from its own extractor."""
     import torch
 
-    from components.training import to_tensor
+    from detector.scoring import to_tensor
 
     out = []
     with torch.no_grad():
@@ -70,7 +70,8 @@ def compare(seed: int = 42) -> dict[str, dict[str, float]]:
     from sklearn.metrics import roc_auc_score
 
     from benchmarks.surfaces import TEXTURES, resized, surface_set
-    from components.training import TrainSettings, score, train
+    from components.training import TrainSettings, train
+    from detector.scoring import score
 
     results: dict[str, dict[str, float]] = {}
     for texture in TEXTURES:

@@ -71,7 +71,7 @@ def run(ctx: Context) -> list[Figure]:
     import yaml
 
     from benchmarks.common import ROOT
-    from components.models import build
+    from detector.networks import build
 
     from benchmarks.common import SCRATCH_DEFAULTS, deep_update
 

@@ -5,7 +5,7 @@ Two data sets:
 
 * ``default``: what ``make run`` trains on. One batch of ``components.synthetic`` with the
   default ``BatchSpec()`` and the seed rule of ``pipeline generate-data`` (``base.seed`` +
-  batch number 1), decoded by ``components.images.decode_to_array`` at params.yaml's
+  batch number 1), decoded by ``detector.decode.decode_to_array`` at params.yaml's
   ``preprocess.image_size``/``channels``, and split by the pipeline's own rule
   (``components.images.split_of`` of each file's content hash with ``preprocess.split``).
   The training split keeps its labelled anomalies, as in the pipeline.
@@ -13,7 +13,7 @@ Two data sets:
   anomalies, for each of the ten digits (the protocol is in NOTES below).
 
 The families are trained by ``components.training.train`` with params.yaml's model and
-train settings and scored by ``components.training.score``; nothing here re-implements them.
+train settings and scored by ``detector.scoring.score``; nothing here re-implements them.
 """
 from __future__ import annotations
 
@@ -90,7 +90,8 @@ class Split:
 
 def default_split(ctx_quick: bool, config, folder: Path, seed: int) -> tuple[Split, dict]:
     """make run's data, decoded and split the pipeline's way."""
-    from components.images import content_hash, decode_to_array, discover, split_of
+    from components.images import content_hash, discover, split_of
+    from detector.decode import decode_to_array
     from components.synthetic import BatchSpec, write_batch
 
     spec = BatchSpec(n_good=60, n_per_defect=8, size=64) if ctx_quick else BatchSpec()
@@ -174,7 +175,8 @@ def pca_scores(split: Split, variance: float = PCA_VARIANCE) -> tuple[np.ndarray
 
 
 def family_scores(family: str, split: Split, config, epochs: int, num_threads: int | None = None) -> np.ndarray:
-    from components.training import TrainSettings, score, train
+    from components.training import TrainSettings, train
+    from detector.scoring import score
 
     spec = {"family": family, "channels": int(split.train_x.shape[1]), "image_size": int(split.train_x.shape[2]),
             "width": config.model.width, "latent_dim": config.model.latent_dim, "eta": config.train.eta}

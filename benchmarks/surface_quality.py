@@ -51,7 +51,8 @@ def feature_scores(family: str, size: int, layers, train_x, train_y, test_x, see
                    coreset_ratio: float = 0.1, max_bank: int = 10_000) -> tuple[np.ndarray, np.ndarray, dict]:
     """Fit on the normal training tiles (labelled ones are ignored by the family), score the test tiles."""
     from benchmarks.surfaces import resized
-    from components.training import TrainSettings, score_and_maps, train
+    from components.training import TrainSettings, train
+    from detector.scoring import score_and_maps
 
     spec = {"family": family, "channels": 3, "image_size": size, "backbone": "efficientnet_lite0",
             "layers": layers, "backbone_weights": "auto", "coreset_ratio": coreset_ratio, "max_bank": max_bank,

@@ -150,10 +150,10 @@ def surface_set(name: str, seed: int = 0, train_normal: int = TRAIN_NORMAL, test
 
 def resized(images: np.ndarray, size: int, channels: int = 3) -> np.ndarray:
     """Tiles at the model's input size, through the pipeline's own decode path
-    (components.images.to_array: bilinear, antialiased; grey -> RGB for channels 3)."""
+    (detector.decode.to_array: bilinear, antialiased; grey -> RGB for channels 3)."""
     from PIL import Image
 
-    from components.images import to_array
+    from detector.decode import to_array
 
     return np.stack([to_array(Image.fromarray(tile[0], mode="L"), size, channels) for tile in images])
 
@@ -185,7 +185,8 @@ def heatmap_figure(path, texture: str = "gravel", kinds: tuple[str, ...] = ("spo
     from PIL import Image
 
     from components.heatmaps import overlay
-    from components.training import TrainSettings, score_and_maps, train
+    from components.training import TrainSettings, train
+    from detector.scoring import score_and_maps
 
     data = surface_set(texture, seed)
     spec = {"family": "patchcore", "channels": 3, "image_size": 224, "backbone": "efficientnet_lite0", "layers": None,

@@ -8,7 +8,7 @@ Two data sets:
   ``pipeline generate-data`` writes (``batch-0001``, seed ``base.seed`` + 1, 5,000 rows, 4 %
   fraud; through CSV as the pipeline reads it), split by the pipeline's own rule
   (``components.images.split_of`` of ``components.tables.key_hash`` of each row's key, with
-  ``preprocess.split``) and encoded by ``components.tables.Transform`` with params.yaml's
+  ``preprocess.split``) and encoded by ``detector.transform.Transform`` with params.yaml's
   ``table.columns``, fitted on the training rows. The training split keeps its labelled
   anomalies, as in the pipeline.
 * ``breast_cancer``: scikit-learn's bundled Wisconsin breast-cancer data, malignant rows as
@@ -16,7 +16,7 @@ Two data sets:
   the digits one (the protocol is in NOTES below).
 
 The families are trained by ``components.training.train`` with params.yaml's model and
-train settings and scored by ``components.training.score``; nothing here re-implements them.
+train settings and scored by ``detector.scoring.score``; nothing here re-implements them.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ batch size, learning rate, weight decay, eta): the settings `make run` would use
 the same on both data sets, with one torch thread (speed only). The autoencoder trains on the
 normal training rows only (train() skips anomalies for it); Deep SAD and the classifier also
 see the labelled anomalies of the training split. Every method sees the same features: the
-rows encoded by `components.tables.Transform` fitted on the training rows (numeric columns
+rows encoded by `detector.transform.Transform` fitted on the training rows (numeric columns
 median-imputed and standardised, categorical ones one-hot). Baselines: IsolationForest
 ({IFOREST_TREES} trees) and LocalOutlierFactor (`novelty=True`, {LOF_NEIGHBOURS} neighbours),
 fitted on the **normal** training rows (the training split's labels used the one way an
@@ -126,7 +126,7 @@ def default_splits(config, frame) -> dict[str, object]:
 
 
 def default_split(config, rows: int = DEFAULT_ROWS) -> TableSplit:
-    from components.tables import Transform
+    from detector.transform import Transform
 
     parts = default_splits(config, default_frame(config, rows))
     rules = {name: rule.model_dump() for name, rule in config.table.columns.items()}
@@ -158,7 +158,7 @@ def cancer_rows(anomaly: np.ndarray, seed: int) -> dict[str, np.ndarray]:
 
 
 def cancer_split(seed: int) -> TableSplit:
-    from components.tables import Transform
+    from detector.transform import Transform
 
     features, anomaly = cancer_data()
     rows = cancer_rows(anomaly, seed)
@@ -174,7 +174,8 @@ def cancer_split(seed: int) -> TableSplit:
 # ---------------------------------------------------------------- methods
 
 def family_scores(family: str, split: TableSplit, config, epochs: int, seed: int) -> np.ndarray:
-    from components.training import TrainSettings, score, train
+    from components.training import TrainSettings, train
+    from detector.scoring import score
 
     spec = {"family": family, "input": "table", "features": int(split.train_x.shape[1]),
             "width": config.model.width, "latent_dim": config.model.latent_dim, "eta": config.train.eta}

@@ -1,6 +1,6 @@
 """1. Training overhead: the train stage against a plain PyTorch loop on the same arrays.
 
-Both run as fresh processes with the same model (components.models.build of the stage's
+Both run as fresh processes with the same model (detector.networks.build of the stage's
 spec), data (the stage's memory-mapped train split), batch size, epochs (params.yaml's, as
 a nightly run trains), seed, device and thread count. The plain loop is what an engineer
 would write by hand: the whole split as one float tensor in memory, a shuffled index per
@@ -44,7 +44,7 @@ PLAIN_LOOP = r"""
 import json, sys, time
 import numpy as np, pandas as pd, torch
 import torch._dynamo  # torch.optim imports it at the first step; the stage imports it before its clock too
-from components.models import build
+from detector.networks import build
 spec_path, images_path, index_path, epochs, batch_size, lr, wd, seed, allocator = sys.argv[1:10]
 epochs, batch_size, lr, wd, seed = int(epochs), int(batch_size), float(lr), float(wd), int(seed)
 if allocator == "kept":  # the stage's glibc settings, for the side-by-side without them

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from components.models import DeepSAD, build
+from detector.networks import DeepSAD, build
+from detector.scoring import TRIM_EVERY, libc, release_freed_memory, to_tensor
 
 log = logging.getLogger(__name__)
 CHECKPOINT_PATTERN = re.compile(r"^epoch-(\d{4,})\.pt$")
@@ -87,28 +88,6 @@ def make_deterministic(seed: int, num_threads: int, device: torch.device) -> Non
         torch.backends.cudnn.benchmark = False
 
 
-def _libc():
-    """glibc, or None where the C library is another (macOS, musl): then nothing is tuned."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
-        libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-_LIBC = _libc()
-
-
-def release_freed_memory() -> None:
-    """glibc's ``malloc_trim(0)``: hand what the heaps hold free back to the system."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
 # glibc's mallopt parameters (malloc.h) and the values train() sets.
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD = 32 << 20   # the most glibc accepts on 64 bits (HEAP_MAX_SIZE / 2)
@@ -137,27 +116,10 @@ def keep_freed_memory() -> bool:
     trims; the passes after it still do. The setting is process-wide and stays: train() is
     called by the train stage, a process of its own.
     """
-    if _LIBC is None:
+    if libc() is None:
         return False
-    return all(_LIBC.mallopt(option, value) == 1
+    return all(libc().mallopt(option, value) == 1
                for option, value in ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD)))
-
-
-# The passes over a split (BatchNorm re-estimate, scoring) also run where train() never ran
-# (the registered model's predict in a serving process): there glibc's defaults hold, and what
-# a pass frees may stay with the process. A trim every TRIM_EVERY batches and after each pass
-# hands it back (benchmarks/scale.py keeps the stage flat); a trim took about 1 ms here.
-TRIM_EVERY = 50
-
-
-def to_tensor(batch: np.ndarray, device: torch.device) -> torch.Tensor:
-    # a slice of a read-only memmap must be copied; a fancy-indexed batch is a copy already
-    tensor = torch.from_numpy(batch if batch.flags.writeable else np.array(batch, copy=True))
-    if device.type == "cuda":
-        tensor = tensor.pin_memory().to(device, non_blocking=True)
-    if batch.dtype != np.uint8:  # encoded table rows: float already
-        return tensor.to(torch.float32, copy=True)
-    return tensor.to(torch.float32, copy=True).div_(255.0)  # never scales the caller's array in place
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -312,15 +274,15 @@ def train(
     """Train a model of spec['family'] on (images, labels) and return it with its history.
 
     The feature families (PatchCore, PaDiM) are fitted in one pass instead
-    (components/feature_detectors.py): no epochs, no checkpoints, an empty history."""
+    (training.fit_features): no epochs, no checkpoints, an empty history."""
     from tqdm.auto import tqdm
 
-    from components.feature_detectors import FEATURE_FAMILIES, fit
+    from detector.feature_detectors import FEATURE_FAMILIES
 
     if len(images) == 0:
         raise ValueError("no training images")
     if spec["family"] in FEATURE_FAMILIES:
-        return fit(spec, images, labels, settings, progress=progress)
+        return fit_features(spec, images, labels, settings, progress=progress)
     rank, world = _distributed()
     device = select_device(settings.device)
     if device.type == "cuda" and world > 1:
@@ -477,40 +439,36 @@ def _write_checkpoint(folder: Path, epoch: int, model, optimizer, generator, his
         old.unlink(missing_ok=True)
 
 
-@torch.no_grad()
-def score(model: torch.nn.Module, images: np.ndarray, batch_size: int = 256, device: str | None = None) -> np.ndarray:
-    """Anomaly scores (float64, higher = more anomalous) for uint8 images, in order."""
+def fit_features(spec: dict[str, Any], images: np.ndarray, labels: np.ndarray, settings, progress: bool | None = None):
+    """Fit a feature family on the normal images of (images, labels): one pass, no epochs.
+
+    Seeded like training (``settings.seed``; PaDiM's feature draw and PatchCore's coreset
+    are random), so the same images, settings and thread count give the same bank."""
+    from tqdm.auto import tqdm
+
+    from detector.feature_detectors import build as build_features
+
+    normal = np.flatnonzero(np.asarray(labels) < 0.5)
+    if len(normal) == 0:
+        raise ValueError(f"{spec['family']} fits on normal images; the training split has none")
+    device = select_device(settings.device)
+    make_deterministic(settings.seed, settings.num_threads, device)
+    # the allocator settings of the training loop (keep_freed_memory says why): each batch of
+    # features allocates and frees tens of MB. The coreset's own page faults (one pool-sized
+    # tensor per selected patch in anomalib) are avoided where they arise: patchcore._coreset
+    keep_freed_memory()
+    spec = dict(spec)
+    started = time.perf_counter()
+    model = build_features(spec, load_weights=True).to(device)
+    generator = torch.Generator().manual_seed(settings.seed)
+    model.begin_fit(len(normal))
+    batch = max(1, settings.batch_size)
+    for start in tqdm(range(0, len(normal), batch), desc=f"fit {spec['family']}", leave=False,
+                      disable=progress is False or None):
+        model.add(to_tensor(images[normal[start:start + batch]], device), generator)
+    summary = model.end_fit()
+    summary.update(fit_images=int(len(normal)), fit_seconds=round(time.perf_counter() - started, 3),
+                   state_bytes=int(sum(t.numel() * t.element_size() for t in model.state_dict().values())))
+    log.info("%s fitted on %d normal images: %s", spec["family"], len(normal), summary)
     model.eval()
-    target = torch.device(device) if device else next(model.parameters()).device
-    out = []
-    for start in range(0, len(images), batch_size):
-        out.append(model.score(to_tensor(images[start:start + batch_size], target)).float().cpu().numpy())
-        if (start // batch_size + 1) % TRIM_EVERY == 0:
-            release_freed_memory()
-    release_freed_memory()
-    return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
-
-
-@torch.no_grad()
-def score_and_maps(model: torch.nn.Module, images: np.ndarray, batch_size: int = 64,
-                   device: str | None = None, map_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Scores (float64) and anomaly maps (float32, N x S x S, or N x map_size x map_size
-    resized by area: a split's maps at full size would take 200 KB an image) of a feature
-    family's model, which has ``score_and_map``; the other families have no map."""
-    if not hasattr(model, "score_and_map"):
-        raise ValueError(f"a {type(model).__name__} model gives no anomaly map (only patchcore and padim do)")
-    model.eval()
-    target = torch.device(device) if device else next(model.parameters()).device
-    scores, maps = [], []
-    for start in range(0, len(images), batch_size):
-        batch_scores, batch_maps = model.score_and_map(to_tensor(images[start:start + batch_size], target))
-        if map_size is not None and map_size < batch_maps.shape[-1]:
-            batch_maps = torch.nn.functional.interpolate(batch_maps[:, None], size=(map_size, map_size),
-                                                         mode="area")[:, 0]
-        scores.append(batch_scores.float().cpu().numpy())
-        maps.append(batch_maps.float().cpu().numpy())
-    if not scores:
-        side = min(images.shape[-1], map_size or images.shape[-1]) if images.ndim == 4 else 0
-        return np.zeros(0), np.zeros((0, side, side), dtype=np.float32)
-    return np.concatenate(scores).astype(np.float64), np.concatenate(maps)
-
+    return TrainResult(model=model, spec=spec, history=[], device=device.type, summary=summary)

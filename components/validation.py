@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from components.images import (DEFAULT_LIMITS, DecodeLimits, ImageDecodeError, ImageFile, content_hash,
-                               format_for_extension, open_image, split_of)
+from components.images import ImageFile, content_hash, format_for_extension, split_of
+from detector.decode import DEFAULT_LIMITS, DecodeLimits, ImageDecodeError, open_image
 
 MANIFEST_COLUMNS = [
     "path", "batch", "label", "is_anomaly", "is_normal", "ext", "bytes", "sha256", "decode_ok", "error",

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 # the folders whose files the stages, the DAGs and the served model import (dvc.yaml's
-# commands are `python -m pipeline ...`; the served model packs components/)
-CODE_FOLDERS = ("components", "pipeline", "dags")
+# commands are `python -m pipeline ...`; the served model packs detector/)
+CODE_FOLDERS = ("detector", "components", "pipeline", "dags")
 
 # file or folder names that hold secrets; matched case-insensitively against every part of the path
 SECRET_NAMES = (

@@ -71,12 +71,12 @@ class Validate(_Section):
     @classmethod
     def _pillow_names(cls, value: list[str]) -> list[str]:
         """Pillow's names, upper case: also the only decoders validate, preprocess and the served
-        model run (components/images.py), so an unknown name or an empty list is refused here."""
+        model run (detector/decode.py), so an unknown name or an empty list is refused here."""
         value = [str(name).upper() for name in value]
         if not value:
             raise ValueError("needs at least one format (PNG, JPEG, ...)")
         if set(value) - {"PNG", "JPEG"}:
-            from components.images import DecodeLimits
+            from detector.decode import DecodeLimits
 
             DecodeLimits(formats=tuple(value))  # raises, naming an unknown format
         return value
@@ -192,7 +192,7 @@ class Preprocess(_Section):
     image_size: int = Field(224, ge=16, le=1024)
     channels: Literal[1, 3] = 3
     split: Split = Split()
-    # decoding limits (components/images.py): validate, preprocess and the served model refuse
+    # decoding limits (detector/decode.py): validate, preprocess and the served model refuse
     # a file over them before decoding it; Pillow's own bomb limit (~179 Mpx) applies as well
     max_pixels: int = Field(50_000_000, ge=1)
     max_bytes: int = Field(50 * 1024 * 1024, ge=1)
@@ -210,7 +210,7 @@ class Model(_Section):
     type: Literal["autoencoder", "deep_sad", "classifier", "patchcore", "padim"] = "patchcore"
     width: int = Field(32, ge=4, le=512)
     latent_dim: int = Field(64, ge=2, le=4096)
-    # patchcore and padim (components/feature_detectors.py): a pretrained backbone and its layers
+    # patchcore and padim (detector/feature_detectors.py): a pretrained backbone and its layers
     backbone: Literal["resnet18", "wide_resnet50_2", "efficientnet_lite0"] = "efficientnet_lite0"
     layers: list[str] | None = None          # null = the family's measured default for the backbone
     backbone_weights: str = Field("auto", min_length=1)   # auto | download | none | a local file
@@ -220,7 +220,7 @@ class Model(_Section):
 
     @model_validator(mode="after")
     def _layers_exist(self) -> "Model":
-        from components.backbones import LAYERS
+        from detector.backbones import LAYERS
 
         if self.layers is not None:
             unknown = [layer for layer in self.layers if layer not in LAYERS[self.backbone]]

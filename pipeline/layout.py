@@ -69,7 +69,7 @@ class Layout:
 
     @property
     def transform(self) -> Path:
-        """data.kind table: the feature encoding fitted on the training rows (components/tables.py)."""
+        """data.kind table: the feature encoding fitted on the training rows (detector/transform.py)."""
         return self.processed / "transform.json"
 
     @property

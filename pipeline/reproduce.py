@@ -155,7 +155,7 @@ def reproduce(layout: Layout, ref: str, tolerance: float | None = None, keep: bo
     what the registry vouches for); any other run only with ``any_run``, and then the output
     says so. Either way it says first what runs: the run, its commit, and the patch's files.
     """
-    from components.registry import connect
+    from pipeline.registry import connect
     from pipeline import graph, tracking, workspace
     from pipeline.secrets import scrub
 

@@ -183,7 +183,7 @@ def _dvc(args: list[str], root: Path, env: dict[str, str]) -> tuple[int, str]:
 
 def start(layout: Layout, trigger: str, tags: dict[str, str] | None = None) -> str:
     """Create the MLflow run that the whole retraining logs into; returns its id."""
-    from components.registry import connect, ensure_experiment, promotion_lock
+    from pipeline.registry import connect, ensure_experiment, promotion_lock
     from pipeline import tracking
 
     store = tracking.store(layout)
@@ -204,7 +204,7 @@ def stage_env(layout: Layout, run_id: str) -> dict[str, str]:
     """What a stage subprocess needs: the run to log into, the store, this venv's tools.
 
     Light on purpose: every Airflow stage task calls it in its own process, and going
-    through tracking.store (components.registry) imported mlflow and pandas there, 7-10 s
+    through tracking.store (pipeline.registry) imported mlflow and pandas there, 7-10 s
     per task (benchmarks/orchestration.py)."""
     from pipeline import tracking
 
@@ -222,7 +222,7 @@ def fail(layout: Layout, run_id: str, stage: str, error: str = "") -> dict:
 
     The error is scrubbed first (pipeline.secrets): MLflow's exception texts hold the tracking
     URL, with any password in it, and it goes to a tag, the summary and the log."""
-    from components.registry import connect
+    from pipeline.registry import connect
     from pipeline import tracking
     from pipeline.secrets import scrub, scrub_data
 
@@ -284,7 +284,7 @@ def run(layout: Layout, force: bool = False, reason: str = "") -> int:
         report = register.run(layout, run_id=run_id)
         promotion = promote.run(layout, version=report["version"], force=force, reason=reason)
     except BaseException:
-        from components.registry import connect
+        from pipeline.registry import connect
         from pipeline import tracking
 
         connect(tracking.store(layout)).set_terminated(run_id, "FAILED")  # champion untouched unless promote finished

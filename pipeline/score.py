@@ -66,7 +66,7 @@ def _load(layout: Layout, model_uri: str | None):
     """
     import mlflow
 
-    from components.registry import connect
+    from pipeline.registry import connect
     from pipeline import tracking
 
     model_uri, match = _registry_uri(layout, model_uri)
@@ -86,10 +86,10 @@ MAP_SUFFIX = ".anomaly_map.png"
 
 def champion_limits(model):
     """The decoding limits the model applies when it scores: its spec.json's ``decode_limits``,
-    as its python model loaded them (components.serving). The pre-check of ``score_files``
+    as its python model loaded them (detector.serving). The pre-check of ``score_files``
     uses them, so a file the champion would refuse is refused alone, by name, instead of
     failing the batch it came in; a model that does not carry them gets the defaults."""
-    from components.images import DEFAULT_LIMITS, DecodeLimits
+    from detector.decode import DEFAULT_LIMITS, DecodeLimits
 
     try:
         limits = model.unwrap_python_model().limits
@@ -109,8 +109,8 @@ def score_files(model, files: list[Path], root: Path, heatmaps: bool = False,
     ``<name>.anomaly_map.png`` (grey, 128 = the threshold), named in ``anomaly_map_file``
     (relative to ``map_dir``, default ``root``). A champion that gives no maps (a family trained
     from scratch) is scored all the same, without maps, and says so."""
-    from components.images import ImageDecodeError, open_image
-    from pipeline.stages.register import score_bytes
+    from detector.decode import ImageDecodeError, open_image
+    from detector.serving import score_bytes
 
     limits = champion_limits(model)
     good, errors = [], {}
@@ -180,7 +180,7 @@ def _predict_records(model, frame: pd.DataFrame) -> pd.DataFrame:
     frame's index: indexed by the records' keys, a refusal (a value of the wrong type, or one
     too far from the training values to encode) names the record by its key, wherever in the
     file it is, as the ``row`` column of the results does."""
-    from pipeline.stages.register import SCORE_CHUNK
+    from detector.serving import SCORE_CHUNK
 
     parts = [model.predict(frame.iloc[start:start + SCORE_CHUNK]) for start in range(0, len(frame), SCORE_CHUNK)]
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["anomaly_score", "is_anomaly"])
@@ -189,7 +189,7 @@ def _predict_records(model, frame: pd.DataFrame) -> pd.DataFrame:
 def _never_normal(predictions: pd.DataFrame, name: str):
     """The flags, with the served model's rule applied to whatever a champion returned (one
     registered before the rule read a -inf score as normal): a score that is not a finite
-    number is never normal (components.serving.is_anomalous)."""
+    number is never normal (detector.scoring.is_anomalous)."""
     import numpy as np
 
     scores = predictions["anomaly_score"].to_numpy(np.float64)

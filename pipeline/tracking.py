@@ -62,7 +62,7 @@ def local_store(layout: Layout) -> Path | None:
 
 
 def promotion_lock(layout: Layout) -> Path:
-    """The lock file that serialises alias moves on one registry (components.registry.promotion_lock):
+    """The lock file that serialises alias moves on one registry (pipeline.registry.promotion_lock):
     beside a SQLite or file store, else per tracking URI in the user's cache folder (or the
     temporary folder, where there is no writable home)."""
     import hashlib
@@ -82,7 +82,7 @@ def promotion_lock(layout: Layout) -> Path:
 
 
 def store(layout: Layout):
-    from components.registry import Store
+    from pipeline.registry import Store
 
     return Store(tracking_uri=tracking_uri(layout), artifact_root=artifact_root(layout))
 
@@ -174,7 +174,7 @@ FEATURE_MODEL_REQUIREMENTS = ("anomalib", "timm", "torchvision")
 
 def model_requirements(family: str | None = None) -> list[str]:
     """The served model's pip requirements, pinned to this environment's versions."""
-    from components.backbones import FEATURE_FAMILIES
+    from detector.backbones import FEATURE_FAMILIES
 
     names = MODEL_REQUIREMENTS + (FEATURE_MODEL_REQUIREMENTS if family in FEATURE_FAMILIES else ())
     return [f"{name}=={metadata.version(name)}" for name in names]

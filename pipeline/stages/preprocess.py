@@ -16,7 +16,7 @@ in the DVC cache folder the workspace uses (shared by every run workspace of a p
 `dvc gc` leaves folders it does not know alone), under
 ``anomaly-preprocess/<namespace>/``, where the namespace is a hash of everything that
 changes a decoded array: image_size, channels, the decoding limits, the source of
-components/images.py and Pillow's version. A file is found there by its content's sha256
+detector/decode.py and Pillow's version. A file is found there by its content's sha256
 (the manifest's), so a cached row can only be the decoding of those very bytes.
 Each run that decoded something appends one pack: ``<id>.pack.npy`` (uint8 N x C x S x S)
 and ``<id>.keys.npy`` (the sha256 of each row), both written under temporary names,
@@ -46,7 +46,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from components.images import DecodeLimits, ImageDecodeError, content_hash, decode_to_array
+from components.images import content_hash
+from detector.decode import DecodeLimits, ImageDecodeError, decode_to_array
 from pipeline.config import Config
 from pipeline.io import _HOST, DataError, StageError, _alive, atomic_path
 from pipeline.layout import Layout
@@ -155,7 +156,7 @@ def cache_namespace(size: int, channels: int, limits: DecodeLimits) -> str:
     every input of the decoding is the same (the decoder's source and Pillow included)."""
     import PIL
 
-    from components import images
+    from detector import decode as images
 
     decoder = hashlib.sha256(Path(images.__file__).read_bytes()).hexdigest()
     inputs = {"format": CACHE_FORMAT, "image_size": size, "channels": channels, **limits.as_dict(),
@@ -578,7 +579,7 @@ def run_table(layout: Layout) -> dict:
     rows (sorted by key, numbered by ``row``), and write the index and the encoding."""
     import pandas as pd
 
-    from components.tables import Transform
+    from detector.transform import Transform
     from pipeline.io import write_json
 
     config = layout.config

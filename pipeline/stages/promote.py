@@ -18,7 +18,7 @@ def _airflow_owner() -> str | None:
 
 
 def _client(layout: Layout):
-    from components.registry import connect
+    from pipeline.registry import connect
 
     return connect(tracking.store(layout))
 
@@ -28,7 +28,7 @@ def _regate(layout: Layout, client, gates: dict, current: str) -> list[str]:
     with the new champion re-scored on this run's test split; returns the failed reasons
     (and records them on the version, which no longer counts as having passed)."""
     from components import gates as gate_rules
-    from components.registry import tag_version
+    from pipeline.registry import tag_version
     from pipeline.stages import register
 
     test, labels = register.test_split(layout)
@@ -55,7 +55,7 @@ def run(layout: Layout, version: str | None = None, force: bool = False, reason:
     (from Airflow, the user who triggered the run, or ``scheduler``), else the user running
     this command.
     """
-    from components.registry import PromotionError, promote
+    from pipeline.registry import PromotionError, promote
 
     name = layout.config.registry.model_name
     if force and not reason.strip():
@@ -100,7 +100,7 @@ def run(layout: Layout, version: str | None = None, force: bool = False, reason:
 
 def _unchanged(layout: Layout, version: str, gates: dict) -> dict:
     """Register found this run's model registered already as ``version``: nothing to move."""
-    from components.registry import CHAMPION, alias_version
+    from pipeline.registry import CHAMPION, alias_version
 
     name = layout.config.registry.model_name
     champion = alias_version(_client(layout), name, CHAMPION)
@@ -114,7 +114,7 @@ def _unchanged(layout: Layout, version: str, gates: dict) -> dict:
 
 
 def rollback(layout: Layout, reason: str) -> dict:
-    from components.registry import PromotionError, rollback as do_rollback
+    from pipeline.registry import PromotionError, rollback as do_rollback
 
     try:
         outcome = do_rollback(_client(layout), layout.config.registry.model_name, reason=reason,

@@ -15,24 +15,11 @@ import numpy as np
 import pandas as pd
 
 from pipeline.io import DataError, read_json, write_json
+from detector.serving import score_frame
 from pipeline.layout import Layout
 
-CODE_DIR = Path(__file__).resolve().parents[2] / "components"
+CODE_DIR = Path(__file__).resolve().parents[2] / "detector"  # the model package: shipped, and hashed
 FINGERPRINT_TAG = "model_fingerprint"
-SCORE_CHUNK = 256
-
-
-def score_frame(model, inputs: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-    """A served model's predictions for ``inputs`` (a client's frame), a chunk at a time;
-    ``params`` go to its predict (``{"anomaly_map": True}``)."""
-    parts = [model.predict(inputs.iloc[i:i + SCORE_CHUNK].reset_index(drop=True), **({"params": params} if params
-                                                                                      else {}))
-             for i in range(0, len(inputs), SCORE_CHUNK)]
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["anomaly_score", "is_anomaly"])
-
-
-def score_bytes(model, images: list[bytes], params: dict | None = None) -> pd.DataFrame:
-    return score_frame(model, pd.DataFrame({"image": images}), params)
 
 
 def _metrics_of(predictions: pd.DataFrame, labels: np.ndarray) -> dict:
@@ -140,7 +127,7 @@ def unchanged_version(client, name: str, fingerprint: str, run_id: str | None) -
     """
     from mlflow.exceptions import MlflowException
 
-    from components.registry import CHAMPION, alias_version
+    from pipeline.registry import CHAMPION, alias_version
 
     try:
         twins = {str(v.version): v for v in client.search_model_versions(
@@ -217,8 +204,7 @@ def run(layout: Layout, run_id: str | None = None) -> dict:
     import mlflow
 
     from components import gates as gate_rules
-    from components.registry import CHAMPION, alias_version, connect, ensure_experiment, log_detector, \
-        tag_version, wait_until_ready
+    from pipeline.registry import (CHAMPION, alias_version, connect, ensure_experiment, log_detector, tag_version, wait_until_ready)
     from pipeline import tracking
     from pipeline.secrets import scrub_data
     from pipeline.stages.preprocess import decode_limits
@@ -231,7 +217,7 @@ def run(layout: Layout, run_id: str | None = None) -> dict:
     run_id = run_id or os.environ.get("MLFLOW_RUN_ID")
     metrics, calibration = read_json(layout.metrics), read_json(layout.threshold)
     spec = read_json(layout.spec)
-    from components.backbones import FEATURE_FAMILIES
+    from detector.backbones import FEATURE_FAMILIES
 
     if spec["spec"]["family"] in FEATURE_FAMILIES and not (spec["spec"].get("weights") or {}).get("pretrained"):
         raise DataError(f"register: refused: the {spec['spec']['family']} model's backbone "

@@ -30,7 +30,7 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-from components.backbones import FEATURE_FAMILIES
+from detector.backbones import FEATURE_FAMILIES
 from pipeline.io import DataError, StageError, atomic_path, write_json
 from pipeline.layout import Layout
 
@@ -42,7 +42,7 @@ def model_spec(layout: Layout) -> dict:
         return {"family": config.model.type, "input": "table", "features": features, "width": config.model.width,
                 "latent_dim": config.model.latent_dim, "eta": config.train.eta}
     if config.model.type in FEATURE_FAMILIES:  # fitted on pretrained features: no width, no epochs
-        from components.feature_detectors import resolve_layers
+        from detector.feature_detectors import resolve_layers
 
         return {"family": config.model.type, "channels": config.preprocess.channels,
                 "image_size": config.preprocess.image_size, "backbone": config.model.backbone,
@@ -202,8 +202,9 @@ def _run(layout: Layout) -> dict:
 def _train_and_write(layout: Layout, rank: int, world: int) -> dict:
     import torch
 
-    from components.backbones import BackboneWeightsError
-    from components.training import TrainingDivergedError, TrainSettings, score, score_and_maps, train
+    from detector.backbones import BackboneWeightsError
+    from components.training import TrainingDivergedError, TrainSettings, train
+    from detector.scoring import score, score_and_maps
 
     config = layout.config
     index = pd.read_parquet(layout.index)

@@ -37,7 +37,8 @@ import os, sys
 from pathlib import Path
 import numpy as np, torch
 import torch.distributed as dist
-from components.training import TrainSettings, score, train
+from components.training import TrainSettings, train
+from detector.scoring import score
 
 out = Path(sys.argv[1])
 if "LOCAL_RANK" in os.environ:
@@ -72,7 +73,7 @@ def _train(folder: Path, processes: int) -> dict[str, dict]:
 
 def _zero_gradient_keys(family: str) -> set[str]:
     """Biases of convolutions followed by a BatchNorm, and the running means that absorb them."""
-    from components.models import build
+    from detector.networks import build
 
     model = build({"family": family, "channels": 3, "image_size": 32, "width": 8, "latent_dim": 16})
     keys = set()

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from components.backbones import BackboneWeightsError, apply_weights, backbone_input, map_state_dict, \
-    packaged_weights, resolve_weights
-from components.training import TrainSettings, score, score_and_maps, train
+from detector.backbones import (BackboneWeightsError, apply_weights, backbone_input, map_state_dict, packaged_weights, resolve_weights)
+from components.training import TrainSettings, train
+from detector.scoring import score, score_and_maps
 
 SIZE = 64
 SETTINGS = TrainSettings(epochs=1, batch_size=16, learning_rate=1e-3, seed=3, device="cpu", num_threads=1)
@@ -104,7 +104,7 @@ def test_fits_on_real_weights_scores_the_defect_higher_and_maps_it_where_it_is(f
 
 @pytest.mark.parametrize("family", ["patchcore", "padim"])
 def test_cpu_fit_is_bit_for_bit_reproducible_and_its_state_dict_is_the_whole_model(family, tiles):
-    from components.models import build
+    from detector.networks import build
 
     first = train(_spec(family), tiles["fit"], np.zeros(len(tiles["fit"])), SETTINGS)
     second = train(_spec(family), tiles["fit"], np.zeros(len(tiles["fit"])), SETTINGS)
@@ -142,7 +142,7 @@ def test_coreset_selection_is_anomalibs_where_it_projects_and_exact_where_projec
     KCenterGreedy picks. Narrow ones: the greedy selection on the features themselves."""
     from anomalib.models.components import KCenterGreedy
 
-    from components.patchcore import _coreset
+    from detector.patchcore import _coreset
 
     wide = torch.rand(50, 400, generator=torch.Generator().manual_seed(1))
     torch.manual_seed(5)
@@ -166,7 +166,7 @@ def test_coreset_selection_is_anomalibs_where_it_projects_and_exact_where_projec
 
 
 def test_heatmap_png_marks_the_threshold_at_128_and_never_shows_nan_as_normal():
-    from components.heatmaps import decode_png, encode_png, to_levels
+    from detector.heatmaps import decode_png, encode_png, to_levels
 
     levels = to_levels(np.array([[0.0, 1.0, 2.0, 10.0, np.nan]]), threshold=1.0)
     assert levels.tolist() == [[0, 128, 255, 255, 255]]

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from components.tables import OTHER, Transform, check_frame, generate_transactions, read_batches
+from components.tables import generate_transactions, read_batches
+from detector.transform import OTHER, Transform, check_frame
 from components.validation import TableRules, validate_table
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -219,7 +220,7 @@ def served(tmp_path_factory):
     """A classifier trained on encoded transactions, logged and registered as the pipeline does."""
     import mlflow
 
-    from components.registry import Store, connect, ensure_experiment, log_detector
+    from pipeline.registry import Store, connect, ensure_experiment, log_detector
     from components.training import TrainSettings, train
 
     root = tmp_path_factory.mktemp("served")
@@ -238,7 +239,7 @@ def served(tmp_path_factory):
     with mlflow.start_run(experiment_id=experiment):
         uri, version = log_detector(root / "model.pt", {"spec": result.spec, "kind": "table",
                                                         "transform": transform.as_dict()}, 0.0,
-                                    frame[features].head(3), "tables", [], PROJECT / "components")
+                                    frame[features].head(3), "tables", [], PROJECT / "detector")
     return mlflow.pyfunc.load_model(f"models:/tables/{version}"), frame
 
 
@@ -313,7 +314,7 @@ def served_families(tmp_path_factory):
     import mlflow
     import torch
 
-    from components.registry import Store, connect, ensure_experiment, log_detector
+    from pipeline.registry import Store, connect, ensure_experiment, log_detector
     from components.training import TrainSettings, train
 
     root = tmp_path_factory.mktemp("families")
@@ -332,7 +333,7 @@ def served_families(tmp_path_factory):
         with mlflow.start_run(experiment_id=experiment):
             _, version = log_detector(weights, {"spec": result.spec, "kind": "table",
                                                 "transform": transform.as_dict()}, 0.5,
-                                      frame[list(declared_columns())].head(3), family, [], PROJECT / "components")
+                                      frame[list(declared_columns())].head(3), family, [], PROJECT / "detector")
         models[family] = mlflow.pyfunc.load_model(f"models:/{family}/{version}")
     return models, frame
 
@@ -413,7 +414,7 @@ class _FixedScores:
 
 
 def test_a_score_that_is_not_a_finite_number_is_never_normal_in_the_served_model():
-    from components.serving import AnomalyDetector
+    from detector.serving import AnomalyDetector
 
     frame = generate_transactions(5, 16)
     detector = AnomalyDetector()

@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from components.images import decode_to_array, discover
+from components.images import discover
+from detector.decode import decode_to_array
 from components.metrics import evaluate
-from components.models import DeepSAD
-from components.training import TrainingDivergedError, TrainSettings, load_latest_checkpoint, score, train
+from detector.networks import DeepSAD
+from components.training import TrainingDivergedError, TrainSettings, load_latest_checkpoint, train
+from detector.scoring import score
 
 SETTINGS = TrainSettings(epochs=4, batch_size=32, learning_rate=0.003, seed=5, device="cpu", num_threads=1)
 

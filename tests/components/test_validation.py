@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.images import DecodeLimits, discover
+from components.images import discover
+from detector.decode import DecodeLimits
 from components.validation import Rules, build_manifest, render_html, validate_manifest
 
 RULES = Rules(min_good=10, min_anomalies=5, anomaly_ratio=(0.05, 0.6))

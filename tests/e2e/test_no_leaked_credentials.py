@@ -58,7 +58,7 @@ def callback(task, dag, run, error):
 if phase == "prepare":
     orchestrate.prepare(project, run_id)
 elif phase == "down":
-    from components.registry import connect
+    from pipeline.registry import connect
     from pipeline import tracking
     layout = orchestrate.project_layout(project)
     try:  # what MLflow itself says when the server is gone

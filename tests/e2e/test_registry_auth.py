@@ -4,7 +4,7 @@ here instead of Postgres), the admin from the environment as docker-compose.yaml
 
 - The pipeline, with MLFLOW_TRACKING_USERNAME/PASSWORD in its environment (what the compose
   file gives the workers), runs, registers a version and makes it the champion; it promotes
-  another and rolls back, through its own CLI and components.registry.
+  another and rolls back, through its own CLI and pipeline.registry.
 - Without credentials (or with a wrong password) nobody registers a version, moves
   @champion, or rolls back: 401, and the champion stays where it was.
 - A logged-in user that nobody granted more (default_permission = READ) reads the champion,
@@ -96,13 +96,13 @@ def ws(server, tmp_path_factory) -> Path:
 
 
 def _client(server):
-    from components.registry import Store, connect  # the pipeline's own way in
+    from pipeline.registry import Store, connect
 
     return connect(Store(tracking_uri=server.uri))
 
 
 def _champion(server, monkeypatch) -> tuple[str | None, str | None]:
-    from components.registry import CHAMPION, PREVIOUS, alias_version
+    from pipeline.registry import CHAMPION, PREVIOUS, alias_version
 
     _login(monkeypatch, ADMIN, ADMIN_PASSWORD)
     client = _client(server)
@@ -145,7 +145,7 @@ def test_the_pipeline_with_credentials_registers_promotes_and_rolls_back(ws, ser
 def test_without_credentials_nobody_registers_or_moves_the_champion(ws, server, monkeypatch, password):
     from mlflow.exceptions import MlflowException
 
-    from components.registry import CHAMPION, promote, rollback
+    from pipeline.registry import CHAMPION, promote, rollback
 
     champion, versions = _champion(server, monkeypatch), _versions(server, monkeypatch)
     _login(monkeypatch, ADMIN if password else None, password)
@@ -175,7 +175,7 @@ def test_a_reader_reads_the_champion_but_cannot_register_or_move_it(ws, server, 
     from mlflow.exceptions import MlflowException
     from mlflow.server import get_app_client
 
-    from components.registry import CHAMPION, alias_version, promote
+    from pipeline.registry import CHAMPION, alias_version, promote
 
     champion, versions = _champion(server, monkeypatch), _versions(server, monkeypatch)
     _login(monkeypatch, ADMIN, ADMIN_PASSWORD)

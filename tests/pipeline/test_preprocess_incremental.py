@@ -124,9 +124,9 @@ def test_a_changed_image_size_or_decoder_does_not_reuse_the_cache(tmp_path, monk
     limits = _workspace(tmp_path / "d", cache, ONE, max_pixels=10_000_000)
     assert preprocess.run(limits)["decoded"] == 42
 
-    # another decoder (components/images.py's source) is another namespace
+    # another decoder (detector/decode.py's source) is another namespace
     namespace = preprocess.cache_namespace(16, 3, preprocess.DecodeLimits(50_000_000, 52428800))
-    import components.images as images
+    import detector.decode as images
 
     changed = tmp_path / "images.py"
     changed.write_text(Path(images.__file__).read_text() + "\n# changed\n")

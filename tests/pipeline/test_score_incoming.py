@@ -53,8 +53,8 @@ def champion(tmp_path_factory):
     import pandas as pd
     import torch
 
-    from components.models import build
-    from components.registry import Store, connect, ensure_experiment, log_detector
+    from detector.networks import build
+    from pipeline.registry import Store, connect, ensure_experiment, log_detector
 
     root = tmp_path_factory.mktemp("champion")
     spec = {"family": "autoencoder", "channels": 3, "image_size": 32, "width": 4, "latent_dim": 8}
@@ -66,7 +66,7 @@ def champion(tmp_path_factory):
             "decode_limits": {"max_pixels": MAX_PIXELS, "max_bytes": MAX_BYTES, "formats": ["PNG", "JPEG"]}}
     with mlflow.start_run(experiment_id=experiment):
         _, version = log_detector(root / "model.pt", meta, 0.5, pd.DataFrame({"image": [_png(32)]}), "tight", [],
-                                  PROJECT / "components")
+                                  PROJECT / "detector")
     return mlflow.pyfunc.load_model(f"models:/tight/{version}")
 
 

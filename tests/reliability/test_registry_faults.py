@@ -243,7 +243,7 @@ def test_13_the_champion_alias_cannot_be_read_at_promotion_and_nothing_moves(ser
     """The server stops at the moment promote re-reads the champion alias (in this process,
     so the fault lands exactly there): the promotion is refused with an error that says the
     alias could not be read, and after the restart both aliases are as they were."""
-    from components import registry
+    from pipeline import registry
     from pipeline.io import StageError
     from pipeline.orchestrate import project_layout
     from pipeline.stages import promote

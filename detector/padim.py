@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from components.backbones import LAYER_CHANNELS
-from components.feature_detectors import FeatureDetector, import_quietly, resolve_layers
+from detector.backbones import LAYER_CHANNELS
+from detector.feature_detectors import FeatureDetector, import_quietly, resolve_layers
 
 # channels drawn at random from the layers' concatenation (at most all of them); anomalib's
 # defaults for the ResNets, and for lite0 (176 channels in blocks 1, 2 and 4) resnet18's

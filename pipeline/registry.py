@@ -56,7 +56,7 @@ def model_signature(meta: dict[str, Any] | None = None):
     """Images: one binary column ``image``. Tables: the feature columns, in the order the
     model was trained with, typed Any: MLflow's own check refuses an int column where it
     reads double (and a store id where it reads string), so the model checks the types
-    itself (components.tables.check_frame) and says which column and row are wrong."""
+    itself (detector.transform.check_frame) and says which column and row are wrong."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, Schema
     from mlflow.types.schema import AnyType

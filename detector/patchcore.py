@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from components.feature_detectors import FeatureDetector, import_quietly, resolve_layers
+from detector.feature_detectors import FeatureDetector, import_quietly, resolve_layers
 
 
 def _coreset(pool: torch.Tensor, ratio: float) -> torch.Tensor:

@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # torch is imported where it is used: pipeline/config.py read
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# the families that fit on these backbones' features (components/feature_detectors.py); here, in a
+# the families that fit on these backbones' features (detector/feature_detectors.py); here, in a
 # module without torch at import, because the stages and the config ask about it before any model
 FEATURE_FAMILIES = ("patchcore", "padim")
 BACKBONES = ("resnet18", "wide_resnet50_2", "efficientnet_lite0")

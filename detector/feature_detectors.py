@@ -21,15 +21,12 @@ evaluate -> register``:
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from components.backbones import BACKBONES, FEATURE_FAMILIES, IMAGENET_MEAN, IMAGENET_STD, apply_weights, backbone_input, \
-    resolve_weights
+from detector.backbones import (BACKBONES, FEATURE_FAMILIES, IMAGENET_MEAN, IMAGENET_STD, apply_weights, backbone_input, resolve_weights)
 
 log = logging.getLogger(__name__)
 
@@ -128,11 +125,11 @@ def build(spec: dict[str, Any], load_weights: bool = False) -> FeatureDetector:
         spec.update(arch=resolved.arch, input_mean=list(resolved.mean), input_std=list(resolved.std),
                     weights=resolved.info.as_dict())
     if family == "patchcore":
-        from components.patchcore import PatchCore
+        from detector.patchcore import PatchCore
 
         model: FeatureDetector = PatchCore(spec)
     elif family == "padim":
-        from components.padim import Padim
+        from detector.padim import Padim
 
         model = Padim(spec)
     else:
@@ -157,36 +154,3 @@ def _drop_unused_blocks(extractor: nn.Module) -> None:
         extractor.blocks = blocks[:max(stages)]
 
 
-def fit(spec: dict[str, Any], images: np.ndarray, labels: np.ndarray, settings, progress: bool | None = None):
-    """Fit a feature family on the normal images of (images, labels): one pass, no epochs.
-
-    Seeded like training (``settings.seed``; PaDiM's feature draw and PatchCore's coreset
-    are random), so the same images, settings and thread count give the same bank."""
-    from tqdm.auto import tqdm
-
-    from components.training import TrainResult, keep_freed_memory, make_deterministic, select_device, to_tensor
-
-    normal = np.flatnonzero(np.asarray(labels) < 0.5)
-    if len(normal) == 0:
-        raise ValueError(f"{spec['family']} fits on normal images; the training split has none")
-    device = select_device(settings.device)
-    make_deterministic(settings.seed, settings.num_threads, device)
-    # the allocator settings of the training loop (keep_freed_memory says why): each batch of
-    # features allocates and frees tens of MB. The coreset's own page faults (one pool-sized
-    # tensor per selected patch in anomalib) are avoided where they arise: patchcore._coreset
-    keep_freed_memory()
-    spec = dict(spec)
-    started = time.perf_counter()
-    model = build(spec, load_weights=True).to(device)
-    generator = torch.Generator().manual_seed(settings.seed)
-    model.begin_fit(len(normal))
-    batch = max(1, settings.batch_size)
-    for start in tqdm(range(0, len(normal), batch), desc=f"fit {spec['family']}", leave=False,
-                      disable=progress is False or None):
-        model.add(to_tensor(images[normal[start:start + batch]], device), generator)
-    summary = model.end_fit()
-    summary.update(fit_images=int(len(normal)), fit_seconds=round(time.perf_counter() - started, 3),
-                   state_bytes=int(sum(t.numel() * t.element_size() for t in model.state_dict().values())))
-    log.info("%s fitted on %d normal images: %s", spec["family"], len(normal), summary)
-    model.eval()
-    return TrainResult(model=model, spec=spec, history=[], device=device.type, summary=summary)

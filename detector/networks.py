@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from components.backbones import FEATURE_FAMILIES  # fitted on pretrained features, images only
+from detector.backbones import FEATURE_FAMILIES
 
 FAMILIES = ("autoencoder", "deep_sad", "classifier")
 
@@ -231,7 +231,7 @@ def build(spec: dict[str, Any]) -> nn.Module:
         return _build_table(spec)
     family = spec["family"]
     if family in FEATURE_FAMILIES:  # the backbone's weights come with the state dict loaded after this
-        from components.feature_detectors import build as build_feature_detector
+        from detector.feature_detectors import build as build_feature_detector
 
         return build_feature_detector(spec)
     common = dict(channels=spec["channels"], image_size=spec["image_size"], width=spec["width"],

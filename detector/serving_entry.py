@@ -3,6 +3,6 @@ runs this file instead of unpickling an object, so a model can't smuggle code in
 Only MLflow imports it."""
 import mlflow.models
 
-from components.serving import AnomalyDetector
+from detector.serving import AnomalyDetector
 
 mlflow.models.set_model(AnomalyDetector())

@@ -90,7 +90,8 @@ class Split:
 
 def default_split(ctx_quick: bool, config, folder: Path, seed: int) -> tuple[Split, dict]:
     """make run's data, decoded and split the pipeline's way."""
-    from components.images import content_hash, discover, split_of
+    from components.images import content_hash, discover
+    from components.splits import split_of
     from detector.decode import decode_to_array
     from components.synthetic import BatchSpec, write_batch
 

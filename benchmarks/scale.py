@@ -325,7 +325,7 @@ def repetition(ctx: Context, project: Path, validated: set[str], result: CountRe
     metrics = json.loads((project / "reports" / "train.json").read_text())
     if metrics["resumed_from_epoch"] != 0:
         raise RuntimeError("train resumed from a checkpoint; the repetition would not train")
-    result.train_images = metrics["train_images"]
+    result.train_images = metrics["train_items"]
     result.loop_seconds.append(metrics["seconds"])
     if len(metrics["epoch_seconds"]) != 1:
         raise RuntimeError(f"train ran {len(metrics['epoch_seconds'])} epochs; the scale projects train one")
@@ -333,7 +333,7 @@ def repetition(ctx: Context, project: Path, validated: set[str], result: CountRe
     r = result.train[-1]
     ctx.log(f"  {label(count)}: train {r.seconds:.1f} s (work {r.work_seconds:.1f} s, loop "
             f"{metrics['seconds']:.1f} s, epoch {result.epoch_seconds[-1]:.1f} s, CPU {r.loop_cpu_seconds:.1f} s, "
-            f"on {metrics['train_images']} images, "
+            f"on {metrics['train_items']} images, "
             f"{metrics['samples_per_second']} samples/s), peak RSS {r.peak_rss_mb:.0f} MB, "
             f"anon {r.peak_anon_mb:.0f} MB; {load()}")
 

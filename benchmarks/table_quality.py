@@ -115,7 +115,7 @@ def default_frame(config, rows: int = DEFAULT_ROWS):
 
 def default_splits(config, frame) -> dict[str, object]:
     """The frame's rows of each split by the pipeline's rule, each sorted by key (as preprocess)."""
-    from components.images import split_of
+    from components.splits import split_of
     from components.tables import key_hash
 
     s = config.preprocess.split

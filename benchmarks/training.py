@@ -113,7 +113,7 @@ def run(ctx: Context) -> list[Figure]:
         metrics.update(json.loads((root / "reports" / "train.json").read_text()))
         assert metrics["resumed_from_epoch"] == 0, "the stage resumed instead of training"
         stage_loop.append(metrics["samples_per_second"])
-        stage_process.append(metrics["train_images"] * epochs / done.seconds)
+        stage_process.append(metrics["train_items"] * epochs / done.seconds)
         spec_file.write_text(json.dumps(json.loads((root / "models" / "spec.json").read_text())["spec"]))
 
     def plain_run(allocator: str) -> tuple[dict, float]:
@@ -149,7 +149,7 @@ def run(ctx: Context) -> list[Figure]:
                 f"({', '.join(side.__name__ for side in turn)})")
     assert set(threads) == {metrics["threads"]}, "the loops ran with different thread counts"
     family = params["model"]["type"]
-    note = f"{family}, {metrics['train_images']} images x {epochs} epochs, batch {train['batch_size']}, " \
+    note = f"{family}, {metrics['train_items']} images x {epochs} epochs, batch {train['batch_size']}, " \
            f"{metrics['threads']} threads, {metrics['device']}"
     return [
         Figure("training.stage_loop_samples_per_s", "train stage, training loop", "samples/s", stage_loop,

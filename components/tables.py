@@ -74,14 +74,14 @@ def generate_transactions(rows: int, seed: int = 0, batch: str = "batch-0001", f
     def blend(values: np.ndarray, i: int, target: float, s: float) -> None:
         values[i] = (1 - s) * values[i] + s * target
 
-    for i, kind, s in zip(fraud, pattern, strength):
+    for i, scheme, s in zip(fraud, pattern, strength):
         label[i] = 1
-        if kind == 0:  # card testing: small online charges in a burst
+        if scheme == 0:  # card testing: small online charges in a burst
             category[i], channel[i], card_present[i] = "online", "online", 0.0
             blend(amount, i, rng.uniform(0.5, 8.0), s)
             count[i] = round((1 - s) * count[i] + s * rng.poisson(25.0))
             blend(hour, i, rng.uniform(0, 24), s)
-        elif kind == 1:  # account takeover: new device, large purchase, at night
+        elif scheme == 1:  # account takeover: new device, large purchase, at night
             category[i] = rng.choice(["electronics", "travel", "online"])
             channel[i], card_present[i] = "online", 0.0
             device_changed[i] = 1.0 if rng.random() < 0.3 + 0.6 * s else 0.0

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from components.images import ImageFile, content_hash, format_for_extension, split_of
+from components.images import ImageFile, content_hash, format_for_extension
+from components.splits import split_of
 from detector.decode import DEFAULT_LIMITS, DecodeLimits, ImageDecodeError, open_image
 
 MANIFEST_COLUMNS = [

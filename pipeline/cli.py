@@ -82,30 +82,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _generate(layout, args) -> int:
-    from components.synthetic import BatchSpec, next_batch_name, write_batch
+    from components.synthetic import next_batch_name
+    from pipeline.kinds import kind_of
 
-    landing = layout.landing
-    table = layout.config.data.kind == "table"
-    if args.if_empty and landing.is_dir() and any(p.is_dir() or (table and not p.name.startswith("."))
-                                                  for p in landing.iterdir()):
+    kind, landing = kind_of(layout.config), layout.landing
+    if args.if_empty and landing.is_dir() and kind.has_data(landing):
         print(f"generate-data: {landing} already holds data; nothing written")
         return 0
     landing.mkdir(parents=True, exist_ok=True)
     name, number = next_batch_name(landing)
-    batch = args.batch or name
     seed = args.seed if args.seed is not None else layout.config.base.seed + number
-    if table:
-        from components.tables import generate_transactions
-        from pipeline.io import atomic_path
-
-        frame = generate_transactions(args.rows, seed, batch, fraud_rate=args.fraud_rate)
-        with atomic_path(landing / f"{batch}.csv") as tmp:
-            frame.to_csv(tmp, index=False)
-        print(f"generate-data: wrote {landing / f'{batch}.csv'} (seed {seed}: {args.rows} transactions, "
-              f"{int(frame['is_fraud'].sum())} fraud)")
-        return 0
-    folder = write_batch(landing, batch, seed, BatchSpec(args.good, args.per_defect, args.size))
-    print(f"generate-data: wrote {folder} (seed {seed}: {args.good} good, {args.per_defect} per defect kind)")
+    print(f"generate-data: {kind.generate(landing, args.batch or name, seed, args)}")
     return 0
 
 

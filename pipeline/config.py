@@ -187,6 +187,11 @@ class Split(_Section):
             raise ValueError("train + calibration + test must sum to 1")
         return self
 
+    @property
+    def fractions(self) -> tuple[float, float, float]:
+        """(train, calibration, test), as components.splits.split_of takes them."""
+        return (self.train, self.calibration, self.test)
+
 
 class Preprocess(_Section):
     image_size: int = Field(224, ge=16, le=1024)
@@ -327,16 +332,12 @@ class Config(_Section):
         return self.validate_
 
     @model_validator(mode="after")
-    def _table_has_columns(self) -> "Config":
-        if self.data.kind == "table" and not self.table.columns:
-            raise ValueError("table.columns must declare the feature columns when data.kind is 'table'")
-        return self
+    def _kind_accepts(self) -> "Config":
+        """What the data kind cannot run with (table.columns undeclared for a table, an image
+        backbone's family for records): refused here, with the key's name."""
+        from pipeline.kinds import kind_of
 
-    @model_validator(mode="after")
-    def _feature_families_see_images(self) -> "Config":
-        if self.model.type in ("patchcore", "padim") and self.data.kind != "image":
-            raise ValueError(f"model.type '{self.model.type}' works on images (a pretrained image backbone); "
-                             "for data.kind 'table' use autoencoder, deep_sad or classifier")
+        kind_of(self).check_config(self)
         return self
 
     @model_validator(mode="after")

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from pipeline.config import Config
 
+SPLITS = ("train", "calibration", "test")
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -56,16 +58,18 @@ class Layout:
     def processed(self) -> Path:
         return self._p(self.config.paths.processed)
 
-    def split_images(self, split: str) -> Path:
-        """A split's model inputs: uint8 images, or float32 encoded rows for data.kind table."""
-        if self.config.data.kind == "table":
-            return self.processed / f"{split}_rows.npy"
-        return self.processed / f"{split}_images.npy"
+    def split_items(self, split: str) -> Path:
+        """A split's model inputs, as the data kind writes them (uint8 images, float32 rows)."""
+        from pipeline.kinds import kind_of
+
+        return kind_of(self.config).items_file(self.processed, split)
 
     @property
     def unit(self) -> str:
-        """What one item of the data is called in messages: images, or rows for a table."""
-        return "rows" if self.config.data.kind == "table" else "images"
+        """What one item of the data is called in messages: images, rows."""
+        from pipeline.kinds import kind_of
+
+        return kind_of(self.config).unit
 
     @property
     def transform(self) -> Path:

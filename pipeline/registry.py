@@ -52,36 +52,17 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_root: str | None
         return client.get_experiment_by_name(name).experiment_id
 
 
-def model_signature(meta: dict[str, Any] | None = None):
-    """Images: one binary column ``image``. Tables: the feature columns, in the order the
-    model was trained with, typed Any: MLflow's own check refuses an int column where it
-    reads double (and a store id where it reads string), so the model checks the types
-    itself (detector.transform.check_frame) and says which column and row are wrong."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, DataType, Schema
-    from mlflow.types.schema import AnyType
-
-    if meta and meta.get("kind") == "table":
-        inputs = Schema([ColSpec(AnyType(), name) for name in meta["transform"]["columns"]])
-    else:
-        inputs = Schema([ColSpec(DataType.binary, "image")])
-    outputs = [ColSpec(DataType.double, "anomaly_score"), ColSpec(DataType.boolean, "is_anomaly")]
-    params = None
-    if not (meta and meta.get("kind") == "table"):  # images: an anomaly map per image on request
-        from mlflow.types import ParamSchema, ParamSpec
-
-        outputs.append(ColSpec(DataType.binary, "anomaly_map", required=False))
-        params = ParamSchema([ParamSpec("anomaly_map", DataType.boolean, False)])
-    return ModelSignature(inputs=inputs, outputs=Schema(outputs), params=params)
-
-
 def log_detector(weights: Path, spec: dict[str, Any], threshold: float, example: pd.DataFrame, model_name: str,
                  pip_requirements: list[str], code_dir: Path) -> tuple[str, str]:
     """Log the pyfunc in the active run and register it; returns (model_uri, version).
 
     ``spec`` is the train stage's spec.json (with the decoding limits for images, the
-    encoding for tables); the threshold joins it in the model's own spec.json."""
+    encoding for tables); the threshold joins it in the model's own spec.json. The signature
+    is the data kind's (pipeline/kinds/), named by the spec (a spec without one is an image
+    model's, as every image model's before 2026-12-04 was)."""
     import tempfile
+
+    from pipeline.kinds import kind_named
 
     with tempfile.TemporaryDirectory() as scratch:
         spec_path = Path(scratch) / "spec.json"
@@ -92,7 +73,7 @@ def log_detector(weights: Path, spec: dict[str, Any], threshold: float, example:
             python_model=str(code_dir / "serving_entry.py"),
             artifacts={"weights": str(weights), "spec": str(spec_path)},
             code_paths=[str(code_dir)],
-            signature=model_signature(meta),
+            signature=kind_named(meta.get("kind", "image")).signature(meta),
             input_example=example,
             pip_requirements=pip_requirements,
             registered_model_name=model_name,

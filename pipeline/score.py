@@ -1,5 +1,6 @@
 """Score images, or the records of CSV/Parquet files (data.kind table), with a registered
-model (the champion by default).
+model (the champion by default). Which files are read, and how, is the data kind's
+(pipeline/kinds/: ``score_suffixes`` and ``score_files``, which call the two scorers here).
 
 ``run`` scores a folder and leaves it alone (the CLI's ``score``). ``incoming`` is what
 the scoring DAG does with the folder other systems drop images into: every file is
@@ -31,10 +32,10 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.io import StageError, atomic_path
+from pipeline.kinds import kind_of
 from pipeline.layout import Layout
 from pipeline.secrets import scrub
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 INFLIGHT = ".inflight"
 
 
@@ -112,11 +113,14 @@ def score_files(model, files: list[Path], root: Path, heatmaps: bool = False,
     from detector.decode import ImageDecodeError, open_image
     from detector.serving import score_bytes
 
+    from pipeline.kinds.image import ImageKind
+
+    suffixes = ImageKind.score_suffixes
     limits = champion_limits(model)
     good, errors = [], {}
     for path in files:
         name = path.relative_to(root).as_posix()
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
+        if path.suffix.lower() not in suffixes:
             errors[name] = f"not a PNG or JPEG file ({path.suffix or 'no extension'})"
             continue
         try:
@@ -228,22 +232,6 @@ def score_table_files(model, files: list[Path], root: Path, key: str, text_colum
     return _with_errors(table, errors)
 
 
-def _suffixes(layout: Layout) -> set[str]:
-    from components.tables import TABLE_SUFFIXES
-
-    return set(TABLE_SUFFIXES) if layout.config.data.kind == "table" else IMAGE_SUFFIXES
-
-
-def _score(layout: Layout, model, files: list[Path], root: Path, heatmaps: bool = False,
-           map_dir: Path | None = None) -> pd.DataFrame:
-    if layout.config.data.kind == "table":
-        from pipeline.stages.validate import text_columns
-
-        return score_table_files(model, files, root, layout.config.table.key_column, text_columns(layout.config))
-    return score_files(model, [f for f in files if not f.name.endswith(MAP_SUFFIX)], root,
-                       heatmaps=heatmaps, map_dir=map_dir)
-
-
 def _write_csv(table: pd.DataFrame, out: Path) -> None:
     with atomic_path(Path(out)) as tmp:
         table.to_csv(tmp, index=False)
@@ -254,16 +242,17 @@ def run(layout: Layout, folder: Path, out: Path | None, model_uri: str | None = 
     _registry_uri(layout, model_uri)  # a refused URI is the first thing to hear about
     if not folder.is_dir():
         raise StageError(f"score: folder does not exist: {folder}")
-    files = [p for p in _visible_files(folder) if p.suffix.lower() in _suffixes(layout)]
+    kind = kind_of(layout.config)
+    files = [p for p in _visible_files(folder) if p.suffix.lower() in kind.score_suffixes]
     if not files:
-        raise StageError(f"score: no {' or '.join(s[1:].upper() for s in sorted(_suffixes(layout)))} files "
+        raise StageError(f"score: no {' or '.join(s[1:].upper() for s in sorted(kind.score_suffixes))} files "
                          f"under {folder}")
     model, model_uri, version = _load(layout, model_uri)
     # the folder scored is the user's: anomaly maps (score.heatmaps) go beside --out, not into it
     map_dir = Path(out).with_name(Path(out).stem + "-maps") if out is not None else None
     if layout.config.score.heatmaps and out is None:
         print("score: score.heatmaps is on but there is no --out to write the maps beside; none written")
-    table = _score(layout, model, files, folder, heatmaps=layout.config.score.heatmaps and out is not None,
+    table = kind.score_files(layout, model, files, folder, heatmaps=layout.config.score.heatmaps and out is not None,
                    map_dir=map_dir)
     table["model_uri"], table["model_version"] = model_uri, version
     if out is not None:
@@ -331,7 +320,8 @@ def _score_incoming(inbox: Path, archive: Path, inflight: Path, results: Path, l
             if out.is_file():  # scored before a kill; only the move was left to do
                 table = pd.read_csv(out, keep_default_na=False, na_values=[""])
             else:
-                table = _score(layout, model, _visible_files(folder), folder, heatmaps=layout.config.score.heatmaps)
+                table = kind_of(layout.config).score_files(layout, model, _visible_files(folder), folder,
+                                                           heatmaps=layout.config.score.heatmaps)
                 table["model_uri"], table["model_version"] = model_uri, version
                 table["scored_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
                 table["archived_to"] = [str(destination / name) for name in table["file"]]

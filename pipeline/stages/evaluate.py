@@ -71,7 +71,7 @@ def _overlays(layout: Layout, test: pd.DataFrame, threshold: float) -> None:
 
     folder = layout.plots / "maps"
     folder.mkdir(parents=True, exist_ok=True)
-    images = np.load(layout.split_images("test"), mmap_mode="r")
+    images = np.load(layout.split_items("test"), mmap_mode="r")
     side = images.shape[-1]
     normal, anomalous = test[test["is_anomaly"] == 0], test[test["is_anomaly"] == 1]
     chosen = [("false_positive" if r.score > threshold else "normal_highest", r)

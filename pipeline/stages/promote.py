@@ -28,11 +28,12 @@ def _regate(layout: Layout, client, gates: dict, current: str) -> list[str]:
     with the new champion re-scored on this run's test split; returns the failed reasons
     (and records them on the version, which no longer counts as having passed)."""
     from components import gates as gate_rules
+    from pipeline.gating import compare
+    from pipeline.kinds import kind_of
     from pipeline.registry import tag_version
-    from pipeline.stages import register
 
-    test, labels = register.test_split(layout)
-    results, champion, note = register.compare(layout, gates["candidate_metrics"], current, test, labels)
+    test, labels = kind_of(layout.config).test_inputs(layout)
+    results, champion, note = compare(layout, gates["candidate_metrics"], current, test, labels)
     report = gate_rules.summarise(results)
     if champion is None:  # unlike at register, we know a champion took over: no comparison, no move
         report["failed"].append("vs_champion")

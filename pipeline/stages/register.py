@@ -5,7 +5,6 @@ gates. It never moves the champion itself; ``promote`` does, from the gate repor
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import time
@@ -14,38 +13,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.io import DataError, read_json, write_json
 from detector.serving import score_frame
+from pipeline.gating import compare, metrics_of
+from pipeline.io import DataError, read_json, write_json
+from pipeline.kinds import kind_of
 from pipeline.layout import Layout
 
 CODE_DIR = Path(__file__).resolve().parents[2] / "detector"  # the model package: shipped, and hashed
 FINGERPRINT_TAG = "model_fingerprint"
-
-
-def _metrics_of(predictions: pd.DataFrame, labels: np.ndarray) -> dict:
-    """Metrics from a served model's own scores and flags (so its own threshold applies)."""
-    from components.metrics import evaluate
-
-    scores = predictions["anomaly_score"].to_numpy(np.float64)
-    flags = predictions["is_anomaly"].to_numpy(bool)
-    metrics = evaluate(scores, labels, threshold=np.inf)  # ranking metrics only
-    tp, fp = int((flags & (labels == 1)).sum()), int((flags & (labels == 0)).sum())
-    fn, tn = int((~flags & (labels == 1)).sum()), int((~flags & (labels == 0)).sum())
-    metrics.update(
-        tp=tp, fp=fp, fn=fn, tn=tn, threshold=None,
-        precision=tp / (tp + fp) if tp + fp else 0.0, recall=tp / (tp + fn) if tp + fn else None,
-        f1=2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None, fpr=fp / (fp + tn) if fp + tn else None)
-    return metrics
-
-
-def _example_png(data: bytes, size: int, formats: list[str]) -> bytes:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data), formats=formats) as image:  # validate.allowed_formats, as everywhere
-        small = image.convert("RGB").resize((size, size))
-        buffer = io.BytesIO()
-        small.save(buffer, format="PNG")
-        return buffer.getvalue()
 
 
 def _log_run_record(layout: Layout, client, run_id: str, metrics: dict, calibration: dict, patch: bytes) -> None:
@@ -148,58 +123,6 @@ def unchanged_version(client, name: str, fingerprint: str, run_id: str | None) -
     return None
 
 
-def test_split(layout: Layout) -> tuple[pd.DataFrame, np.ndarray]:
-    """The test split as a client would send it (encoded images in ``image``, or the records'
-    feature columns) and its labels, in row order."""
-    index = pd.read_parquet(layout.index)
-    test = index[index["split"] == "test"].sort_values("row")
-    labels = test["is_anomaly"].to_numpy(np.int64)
-    if layout.config.data.kind == "table":
-        key = layout.config.table.key_column
-        manifest = pd.read_parquet(layout.manifest)
-        manifest = manifest.set_index(manifest[key].astype(str))
-        return manifest.loc[test["path"], list(layout.config.table.columns)].reset_index(drop=True), labels
-    return pd.DataFrame({"image": [(layout.raw / p).read_bytes() for p in test["path"]]}), labels
-
-
-def _example(layout: Layout, test: pd.DataFrame, spec: dict) -> pd.DataFrame:
-    """The input example logged with the model: three records, or one small PNG."""
-    if layout.config.data.kind == "table":
-        return test.head(3)
-    return pd.DataFrame({"image": [_example_png(test["image"].iloc[0], spec["image_size"],
-                                                layout.config.validation.allowed_formats)]})
-
-
-def compare(layout: Layout, candidate: dict, champion_version: str | None, test: pd.DataFrame,
-            labels: np.ndarray) -> tuple[list, dict | None, str]:
-    """All gates for a candidate: the absolute bounds, and not worse than champion_version
-    re-scored by its own served model on this run's test split.
-
-    Returns (gates, champion metrics or None, note). A champion that cannot score is
-    no bar to clear; the note says why. promote calls this again when the champion
-    moved after register compared against it.
-    """
-    import mlflow
-
-    from components import gates as gate_rules
-
-    config = layout.config
-    champion, note = None, ""
-    if champion_version is not None:
-        name = config.registry.model_name
-        try:
-            champion_model = mlflow.pyfunc.load_model(f"models:/{name}/{champion_version}")
-            champion = _metrics_of(score_frame(champion_model, test), labels)
-        except Exception as error:
-            note = f"champion v{champion_version} could not be scored on this test split: {error}"
-    results = gate_rules.absolute_gates(candidate, config.gates.min_auroc, config.gates.min_average_precision,
-                                        config.gates.max_fpr)
-    results += gate_rules.champion_gates(
-        candidate, champion, {k: v.model_dump() for k, v in config.gates.vs_champion.items()},
-        champion_version if champion is not None else None)
-    return results, champion, note
-
-
 def run(layout: Layout, run_id: str | None = None) -> dict:
     import mlflow
 
@@ -207,7 +130,6 @@ def run(layout: Layout, run_id: str | None = None) -> dict:
     from pipeline.registry import (CHAMPION, alias_version, connect, ensure_experiment, log_detector, tag_version, wait_until_ready)
     from pipeline import tracking
     from pipeline.secrets import scrub_data
-    from pipeline.stages.preprocess import decode_limits
 
     config = layout.config
     store = tracking.store(layout)
@@ -225,8 +147,8 @@ def run(layout: Layout, run_id: str | None = None) -> dict:
                         f"{spec['spec'].get('backbone_weights')!r}), so its features mean nothing; set "
                         "model.backbone_weights to ImageNet weights (README: Choosing a detector). Nothing was "
                         "registered and the champion is unchanged")
-    if config.data.kind == "image":  # the served model's decoding limits too
-        spec["decode_limits"] = decode_limits(config).as_dict()
+    kind = kind_of(config)
+    spec.update(kind.serving_limits(config))  # the decoding limits an image model serves with
     origin = {**tracking.git_info(layout.root), "data_version": tracking.data_version(layout),
               "airflow_run_id": os.environ.get("AIRFLOW_CTX_DAG_RUN_ID", ""), "model_type": config.model.type}
 
@@ -237,7 +159,7 @@ def run(layout: Layout, run_id: str | None = None) -> dict:
         return _unchanged(layout, client, name, run_id, experiment_id, origin, twin,
                           tracking.shown(store.tracking_uri))
 
-    test, labels = test_split(layout)
+    test, labels = kind.test_inputs(layout)
 
     with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id) as active:
         run_id = active.info.run_id
@@ -250,13 +172,13 @@ def run(layout: Layout, run_id: str | None = None) -> dict:
             print(f"register: reusing {name} v{version}, registered by this run before it was interrupted")
         else:
             model_uri, version = log_detector(
-                layout.weights, spec, calibration["threshold"], _example(layout, test, spec), name,
+                layout.weights, spec, calibration["threshold"], kind.example(layout, test, spec), name,
                 tracking.model_requirements(spec["spec"]["family"]), CODE_DIR)
         wait_until_ready(client, name, version)
 
         candidate_model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
         candidate_pred = score_frame(candidate_model, test)
-        candidate = _metrics_of(candidate_pred, labels)
+        candidate = metrics_of(candidate_pred, labels)
         stage_scores = pd.read_parquet(layout.scores).query("split == 'test'").sort_values("row")["score"]
         parity = float(np.max(np.abs(candidate_pred["anomaly_score"].to_numpy() - stage_scores.to_numpy())))
 

@@ -32,26 +32,12 @@ import pandas as pd
 
 from detector.backbones import FEATURE_FAMILIES
 from pipeline.io import DataError, StageError, atomic_path, write_json
+from pipeline.kinds import kind_of
 from pipeline.layout import Layout
 
 
 def model_spec(layout: Layout) -> dict:
-    config = layout.config
-    if config.data.kind == "table":
-        features = int(np.load(layout.split_images("train"), mmap_mode="r").shape[1])
-        return {"family": config.model.type, "input": "table", "features": features, "width": config.model.width,
-                "latent_dim": config.model.latent_dim, "eta": config.train.eta}
-    if config.model.type in FEATURE_FAMILIES:  # fitted on pretrained features: no width, no epochs
-        from detector.feature_detectors import resolve_layers
-
-        return {"family": config.model.type, "channels": config.preprocess.channels,
-                "image_size": config.preprocess.image_size, "backbone": config.model.backbone,
-                "layers": resolve_layers(config.model.type, config.model.backbone, config.model.layers),
-                "backbone_weights": config.model.backbone_weights, "coreset_ratio": config.model.coreset_ratio,
-                "max_bank": config.model.max_bank, "num_neighbors": config.model.num_neighbors}
-    return {"family": config.model.type, "channels": config.preprocess.channels,
-            "image_size": config.preprocess.image_size, "width": config.model.width,
-            "latent_dim": config.model.latent_dim, "eta": config.train.eta}
+    return kind_of(layout.config).model_spec(layout)
 
 
 def _fingerprint(layout: Layout, spec: dict, settings, processes: int = 1) -> str:
@@ -209,7 +195,7 @@ def _train_and_write(layout: Layout, rank: int, world: int) -> dict:
     config = layout.config
     index = pd.read_parquet(layout.index)
     train_rows = index[index["split"] == "train"].sort_values("row")
-    images = np.load(layout.split_images("train"), mmap_mode="r")
+    images = np.load(layout.split_items("train"), mmap_mode="r")
     if config.model.type == "classifier" and "labelled" in train_rows and not train_rows["labelled"].all():
         # unlabelled records train Deep SAD and the autoencoder as normal (most records are), but
         # a supervised classifier would learn the unlabelled fraud among them as normal
@@ -251,17 +237,12 @@ def _train_and_write(layout: Layout, rank: int, world: int) -> dict:
         # to a handle, so the archive's inner folder name does not come from the temporary
         # file's name: equal weights give equal bytes (reproduce compares the hash)
         torch.save({k: v.cpu() for k, v in result.model.state_dict().items()}, handle)
-    if config.data.kind == "table":  # the served model encodes a frame with the training rows' encoding
-        from pipeline.io import read_json
-
-        write_json(layout.spec, {"spec": result.spec, "kind": "table", "transform": read_json(layout.transform)})
-    else:
-        write_json(layout.spec, {"spec": result.spec, "image_size": spec["image_size"], "channels": spec["channels"]})
+    write_json(layout.spec, {"spec": result.spec, **kind_of(config).served_spec(layout, spec)})
 
     parts = []
     for split in ("calibration", "test"):
         rows = index[index["split"] == split].sort_values("row").copy()
-        images = np.load(layout.split_images(split), mmap_mode="r")
+        images = np.load(layout.split_items(split), mmap_mode="r")
         if spec["family"] in FEATURE_FAMILIES and split == "test":
             # the test split's anomaly maps too (float16 bytes, at most MAP_SIDE square), for evaluate's overlays
             rows["score"], maps = score_and_maps(result.model, images, batch_size=settings.batch_size,
@@ -290,7 +271,7 @@ def _train_and_write(layout: Layout, rank: int, world: int) -> dict:
         "threads": torch.get_num_threads(), "torch": torch.__version__, "processes": world,
         "resumed_from_epoch": result.resumed_from_epoch,
         "final_train_loss": result.history[-1]["train_loss"] if result.history else None,
-        "train_images": int(len(train_rows)), "train_anomalies": int(train_rows["is_anomaly"].sum()),
+        "train_items": int(len(train_rows)), "train_anomalies": int(train_rows["is_anomaly"].sum()),
         "seconds": round(seconds, 3),
         # each epoch's batches (not its checkpoint); None for an epoch resumed from a checkpoint
         # written before 2026-12-02. A list: `dvc metrics show` leaves it out

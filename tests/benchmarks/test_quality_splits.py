@@ -35,7 +35,8 @@ def test_digits_training_rows_hold_every_normal_row_and_a_tenth_of_labelled_anom
 
 
 def test_default_split_follows_the_pipeline_rule(tmp_path):
-    from components.images import content_hash, discover, split_of
+    from components.images import content_hash, discover
+    from components.splits import split_of
     from pipeline.config import load
 
     config = load(quality.ROOT / "params.yaml")

@@ -24,7 +24,7 @@ def test_default_table_is_generate_datas_first_batch():
 
 
 def test_default_split_follows_the_pipeline_rule():
-    from components.images import split_of
+    from components.splits import split_of
     from components.tables import key_hash
 
     config = _config()

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from components.images import discover, split_of
+from components.images import discover
+from components.splits import split_of
 from detector.decode import DEFAULT_LIMITS, DecodeLimits, ImageDecodeError, decode_to_array, open_image
 
 

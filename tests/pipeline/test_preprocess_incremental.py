@@ -23,6 +23,8 @@ from components.synthetic import BatchSpec, write_batch
 from components.validation import build_manifest
 from pipeline.config import parse
 from pipeline.layout import Layout, dvc_cache_dir
+from detector.decode import DecodeLimits
+from pipeline import decoded_cache
 from pipeline.stages import preprocess
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -107,7 +109,7 @@ def test_cached_partly_cached_and_from_scratch_give_the_same_bytes(tmp_path):
     assert (counts["decoded"], counts["from_cache"]) == (0, 84)
     assert _outputs(again) == expected
     assert len(_packs(cache)) == 2  # a run that decoded nothing writes no pack
-    assert counts["train"]["images"] + counts["calibration"]["images"] + counts["test"]["images"] == 84
+    assert counts["train"]["items"] + counts["calibration"]["items"] + counts["test"]["items"] == 84
 
 
 def test_a_changed_image_size_or_decoder_does_not_reuse_the_cache(tmp_path, monkeypatch):
@@ -116,7 +118,7 @@ def test_a_changed_image_size_or_decoder_does_not_reuse_the_cache(tmp_path, monk
     bigger = _workspace(tmp_path / "b", cache, ONE, image_size=24)
     counts = preprocess.run(bigger)
     assert (counts["decoded"], counts["from_cache"]) == (42, 0)
-    assert np.load(bigger.split_images("train")).shape[1:] == (3, 24, 24)
+    assert np.load(bigger.split_items("train")).shape[1:] == (3, 24, 24)
     assert len(list((cache / "anomaly-preprocess").iterdir())) == 2  # one namespace per size
 
     grey = _workspace(tmp_path / "c", cache, ONE, channels=1)
@@ -125,13 +127,13 @@ def test_a_changed_image_size_or_decoder_does_not_reuse_the_cache(tmp_path, monk
     assert preprocess.run(limits)["decoded"] == 42
 
     # another decoder (detector/decode.py's source) is another namespace
-    namespace = preprocess.cache_namespace(16, 3, preprocess.DecodeLimits(50_000_000, 52428800))
+    namespace = decoded_cache.cache_namespace(16, 3, DecodeLimits(50_000_000, 52428800))
     import detector.decode as images
 
     changed = tmp_path / "images.py"
     changed.write_text(Path(images.__file__).read_text() + "\n# changed\n")
     monkeypatch.setattr(images, "__file__", str(changed))
-    assert preprocess.cache_namespace(16, 3, preprocess.DecodeLimits(50_000_000, 52428800)) != namespace
+    assert decoded_cache.cache_namespace(16, 3, DecodeLimits(50_000_000, 52428800)) != namespace
 
 
 def test_a_deleted_truncated_or_malformed_pack_means_decoding_again(tmp_path, capsys):
@@ -172,7 +174,7 @@ def test_a_deleted_truncated_or_malformed_pack_means_decoding_again(tmp_path, ca
 def test_a_pack_that_cannot_be_read_mid_run_means_decoding_again(tmp_path, monkeypatch, capsys):
     cache = tmp_path / "cache"
     preprocess.run(_workspace(tmp_path / "one", cache, TWO))
-    real = preprocess._pread_exact
+    real = decoded_cache._pread_exact
     calls = {"n": 0}
 
     def failing(fd, count, offset):
@@ -181,19 +183,19 @@ def test_a_pack_that_cannot_be_read_mid_run_means_decoding_again(tmp_path, monke
             raise OSError(5, "Input/output error")
         return real(fd, count, offset)
 
-    monkeypatch.setattr(preprocess, "_pread_exact", failing)
+    monkeypatch.setattr(decoded_cache, "_pread_exact", failing)
     layout = _workspace(tmp_path / "io-error", cache, TWO)
     counts = preprocess.run(layout)
     assert counts["from_cache"] > 0 and counts["decoded"] > 0 and counts["from_cache"] + counts["decoded"] == 84
     assert "cannot read cache pack" in capsys.readouterr().err
-    monkeypatch.setattr(preprocess, "_pread_exact", real)
+    monkeypatch.setattr(decoded_cache, "_pread_exact", real)
     scratch = _workspace(tmp_path / "scratch", None, TWO)
     preprocess.run(scratch)
     assert _outputs(layout) == _outputs(scratch)
 
 
 def test_compaction_merges_the_packs_and_keeps_every_entry(tmp_path, monkeypatch):
-    monkeypatch.setattr(preprocess, "MAX_PACKS", 2)
+    monkeypatch.setattr(decoded_cache, "MAX_PACKS", 2)
     cache = tmp_path / "cache"
     batches = [(f"batch-{n:04d}", n) for n in range(1, 5)]
 
@@ -229,7 +231,7 @@ def test_compaction_merges_the_packs_and_keeps_every_entry(tmp_path, monkeypatch
 def test_a_run_that_finds_another_merging_leaves_the_packs_to_it(tmp_path, monkeypatch):
     import fcntl
 
-    monkeypatch.setattr(preprocess, "MAX_PACKS", 1)
+    monkeypatch.setattr(decoded_cache, "MAX_PACKS", 1)
     cache = tmp_path / "cache"
     batches = [(f"batch-{n:04d}", n) for n in range(1, 4)]
     preprocess.run(_workspace(tmp_path / "run1", cache, batches[:1]))
@@ -254,7 +256,7 @@ def test_a_pack_whose_keys_never_came_is_removed_once_old(tmp_path, monkeypatch,
     old, fresh = pack.with_name("00000000T000000-old.pack.npy"), pack.with_name("99999999T999999-new.pack.npy")
     for orphan in (old, fresh):  # a run killed between the data's rename and the keys'
         shutil.copy2(pack, orphan)
-    stale = time.time() - preprocess.ORPHAN_PACK_AGE_S - 60
+    stale = time.time() - decoded_cache.ORPHAN_PACK_AGE_S - 60
     os.utime(old, (stale, stale))
     counts = preprocess.run(_workspace(tmp_path / "run2", cache, ONE))
     assert (counts["decoded"], counts["from_cache"]) == (0, 42)
@@ -292,14 +294,14 @@ def test_a_cache_that_cannot_be_written_never_fails_the_stage(tmp_path, monkeypa
     assert "cannot use the decoded-image cache" in capsys.readouterr().err
     assert _outputs(layout) == expected
 
-    real = preprocess._Rows._flush
+    real = decoded_cache.Rows._flush
 
     def disk_full_in_the_cache(self):
         if "anomaly-preprocess" in str(self.handle.name):
             raise OSError(28, "No space left on device")
         return real(self)
 
-    monkeypatch.setattr(preprocess._Rows, "_flush", disk_full_in_the_cache)  # the disk fills up mid-pack
+    monkeypatch.setattr(decoded_cache.Rows, "_flush", disk_full_in_the_cache)  # the disk fills up mid-pack
     cache = tmp_path / "cache"
     layout = _workspace(tmp_path / "full-disk", cache, ONE)
     assert preprocess.run(layout)["decoded"] == 42

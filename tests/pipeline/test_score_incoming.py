@@ -88,14 +88,14 @@ def _drop(layout: Layout, name: str, data: bytes) -> None:
 def test_a_claim_that_fails_twice_under_one_name_is_set_aside_twice_and_the_next_run_is_not_jammed(layout,
                                                                                                 monkeypatch):
     scoring_works = False
-    real_score = score._score
+    real_score = score.score_files
 
     def flaky(*args, **kwargs):
         if not scoring_works:
             raise RuntimeError("the scorer broke")
         return real_score(*args, **kwargs)
 
-    monkeypatch.setattr(score, "_score", flaky)
+    monkeypatch.setattr(score, "score_files", flaky)
     failed = layout.scored_archive / "failed"
     _drop(layout, "a.png", _png(32, 1))
     with pytest.raises(StageError, match="set aside"):
@@ -125,7 +125,7 @@ def test_a_deployment_the_old_code_jammed_recovers_on_the_next_run(layout, monke
                          (inflight / "scheduled-2", "later.png")):
         folder.mkdir(parents=True)
         (folder / name).write_bytes(_png(32, len(name)))
-    monkeypatch.setattr(score, "_score", lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("still broken")))
+    monkeypatch.setattr(score, "score_files", lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("still broken")))
     with pytest.raises(StageError, match="2 claim"):
         score.incoming(layout, "scheduled-3")
     assert _inflight(layout) == []

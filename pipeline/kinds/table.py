@@ -1,0 +1,179 @@
+"""Tables: CSV or Parquet files of records (card transactions, machine telemetry), one row an
+item, with the feature columns declared in params.yaml's ``table`` section."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import Config
+from pipeline.io import StageError, atomic_path
+from pipeline.kinds import DataKind, test_rows
+from pipeline.layout import SPLITS, Layout
+
+
+def _preprocess(layout: Layout) -> dict:
+    """Fit the encoding on the training rows, encode every split into float32
+    rows (sorted by key, numbered by ``row``), and write the index and the encoding."""
+    import pandas as pd
+
+    from detector.transform import Transform
+    from pipeline.io import write_json
+
+    config = layout.config
+    key = config.table.key_column
+    manifest = pd.read_parquet(layout.manifest)
+    rules = {name: rule.model_dump() for name, rule in config.table.columns.items()}
+    transform = Transform.fit(manifest[manifest["split"] == "train"], rules)
+    counts, parts = {}, []
+    with atomic_path(layout.processed) as staging:
+        staging.mkdir()
+        for split in SPLITS:
+            rows = manifest[manifest["split"] == split].sort_values(key, key=lambda keys: keys.astype(str))
+            if rows.empty:
+                raise StageError(f"the {split} split is empty: add labelled rows or change preprocess.split")
+            target = staging / layout.split_items(split).relative_to(layout.processed)
+            np.save(target, transform.apply(rows))
+            parts.append(pd.DataFrame({
+                "path": rows[key].astype(str).to_numpy(), "batch": rows["batch"].astype(str).to_numpy(),
+                "label": rows[config.table.label_column].astype(str).to_numpy(),
+                "is_anomaly": rows["is_anomaly"].astype(np.int64).to_numpy(), "sha256": rows["sha256"].to_numpy(),
+                "split": split, "row": np.arange(len(rows), dtype=np.int64),
+                "labelled": rows["labelled"].astype(bool).to_numpy()}))
+            counts[split] = {"items": len(rows), "anomalies": int(rows["is_anomaly"].sum())}
+        pd.concat(parts, ignore_index=True).to_parquet(staging / layout.index.relative_to(layout.processed),
+                                                       index=False)
+        write_json(staging / layout.transform.relative_to(layout.processed), transform.as_dict())
+    print("preprocess: " + ", ".join(f"{s} {counts[s]['items']} rows ({counts[s]['anomalies']} anomalies)"
+                                     for s in SPLITS) + f", {transform.width} features")
+    return counts
+
+
+def table_rules(config: Config):
+    from components.validation import TableRules
+
+    t, v = config.table, config.validation
+    return TableRules(
+        columns={name: rule.model_dump() for name, rule in t.columns.items()}, label_column=t.label_column,
+        key_column=t.key_column, min_rows=t.min_rows, max_rows=t.max_rows, min_good=v.min_good,
+        min_anomalies=v.min_anomalies, anomaly_ratio=tuple(v.anomaly_ratio), max_mean_shift=t.drift.max_mean_shift,
+        max_quantile_shift=t.drift.max_quantile_shift, quantiles=tuple(t.drift.quantiles),
+        drift_window=t.drift.window)
+
+
+def text_columns(config: Config) -> tuple[str, ...]:
+    """The columns read as text from a table's files: the key and the categorical features."""
+    return (config.table.key_column,
+            *(name for name, rule in config.table.columns.items() if rule.type == "categorical"))
+
+
+def _table_manifest(layout: Layout):
+    """The validated records of every batch, each with its split (a hash of its key; an
+    unlabelled row trains only: calibration and test need labels), and the report."""
+    from components.splits import split_of
+    from components.tables import key_hash, read_batches
+    from components.validation import table_frame, validate_table
+
+    config = layout.config
+    rules = table_rules(config)
+    frame, unreadable = read_batches(layout.raw, text_columns(config))
+    report = validate_table(frame, rules, unreadable)
+    if not report.success:
+        return None, report
+    checked = table_frame(frame, rules)
+    # the declared columns and the pipeline's own: an undeclared column of mixed types across
+    # files would not fit one Parquet column, and nothing downstream reads it
+    keep = ["batch", "source", rules.key_column, rules.label_column, *rules.columns, "labelled", "is_anomaly",
+            "is_normal"]
+    manifest = checked[[name for name in keep if name in checked.columns]].copy()
+    hashes = manifest[rules.key_column].map(key_hash)
+    manifest["sha256"] = hashes
+    manifest["split"] = [split_of(h, config.preprocess.split.fractions) if labelled else "train"
+                         for h, labelled in zip(hashes, manifest["labelled"])]
+    manifest["is_anomaly"] = manifest["is_anomaly"].astype(np.int64)
+    return manifest, report
+
+
+class TableKind(DataKind):
+    name = "table"
+    unit = "rows"
+    landing_files = "CSV/Parquet files"
+
+    @property
+    def score_suffixes(self) -> frozenset[str]:
+        from components.tables import TABLE_SUFFIXES
+
+        return frozenset(TABLE_SUFFIXES)
+
+    def check_config(self, config: Config) -> None:
+        from detector.backbones import FEATURE_FAMILIES
+
+        if not config.table.columns:
+            raise ValueError("table.columns must declare the feature columns when data.kind is 'table'")
+        if config.model.type in FEATURE_FAMILIES:
+            raise ValueError(f"model.type '{config.model.type}' works on images (a pretrained image backbone); "
+                             "for data.kind 'table' use autoencoder, deep_sad or classifier")
+
+    def has_data(self, landing: Path) -> bool:
+        return any(p.is_dir() or not p.name.startswith(".") for p in landing.iterdir())
+
+    def generate(self, landing: Path, batch: str, seed: int, options) -> str:
+        from components.tables import generate_transactions
+
+        frame = generate_transactions(options.rows, seed, batch, fraud_rate=options.fraud_rate)
+        with atomic_path(landing / f"{batch}.csv") as tmp:
+            frame.to_csv(tmp, index=False)
+        return (f"wrote {landing / f'{batch}.csv'} (seed {seed}: {options.rows} transactions, "
+                f"{int(frame['is_fraud'].sum())} fraud)")
+
+    def validate(self, layout: Layout):
+        return _table_manifest(layout)
+
+    def preprocess(self, layout: Layout) -> dict:
+        return _preprocess(layout)
+
+    def items_file(self, processed: Path, split: str) -> Path:
+        return processed / f"{split}_rows.npy"
+
+    def model_spec(self, layout: Layout) -> dict:
+        config = layout.config
+        features = int(np.load(layout.split_items("train"), mmap_mode="r").shape[1])
+        return {"family": config.model.type, "input": "table", "features": features, "width": config.model.width,
+                "latent_dim": config.model.latent_dim, "eta": config.train.eta}
+
+    def served_spec(self, layout: Layout, spec: dict) -> dict:
+        """The served model encodes a client's frame with the training rows' encoding."""
+        from pipeline.io import read_json
+
+        return {"kind": "table", "transform": read_json(layout.transform)}
+
+    def test_inputs(self, layout: Layout):
+        import pandas as pd
+
+        test, labels = test_rows(layout)
+        key = layout.config.table.key_column
+        manifest = pd.read_parquet(layout.manifest)
+        manifest = manifest.set_index(manifest[key].astype(str))
+        return manifest.loc[test["path"], list(layout.config.table.columns)].reset_index(drop=True), labels
+
+    def example(self, layout: Layout, test, spec: dict):
+        return test.head(3)
+
+    def signature(self, meta: dict):
+        """The feature columns, in the order the model was trained with, typed Any: MLflow's own
+        check refuses an int column where it reads double (and a store id where it reads
+        string), so the model checks the types itself (detector.transform.check_frame) and says
+        which column and row are wrong."""
+        from mlflow.models import ModelSignature
+        from mlflow.types import ColSpec, DataType, Schema
+        from mlflow.types.schema import AnyType
+
+        inputs = Schema([ColSpec(AnyType(), name) for name in meta["transform"]["columns"]])
+        outputs = Schema([ColSpec(DataType.double, "anomaly_score"), ColSpec(DataType.boolean, "is_anomaly")])
+        return ModelSignature(inputs=inputs, outputs=outputs)
+
+    def score_files(self, layout: Layout, model, files: list[Path], root: Path, heatmaps: bool = False,
+                    map_dir: Path | None = None):
+        from pipeline.score import score_table_files
+
+        return score_table_files(model, files, root, layout.config.table.key_column, text_columns(layout.config))

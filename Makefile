@@ -1,5 +1,6 @@
 # make run   : set everything up (venv, data, stores) and run one whole retraining
-# make test  : the whole test suite
+# make test  : the whole test suite (what CI runs)
+# make test-fast : everything not marked slow, for the inner loop (under 5 minutes)
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
@@ -7,10 +8,10 @@ BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 PIP_FILTER := grep -v -e 'is ignored: it is neither a file nor a directory' || true
 
-.PHONY: run test bench venv test-packages data airflow mlflow score up down clean-outputs help
+.PHONY: run test test-fast bench venv test-packages data airflow mlflow score up down clean-outputs help
 
 help:
-	@echo "make run | make test | make bench | make airflow | make mlflow | make score FOLDER=... | make up | make down | make clean-outputs"
+	@echo "make run | make test | make test-fast | make bench | make airflow | make mlflow | make score FOLDER=... | make up | make down | make clean-outputs"
 
 $(BIN)/.installed: requirements.txt requirements-runtime.txt requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
@@ -36,6 +37,9 @@ airflow: venv data
 
 test: venv test-packages
 	$(BIN)/python -m pytest
+
+test-fast: venv
+	$(BIN)/python -m pytest -m "not slow"
 
 # the benchmark suite (not tests): benchmarks/results.json and benchmarks/RESULTS.md; about an hour here.
 # One of them: make bench BENCH="--only training"; a smoke run: make bench BENCH=--quick

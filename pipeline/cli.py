@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "generate-data":
             return _generate(layout, args)
         if command == "summary":
-            from pipeline import orchestrate, runner
+            from pipeline import orchestrate, run_record
 
             found = orchestrate.summary(layout.root, args.run)
             if found is None:
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise StageError("the run stopped before it wrote a summary (the last one is older); "
                                  "see the Airflow output above and runs/failures.jsonl")
             with orchestrate.environ(orchestrate.store_env(layout.root)):  # the project's store, not the run's
-                runner.print_summary(run_layout, summary)
+                run_record.print_summary(run_layout, summary)
             return 0 if summary["status"] == "finished" else 1
         if command == "run":
             from pipeline import runner

@@ -35,8 +35,9 @@ from pathlib import Path
 import numpy as np
 
 from detector.decode import DecodeLimits
-from pipeline.io import _HOST, _alive, atomic_path
+from pipeline.io import atomic_path
 from pipeline.layout import Layout
+from pipeline.process import HOST, alive
 
 CACHE_FORMAT = 1             # the pack layout; a new one starts a new namespace
 MAX_PACKS = 8                # more packs than this are merged into one
@@ -223,7 +224,7 @@ class DecodedCache:
         for stale in self.folder.glob(".*.tmp-*"):
             host_pid = stale.name.rsplit(".tmp-", 1)[-1]
             host, _, pid = host_pid.rpartition("-")
-            if host == _HOST and pid.isdigit() and not _alive(int(pid)):
+            if host == HOST and pid.isdigit() and not alive(int(pid)):
                 try:
                     stale.unlink()
                 except OSError:

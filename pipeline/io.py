@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -16,10 +14,12 @@ from typing import Any, Iterator
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary sibling path; on success it replaces ``path``."""
+    from pipeline.process import HOST  # not at the top: pipeline.process imports this module's StageError
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_orphans(path)
-    tmp = path.with_name(f".{path.name}.tmp-{_HOST}-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{HOST}-{os.getpid()}")
     try:
         yield tmp
         if tmp.is_dir():
@@ -33,38 +33,19 @@ def atomic_path(path: Path) -> Iterator[Path]:
             tmp.unlink()
 
 
-_HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
-
-
 def _remove_orphans(path: Path) -> None:
     """Temporaries of ``path`` left by a process that was killed (its pid is gone): they are
     never read, but a half-written copy of a large output should not keep its disk space."""
-    for stale in path.parent.glob(f".{path.name}.tmp-{_HOST}-*"):  # another host's pids mean nothing here
+    from pipeline.process import HOST, alive
+
+    for stale in path.parent.glob(f".{path.name}.tmp-{HOST}-*"):  # another host's pids mean nothing here
         pid = stale.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+        if not pid.isdigit() or int(pid) == os.getpid() or alive(int(pid)):
             continue
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
         else:
             stale.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` is a running process. A zombie counts as dead: a stage killed with
-    its process group is reparented to pid 1, and where pid 1 is not a reaping init (a
-    container's or VM's entry point) it stays a zombie for good, so ``kill(pid, 0)``
-    alone would keep its half-written temporaries forever."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # "pid (comm) S ...": comm may hold spaces and parentheses, the state follows the last ")"
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):  # the process ended in between, or there is no /proc (macOS)
-        return not Path("/proc").is_dir()
-    return state not in ("Z", "X")
 
 
 def write_json(path: Path, data: Any) -> Path:

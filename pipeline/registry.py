@@ -53,13 +53,15 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_root: str | None
 
 
 def log_detector(weights: Path, spec: dict[str, Any], threshold: float, example: pd.DataFrame, model_name: str,
-                 pip_requirements: list[str], code_dir: Path) -> tuple[str, str]:
+                 pip_requirements: list[str], code_dir: Path,
+                 calibration_normals: Path | None = None) -> tuple[str, str]:
     """Log the pyfunc in the active run and register it; returns (model_uri, version).
 
     ``spec`` is the train stage's spec.json (with the decoding limits for images, the
     encoding for tables); the threshold joins it in the model's own spec.json. The signature
     is the data kind's (pipeline/kinds/), named by the spec (a spec without one is an image
-    model's, as every image model's before 2026-12-04 was)."""
+    model's, as every image model's before 2026-12-04 was). ``calibration_normals`` (the
+    calibrate stage's sorted normal scores) lets the model return a conformal ``p_value``."""
     import tempfile
 
     from pipeline.kinds import kind_named
@@ -71,7 +73,8 @@ def log_detector(weights: Path, spec: dict[str, Any], threshold: float, example:
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(code_dir / "serving_entry.py"),
-            artifacts={"weights": str(weights), "spec": str(spec_path)},
+            artifacts={"weights": str(weights), "spec": str(spec_path),
+                       **({"calibration_normals": str(calibration_normals)} if calibration_normals else {})},
             code_paths=[str(code_dir)],
             signature=kind_named(meta.get("kind", "image")).signature(meta),
             input_example=example,

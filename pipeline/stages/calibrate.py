@@ -1,10 +1,11 @@
 """calibrate: choose the decision threshold on the calibration split's scores."""
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from components.calibration import CalibrationError, calibrate, non_finite_scores
-from pipeline.io import StageError, write_json
+from pipeline.io import StageError, atomic_path, write_json
 from pipeline.layout import Layout
 
 
@@ -26,5 +27,8 @@ def run(layout: Layout) -> dict:
     bound = f", FPR guarantee <= {result.fpr_bound:.4f}" if result.fpr_bound is not None else ""
     print(f"calibrate: method {result.method}, threshold {result.threshold:.6g}{bound} "
           f"({result.n_normal} normal, {result.n_anomalous} anomalous calibration {layout.unit})")
+    normals = np.sort(rows.loc[rows["is_anomaly"] == 0, "score"].to_numpy(np.float64))
+    with atomic_path(layout.calibration_normals) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, normals)  # the served model's p-values are ranks among these (detector/conformal.py)
     write_json(layout.threshold, result.as_dict())
     return result.as_dict()

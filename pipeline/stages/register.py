@@ -74,7 +74,7 @@ def _log_run_record(layout: Layout, client, run_id: str, metrics: dict, calibrat
 def model_fingerprint(layout: Layout, origin: dict, spec: dict, calibration: dict, patch: bytes) -> str:
     """What makes two runs' models the same model: the data version, every setting, the
     code (commit and uncommitted patch, and the files the served model ships), the
-    packages it pins, the weights, the served spec and the threshold."""
+    packages it pins, the weights, the served spec, the threshold and the calibration normals."""
     from pipeline import tracking
 
     digest = hashlib.sha256()
@@ -86,6 +86,8 @@ def model_fingerprint(layout: Layout, origin: dict, spec: dict, calibration: dic
         digest.update(path.relative_to(CODE_DIR).as_posix().encode() + b"\0" + path.read_bytes())
     digest.update(hashlib.sha256(patch).digest())
     digest.update(hashlib.sha256(layout.weights.read_bytes()).digest())
+    if layout.calibration_normals.is_file():
+        digest.update(hashlib.sha256(layout.calibration_normals.read_bytes()).digest())
     return digest.hexdigest()
 
 
@@ -173,7 +175,8 @@ def run(layout: Layout, run_id: str | None = None) -> dict:
         else:
             model_uri, version = log_detector(
                 layout.weights, spec, calibration["threshold"], kind.example(layout, test, spec), name,
-                tracking.model_requirements(spec["spec"]["family"]), CODE_DIR)
+                tracking.model_requirements(spec["spec"]["family"]), CODE_DIR,
+                calibration_normals=layout.calibration_normals)
         wait_until_ready(client, name, version)
 
         candidate_model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")

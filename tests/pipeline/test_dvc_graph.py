@@ -27,7 +27,7 @@ def test_stage_order_and_outputs_match_the_layout():
         "preprocess": {rel(layout.processed)},
         "train": {rel(layout.weights), rel(layout.spec), rel(layout.scores),
                   rel(layout.train_history), rel(layout.train_metrics)},
-        "calibrate": {rel(layout.threshold)},
+        "calibrate": {rel(layout.threshold), rel(layout.calibration_normals)},
         "evaluate": {rel(layout.plots), rel(layout.roc_points), rel(layout.metrics)},
     }
     assert declared == expected
@@ -49,3 +49,11 @@ def test_train_lists_every_train_param_that_changes_the_weights():
     keys = {key.removeprefix("train.") for key in listed if key.startswith("train.")}
     assert "train" not in listed
     assert keys == set(Train.model_fields) - {"checkpoint_every_s"}
+
+
+def test_the_cli_runs_dvc_yaml_stages_in_dvc_yaml_order():
+    """The stage list has one source, dvc.yaml: ``pipeline run`` and ``python -m pipeline <stage>``
+    (cli.STAGES) run exactly its stages, in its order."""
+    from pipeline.cli import STAGES
+
+    assert list(STAGES) == [s.name for s in graph.stages(PROJECT)]

@@ -32,6 +32,7 @@ from dags.common import CHAMPION, PARAMS, record_failure
 
 from pipeline.deploy import PASSED_TO_POD, Kubernetes, train_placement
 from pipeline.graph import stages
+from pipeline.trigger_form import form
 
 # Where a retry can help: reading the landing folder (a network share), training (it
 # resumes from its last checkpoint; a preempted GPU), and the registry (a server).
@@ -48,33 +49,11 @@ TASK_SETTINGS: dict[str, dict] = {
 }
 NEW_STAGE_SETTINGS = {"retries": 1, "execution_timeout": timedelta(hours=1)}
 
-# The trigger form: what people change from the UI, and the params.yaml key each
-# value overrides for that run only. Defaults are params.yaml's own values.
-_p = PARAMS
-_TABLE = _p.get("data", {}).get("kind") == "table"
+# The trigger form: what people change from the UI, and the params.yaml key each value
+# overrides for that run only. Bounds, choices and descriptions are the typed config's and
+# defaults params.yaml's (pipeline/trigger_form.py); only the promotion override is the form's own.
 FORM: dict[str, tuple[str | None, Param]] = {
-    "model_type": ("model.type", Param(
-        _p["model"]["type"], type="string",
-        enum=["autoencoder", "deep_sad", "classifier"] + ([] if _TABLE else ["patchcore", "padim"]), title="Model type",
-        description="autoencoder (unsupervised), deep_sad (semi-supervised), classifier (supervised "
-                    f"{'MLP' if _TABLE else 'CNN'})" + ("" if _TABLE else "; patchcore, padim: pretrained "
-                                                        "features, fitted on normal images (README)"))),
-    "epochs": ("train.epochs", Param(
-        _p["train"]["epochs"], type="integer", minimum=1, maximum=1000, title="Epochs")),
-    "learning_rate": ("train.learning_rate", Param(
-        _p["train"]["learning_rate"], type="number", exclusiveMinimum=0, maximum=1, title="Learning rate")),
-    "calibration_method": ("calibration.method", Param(
-        _p["calibration"]["method"], type="string", enum=["fpr", "f1", "recall"], title="Calibration method",
-        description="fpr: bound the false-positive rate; f1: best F1; recall: reach the target recall")),
-    "target_fpr": ("calibration.target_fpr", Param(
-        _p["calibration"]["target_fpr"], type="number", exclusiveMinimum=0, exclusiveMaximum=1,
-        title="Target false-positive rate",
-        description=f"for method fpr: the bound on normal {'rows' if _TABLE else 'images'}, in (0, 1)")),
-    "landing": ("data.landing", Param(
-        _p["data"]["landing"], type="string", minLength=1, title="Data landing folder",
-        description="folder of batches (" + ("<batch>.csv|.parquet" if _TABLE else "<batch>/<label>/*.png")
-                    + "); relative to the project; it must lie in one of data.allowed_roots ("
-                    + ", ".join(map(str, _p["data"].get("allowed_roots", ["data"]))) + "), or the run is refused")),
+    name: (key, Param(default, **schema)) for name, (key, default, schema) in form(PARAMS).items()} | {
     "force_promote": (None, Param(
         False, type="boolean", title="Force promotion",
         description="make this model the champion even if gates fail (needs a reason)")),

@@ -34,7 +34,10 @@ class Paths(_Section):
 
 class Data(_Section):
     kind: Literal["image", "table"] = "image"   # table: CSV/Parquet records, the ``table`` section
-    landing: str = "data/landing"
+    landing: str = Field(
+        "data/landing", min_length=1, title="Data landing folder",
+        description="folder of batches (images: <batch>/<label>/*.png|jpg; tables: <batch>.csv|.parquet), "
+                    "relative to the project; it must lie in one of data.allowed_roots, or the run is refused")
     # the folders data.landing may lie in (relative: to the project); the trigger form's landing
     # is checked against them too, so a run can read nothing else the worker can (landing_folder)
     allowed_roots: list[str] = ["data"]
@@ -212,7 +215,10 @@ class Preprocess(_Section):
 
 
 class Model(_Section):
-    type: Literal["autoencoder", "deep_sad", "classifier", "patchcore", "padim"] = "patchcore"
+    type: Literal["autoencoder", "deep_sad", "classifier", "patchcore", "padim"] = Field(
+        "patchcore", title="Model type",
+        description="autoencoder (unsupervised), deep_sad (semi-supervised), classifier (supervised); "
+                    "patchcore, padim: pretrained features, fitted on normal images (images only)")
     width: int = Field(32, ge=4, le=512)
     latent_dim: int = Field(64, ge=2, le=4096)
     # patchcore and padim (detector/feature_detectors.py): a pretrained backbone and its layers
@@ -238,7 +244,7 @@ class Model(_Section):
 class Train(_Section):
     epochs: int = Field(30, ge=1, le=10_000)
     batch_size: int = Field(64, ge=1, le=65_536)
-    learning_rate: float = Field(3e-3, gt=0, le=10)
+    learning_rate: float = Field(3e-3, gt=0, le=10, title="Learning rate")
     weight_decay: float = Field(1e-6, ge=0, le=1)
     num_threads: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -252,8 +258,11 @@ class Train(_Section):
 
 
 class Calibration(_Section):
-    method: Literal["fpr", "f1", "recall"] = "fpr"
-    target_fpr: float = Field(0.05, gt=0, lt=1)
+    method: Literal["fpr", "f1", "recall"] = Field(
+        "fpr", title="Calibration method",
+        description="fpr: bound the false-positive rate; f1: best F1; recall: reach the target recall")
+    target_fpr: float = Field(0.05, gt=0, lt=1, title="Target false-positive rate",
+                              description="for method fpr: the bound on normal items, in (0, 1)")
     target_recall: float = Field(0.95, gt=0, le=1)
 
 
@@ -313,7 +322,9 @@ class Config(_Section):
     base: Base = Base()
     paths: Paths = Paths()
     data: Data = Data()
-    table: Table = Table()
+    # built when a Config is, not at import: its check imports components.tables (pandas), and the
+    # DAG files import this module while Airflow parses them (pipeline/trigger_form.py)
+    table: Table = Field(default_factory=Table)
     validate_: Validate = Field(Validate(), alias="validate")
     preprocess: Preprocess = Preprocess()
     model: Model = Model()
@@ -337,7 +348,12 @@ class Config(_Section):
         backbone's family for records): refused here, with the key's name."""
         from pipeline.kinds import kind_of
 
-        kind_of(self).check_config(self)
+        kind = kind_of(self)
+        kind.check_config(self)
+        if self.model.type not in kind.model_types:
+            raise ValueError(f"model.type {self.model.type!r} cannot learn from data.kind {kind.name!r} "
+                             f"(patchcore and padim need a pretrained image backbone); use one of "
+                             f"{', '.join(kind.model_types)}")
         return self
 
     @model_validator(mode="after")

@@ -25,6 +25,11 @@ if TYPE_CHECKING:
 
 # data.kind -> "module:class"
 KINDS = {"image": "pipeline.kinds.image:ImageKind", "table": "pipeline.kinds.table:TableKind"}
+# data.kind -> the model.type values it can train: the config refuses any other (check_config),
+# and the trigger form offers only these. Here, not in the kind's module, so that the form can
+# ask while Airflow parses the DAG file without importing numpy and Pillow (pipeline/trigger_form.py).
+MODEL_TYPES = {"image": ("autoencoder", "deep_sad", "classifier", "patchcore", "padim"),
+               "table": ("autoencoder", "deep_sad", "classifier")}  # patchcore, padim: a pretrained image backbone
 
 
 class DataKind:
@@ -34,6 +39,11 @@ class DataKind:
     unit: str = "items"        # what one item is called in messages: "images", "rows"
     landing_files: str = ""    # what lands in data.landing, in messages: "images", "CSV/Parquet files"
     score_suffixes: frozenset[str] = frozenset()  # the files ``pipeline score`` reads
+
+    @property
+    def model_types(self) -> tuple[str, ...]:
+        """The model.type values this kind can train (``MODEL_TYPES``)."""
+        return MODEL_TYPES[self.name]
 
     def check_config(self, config: Config) -> None:
         """Refuse (ValueError, naming the key) settings this kind cannot run with."""

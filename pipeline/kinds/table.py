@@ -106,13 +106,8 @@ class TableKind(DataKind):
         return frozenset(TABLE_SUFFIXES)
 
     def check_config(self, config: Config) -> None:
-        from detector.backbones import FEATURE_FAMILIES
-
         if not config.table.columns:
             raise ValueError("table.columns must declare the feature columns when data.kind is 'table'")
-        if config.model.type in FEATURE_FAMILIES:
-            raise ValueError(f"model.type '{config.model.type}' works on images (a pretrained image backbone); "
-                             "for data.kind 'table' use autoencoder, deep_sad or classifier")
 
     def has_data(self, landing: Path) -> bool:
         return any(p.is_dir() or not p.name.startswith(".") for p in landing.iterdir())

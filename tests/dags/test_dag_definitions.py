@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from pipeline import graph
+from pipeline.trigger_form import FIELDS
 
 PROJECT = Path(__file__).resolve().parents[2]
 DAGS = PROJECT / "dags"
@@ -121,6 +122,70 @@ def test_the_trigger_form_accepts_good_values_with_params_yaml_defaults(retrain)
     form.update({"model_type": "autoencoder", "epochs": 3, "learning_rate": 0.01})
     values = form.validate()
     assert values["model_type"] == "autoencoder" and values["epochs"] == 3
+
+
+def _probes(key: str) -> list:
+    """Values to try on a form field: each of the config field's bounds, and a step either side of
+    it (read from the pydantic field itself), or each Literal choice and one that is none."""
+    import typing
+
+    from pipeline.trigger_form import section
+
+    part, name = key.split(".")
+    info = section(part).model_fields[name]
+    choices = typing.get_args(info.annotation)
+    if choices:
+        return [*choices, "no-such-choice"]
+    if info.annotation is str:
+        return ["", "data/elsewhere"]
+    step = 1 if info.annotation is int else 1e-6
+    bounds = [getattr(rule, word) for rule in info.metadata for word in ("ge", "gt", "le", "lt")
+              if getattr(rule, word, None) is not None]
+    assert bounds, f"{key} has no bounds to compare"
+    return [value for bound in bounds for value in (bound - step, bound, bound + step)] + (
+        [2.5] if info.annotation is int else [])
+
+
+@pytest.mark.parametrize("name, key", list(FIELDS.items()))
+def test_the_trigger_form_accepts_what_the_config_accepts(retrain, name, key):
+    """Issue 20 (6): the form's bounds and choices are the typed config's, so a value a run would
+    take (epochs 10,000, learning rate 10) is not refused by the form, nor the other way round."""
+    from airflow.sdk.definitions.param import ParamsDict
+    from airflow.sdk.exceptions import ParamValidationError
+
+    from pipeline.config import ConfigError, parse
+
+    def by_form(value) -> bool:
+        try:
+            form = ParamsDict(copy.deepcopy(retrain.params))
+            form.update({name: value})
+            form.validate()
+        except ParamValidationError:
+            return False
+        return True
+
+    def by_config(value) -> bool:
+        params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+        part, field = key.split(".")
+        params[part][field] = value
+        try:
+            parse(params)
+        except ConfigError as error:
+            assert key in str(error)
+            return False
+        return True
+
+    verdicts = {value: (by_form(value), by_config(value)) for value in _probes(key)}
+    assert {value: both for value, both in verdicts.items() if both[0] != both[1]} == {}
+    assert {True, False} <= {form for form, _ in verdicts.values()}  # the probes reach both sides
+
+
+def test_every_dvc_stage_has_task_settings_and_every_setting_a_task():
+    """The stage list has one source, dvc.yaml: TASK_SETTINGS covers each stage, then register and
+    promote, and names nothing else (a stage renamed in dvc.yaml would run on fallback settings)."""
+    from dags.retrain_anomaly_detector import TASK_SETTINGS
+
+    assert list(TASK_SETTINGS) == [s.name for s in graph.stages(PROJECT)] + ["register", "promote"]
 
 
 def test_parsing_the_dag_folder_is_fast_and_imports_nothing_heavy():

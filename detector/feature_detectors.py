@@ -31,11 +31,11 @@ from detector.backbones import (BACKBONES, FEATURE_FAMILIES, IMAGENET_MEAN, IMAG
 log = logging.getLogger(__name__)
 
 # the backbone under bf16 autocast on CUDA (benchmarks/feature_throughput.py measured it against
-# fp32: scores and AUROC in benchmarks/RESULTS.md); a switch for that comparison, not a setting
+# fp32: scores and AUROC on a GPU in benchmarks/results-h200.md); a switch for that comparison, not a setting
 BF16_ON_CUDA = True
 
 # Layers per family and backbone when model.layers is null. EfficientNet-Lite0's were measured
-# on the realistic set (benchmarks/surface_quality.py, GPU sweep in benchmarks/RESULTS.md): at
+# on the realistic set (benchmarks/surface_quality.py, GPU sweep in docs/detectors.md): at
 # 224 px, PatchCore on blocks.2 alone (stride 8, 40 channels) had the best mean AUROC (0.794,
 # against 0.757 for blocks.2+4, the analogue of the papers' layer2+3) and is the cheapest to
 # fit; PaDiM on blocks.1+2 (0.753 against 0.722 for blocks.1+2+4). The ResNets keep the

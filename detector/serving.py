@@ -5,14 +5,14 @@ For tables the input DataFrame holds the feature columns its signature names; a 
 column, a value of the wrong type, or a number too far from the training values to encode
 (amount=1e300 overflows float32) is refused with an error that names the column and the row.
 
-Contract (ARCHITECTURE.md): input DataFrame with column ``image`` holding PNG/JPEG
+Contract (docs/serving.md): input DataFrame with column ``image`` holding PNG/JPEG
 bytes (base64 text is accepted too, as JSON clients send it); output DataFrame with
 ``anomaly_score`` (float, higher = more anomalous), ``is_anomaly`` (bool, score >
 the calibrated threshold, or a score that is not a finite number: see ``is_anomalous``) and
 ``p_value`` (the conformal p-value of the score among the normal calibration items the model
 carries, detector/conformal.py: for a normal item P(p_value <= a) <= a; a model registered
 before p-values has no ``p_value`` column); for patchcore and padim, on request
-(``params={"anomaly_map": True}``), ``anomaly_map`` too. The ``components`` package travels with the model as
+(``params={"anomaly_map": True}``), ``anomaly_map`` too. The ``detector`` package travels with the model as
 code, so a consumer needs neither this repository nor its params. The decoding
 limits the model was trained with (``decode_limits`` in its spec.json) apply when it
 scores, so a served model refuses a decompression bomb or an oversized upload too.

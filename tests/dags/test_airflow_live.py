@@ -258,7 +258,7 @@ def test_a_browser_changes_a_parameter_in_the_trigger_form_and_triggers(airflow,
             dialog.wait_for(state="hidden", timeout=30_000)
             created = wait_for(lambda: [r for r in airflow.runs() if r["dag_run_id"] not in before], 60,
                                "the run triggered from the form")
-            # the picture in README.md: the graph of the finished run (or of this one)
+            # the picture in README.md and docs/operations.md: the graph of the finished run (or of this one)
             finished = [r for r in airflow.runs() if r["state"] == "success"]
             page.set_viewport_size({"width": 1500, "height": 560})
             page.goto(f"{airflow.url}/dags/{DAG_ID}/runs/{(finished or created)[0]['dag_run_id']}")

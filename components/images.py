@@ -1,7 +1,7 @@
-"""Finding, decoding and preparing images.
+"""Finding images in a landing folder: their labels, content hashes and formats.
 
-One decode path serves preprocess, validation and the served model, so that what
-the model sees in service is byte for byte what it saw in training.
+Decoding is detector/decode.py's: one decode path serves preprocess, validation and the
+served model, so that what the model sees in service is byte for byte what it saw in training.
 """
 from __future__ import annotations
 

@@ -36,6 +36,7 @@ class Calibration:
     calibration_fpr: float       # empirical, on the calibration split
     calibration_recall: float | None
     note: str = ""
+    target_fpr: float | None = None      # alpha, for method fpr
     confidence: float | None = None      # 1 - delta of the calibration-conditional guarantee
     conditional_fpr_bound: float | None = None  # P(FPR <= this) >= confidence over calibration draws
 
@@ -190,6 +191,7 @@ def calibrate(scores: np.ndarray, labels: np.ndarray, method: str, target_fpr: f
         calibration_fpr=float((normal > threshold).mean()),
         calibration_recall=float((anomalous > threshold).mean()) if len(anomalous) else None,
         note=note,
+        target_fpr=float(target_fpr) if used == "fpr" else None,
         confidence=confidence if conditional is not None else None,
         conditional_fpr_bound=conditional,
     )

@@ -264,6 +264,10 @@ class Calibration(_Section):
     target_fpr: float = Field(0.05, gt=0, lt=1, title="Target false-positive rate",
                               description="for method fpr: the bound on normal items, in (0, 1)")
     target_recall: float = Field(0.95, gt=0, le=1)
+    confidence: float | None = Field(
+        None, gt=0, lt=1, title="Confidence of the FPR guarantee",
+        description="for method fpr: choose the threshold so that FPR <= target_fpr holds with this probability "
+                    "for the calibration set drawn (e.g. 0.95), not only on average; needs more normals")
 
 
 class Evaluate(_Section):
@@ -304,6 +308,9 @@ class Score(_Section):
     archive: str = "data/scored"
     results: str = "scores"
     heatmaps: bool = False   # patchcore/padim: each flagged image's anomaly map archived beside it
+    # Benjamini-Hochberg over each batch's p-values (is_anomaly_fdr): the expected share of
+    # normals among the flagged items is at most fdr. None: off
+    fdr: float | None = Field(None, gt=0, lt=1)
 
 
 class Schedule(_Section):

@@ -19,12 +19,16 @@ def run(layout: Layout) -> dict:
         raise StageError(f"calibration: {refused}")
     try:
         result = calibrate(rows["score"].to_numpy(), rows["is_anomaly"].to_numpy(), config.method,
-                           target_fpr=config.target_fpr, target_recall=config.target_recall)
+                           target_fpr=config.target_fpr, target_recall=config.target_recall,
+                           confidence=config.confidence)
     except CalibrationError as error:
         raise StageError(f"calibration: {error}") from None
     if result.note:
         print(f"calibrate: NOTE {result.note}")
     bound = f", FPR guarantee <= {result.fpr_bound:.4f}" if result.fpr_bound is not None else ""
+    if result.conditional_fpr_bound is not None:
+        bound += (f" on average; FPR <= {result.conditional_fpr_bound:.4f} with probability {result.confidence} "
+                  f"for this calibration set")
     print(f"calibrate: method {result.method}, threshold {result.threshold:.6g}{bound} "
           f"({result.n_normal} normal, {result.n_anomalous} anomalous calibration {layout.unit})")
     normals = np.sort(rows.loc[rows["is_anomaly"] == 0, "score"].to_numpy(np.float64))

@@ -147,7 +147,7 @@ def run(layout: Layout, run_id: str | None = None) -> dict:
         raise DataError(f"register: refused: the {spec['spec']['family']} model's backbone "
                         f"({spec['spec']['backbone']}) holds random weights (model.backbone_weights: "
                         f"{spec['spec'].get('backbone_weights')!r}), so its features mean nothing; set "
-                        "model.backbone_weights to ImageNet weights (README: Choosing a detector). Nothing was "
+                        "model.backbone_weights to ImageNet weights (docs/detectors.md). Nothing was "
                         "registered and the champion is unchanged")
     kind = kind_of(config)
     spec.update(kind.serving_limits(config))  # the decoding limits an image model serves with

@@ -73,7 +73,8 @@ def run(ctx: Context) -> list[Figure]:
     from benchmarks.common import ROOT
     from detector.networks import build
 
-    from benchmarks.common import SCRATCH_DEFAULTS, deep_update
+    from benchmarks.common import SCRATCH_DEFAULTS
+    from tests.scratch import deep_update
 
     params = deep_update(yaml.safe_load((ROOT / "params.yaml").read_text()), SCRATCH_DEFAULTS)
     cuda = torch.cuda.is_available()

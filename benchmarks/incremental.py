@@ -27,8 +27,9 @@ import re
 import shutil
 from pathlib import Path
 
-from benchmarks.common import PREPROCESS_IMPORTS, PYTHON, SCRATCH_DEFAULTS, Context, Figure, bench_env, check, make_project, \
-    ratios, run_child, write_batches
+from benchmarks.common import PREPROCESS_IMPORTS, PYTHON, SCRATCH_DEFAULTS, Context, Figure, bench_env, check, ratios, \
+    run_child, write_batches
+from tests.scratch import make_project
 
 TITLE = "4. Incremental batch: preprocess of a snapshot grown by 10 %, against a full preprocess"
 

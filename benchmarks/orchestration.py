@@ -28,7 +28,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from benchmarks.common import PYTHON, ROOT, Context, Figure, bench_env, check, make_project, ratios, run_child
+from benchmarks.common import PYTHON, ROOT, Context, Figure, bench_env, check, ratios, run_child
+from tests.scratch import make_project
 
 TITLE = "6. Orchestration cost: Airflow vs running the stages directly"
 DAG_ID = "retrain_anomaly_detector"

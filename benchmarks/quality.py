@@ -249,7 +249,8 @@ def run(ctx: Context) -> list[Figure]:
     global NOTES
     from pipeline.config import load
 
-    from benchmarks.common import SCRATCH_DEFAULTS, deep_update
+    from benchmarks.common import SCRATCH_DEFAULTS
+    from tests.scratch import deep_update
     from pipeline.config import parse
 
     config = load(ROOT / "params.yaml")

@@ -50,8 +50,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.common import PREPROCESS_IMPORTS, PYTHON, SCRATCH_DEFAULTS, Context, Figure, bench_env, check, make_project, \
-    run_child, write_batches
+from benchmarks.common import PREPROCESS_IMPORTS, PYTHON, SCRATCH_DEFAULTS, Context, Figure, bench_env, check, run_child, \
+    write_batches
+from tests.scratch import make_project
 
 TITLE = "5. Scale: preprocess and one training epoch at 1k, 10k and 50k images"
 

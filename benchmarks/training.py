@@ -36,7 +36,8 @@ import json
 import shutil
 from pathlib import Path
 
-from benchmarks.common import PYTHON, Context, Figure, bench_env, check, make_project, ratios, run_child
+from benchmarks.common import PYTHON, Context, Figure, bench_env, check, ratios, run_child
+from tests.scratch import deep_update, make_project
 
 TITLE = "1. Training overhead: train stage vs a plain PyTorch loop"
 
@@ -82,7 +83,7 @@ def prepared_project(ctx: Context, name: str, params: dict, batch=None,
 
     A quick run uses a small batch and a small model (the tests' sizes): it checks that the
     benchmark works, its figures mean nothing."""
-    from benchmarks.common import SCRATCH_DEFAULTS, deep_update
+    from benchmarks.common import SCRATCH_DEFAULTS
     from components.synthetic import BatchSpec, write_batch
 
     params = deep_update(json.loads(json.dumps(SCRATCH_DEFAULTS)), params)

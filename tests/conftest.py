@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from benchmarks.common import deep_update, make_project
+from tests.scratch import deep_update, make_project
 from components.synthetic import BatchSpec, write_batch
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ for name in names:
 
 
 def make_workspace(root: Path, params: dict | None = None, with_data: bool = True) -> Path:
-    """A self-contained project copy (benchmarks.common.make_project) with TINY_PARAMS, plus one tiny batch."""
+    """A self-contained project copy (tests/scratch.py's make_project) with TINY_PARAMS, plus one tiny batch."""
     make_project(root, deep_update(yaml.safe_load(yaml.safe_dump(TINY_PARAMS)), params or {}))
     if with_data:
         write_batch(root / "data" / "landing", "batch-0001", seed=7, spec=TINY_SPEC)

@@ -1,6 +1,6 @@
 """Incremental batch: a nightly batch of 10 % more images; preprocess decodes only the new files.
 
-Set-up (untimed): a scratch project (benchmarks.common.make_project, params.yaml's defaults:
+Set-up (untimed): a scratch project (tests.scratch.make_project, params.yaml's defaults:
 64 px, 3 channels) gets N generated 128 px images in OLD_BATCHES batches and tonight's batch of
 N/10 (components.synthetic.write_batch, in parallel); ingest + validate of the grown snapshot.
 Last night's preprocess is the stage run on that manifest without tonight's rows: it fills

@@ -1,6 +1,6 @@
 """Scale: preprocess and one training epoch at 1k, 10k and 50k generated images.
 
-For each count, a scratch project (benchmarks.common.make_project: params.yaml's defaults,
+For each count, a scratch project (tests.scratch.make_project: params.yaml's defaults,
 except train.epochs = 1) gets a landing batch of synthetic images, runs ingest and validate
 as set-up, then times ``python -m pipeline preprocess`` and ``python -m pipeline train`` as
 child processes. Per image, for each stage:

@@ -11,6 +11,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from benchmarks.__main__ import markdown
 from benchmarks.common import Figure, check, ratios
 
@@ -35,6 +37,7 @@ def test_markdown_shows_before_and_a_missed_target():
     assert "| stage / plain | 0.550 | 0.500–0.600 | ratio | 0.250 | >= 0.95 | **NO** |" in table
 
 
+@pytest.mark.slow  # runs two benchmarks in children, one trains: 20 s of the fast set's 2 minutes
 def test_a_quick_run_writes_results_and_keeps_earlier_records(tmp_path):
     out = tmp_path / "results.json"
     command = [sys.executable, "-m", "benchmarks", "--quick", "--out", str(out), "--only"]

@@ -29,6 +29,7 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from pipeline.io import StageError, atomic_path
@@ -151,7 +152,8 @@ def score_files(model, files: list[Path], root: Path, heatmaps: bool = False,
         predictions = score_bytes(model, images)
     table = pd.DataFrame({"file": [name for name, _ in good],
                           "anomaly_score": predictions["anomaly_score"].astype(float),
-                          "is_anomaly": _never_normal(predictions, "this folder"), "error": ""})
+                          "is_anomaly": _never_normal(predictions, "this folder"), "error": "",
+                          **_p_value(predictions)})
     if heatmaps:
         written = []
         for n, ((name, _), flagged) in enumerate(zip(good, table["is_anomaly"])):
@@ -172,7 +174,7 @@ def _with_errors(table: pd.DataFrame, errors: dict[str, str]) -> pd.DataFrame:
         # not scored is not normal: no score, flagged, and the error says why (a consumer that
         # reads is_anomaly alone must not take a refused record for a cleared one)
         bad = pd.DataFrame({"file": list(errors), "anomaly_score": float("nan"), "is_anomaly": True,
-                            "error": list(errors.values())})
+                            "error": list(errors.values()), **({"p_value": 0.0} if "p_value" in table else {})})
         table = pd.concat([table, bad], ignore_index=True) if len(table) else bad
         for name, reason in errors.items():
             print(f"score: NOT scored {name}: {reason}")
@@ -188,6 +190,38 @@ def _predict_records(model, frame: pd.DataFrame) -> pd.DataFrame:
 
     parts = [model.predict(frame.iloc[start:start + SCORE_CHUNK]) for start in range(0, len(frame), SCORE_CHUNK)]
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["anomaly_score", "is_anomaly"])
+
+
+def _p_value(predictions: pd.DataFrame) -> dict:
+    """The champion's p-values as a column, when it gives them (one registered before p-values
+    does not): a score that is not a finite number has p = 0, never normal (detector/conformal.py)."""
+    if "p_value" not in predictions:
+        return {}
+    p = predictions["p_value"].astype(float).to_numpy()
+    return {"p_value": np.where(np.isfinite(predictions["anomaly_score"].astype(float).to_numpy()), p, 0.0)}
+
+
+def check_fdr(layout: Layout, model, version: str | None) -> None:
+    """``score.fdr`` needs a champion that gives p-values: refused before any file is claimed."""
+    if layout.config.score.fdr is not None and getattr(model.unwrap_python_model(), "normals", None) is None:
+        raise StageError(f"score: score.fdr is {layout.config.score.fdr} but the model (v{version or '?'}) gives no "
+                         "p_value (registered before p-values existed): retrain it, or set score.fdr: null")
+
+
+def with_fdr(table: pd.DataFrame, q: float | None) -> pd.DataFrame:
+    """``is_anomaly_fdr``: Benjamini-Hochberg at level ``q`` over this batch's p-values, so the
+    expected share of normals among the items it flags is at most q (detector/conformal.py).
+    An item that could not be scored is flagged (not scored is not normal) and takes no part in
+    the procedure. ``q`` None (``score.fdr`` off): the table is returned as it was."""
+    from detector.conformal import benjamini_hochberg
+
+    if q is None:
+        return table
+    scored = (table["error"].fillna("").astype(str) == "").to_numpy()
+    flags = np.ones(len(table), dtype=bool)
+    flags[scored] = benjamini_hochberg(table.loc[scored, "p_value"].to_numpy(np.float64), q)
+    table["is_anomaly_fdr"] = flags
+    return table
 
 
 def _never_normal(predictions: pd.DataFrame, name: str):
@@ -226,7 +260,8 @@ def score_table_files(model, files: list[Path], root: Path, key: str, text_colum
             continue
         parts.append(pd.DataFrame({"file": name, "row": rows.to_numpy(),
                                    "anomaly_score": predictions["anomaly_score"].astype(float).to_numpy(),
-                                   "is_anomaly": _never_normal(predictions, name), "error": ""}))
+                                   "is_anomaly": _never_normal(predictions, name), "error": "",
+                                   **_p_value(predictions)}))
     table = pd.concat(parts, ignore_index=True) if parts else \
         pd.DataFrame(columns=["file", "row", "anomaly_score", "is_anomaly", "error"])
     return _with_errors(table, errors)
@@ -252,8 +287,10 @@ def run(layout: Layout, folder: Path, out: Path | None, model_uri: str | None = 
     map_dir = Path(out).with_name(Path(out).stem + "-maps") if out is not None else None
     if layout.config.score.heatmaps and out is None:
         print("score: score.heatmaps is on but there is no --out to write the maps beside; none written")
+    check_fdr(layout, model, version)
     table = kind.score_files(layout, model, files, folder, heatmaps=layout.config.score.heatmaps and out is not None,
-                   map_dir=map_dir)
+                             map_dir=map_dir)
+    table = with_fdr(table, layout.config.score.fdr)
     table["model_uri"], table["model_version"] = model_uri, version
     if out is not None:
         _write_csv(table, out)
@@ -261,6 +298,8 @@ def run(layout: Layout, folder: Path, out: Path | None, model_uri: str | None = 
     flagged = int(table["is_anomaly"].sum()) - unscored
     print(f"score: {len(table)} {layout.unit} with {model_uri} (v{version or '?'}): {flagged} flagged as anomalous"
           + (f", {unscored} could not be scored (flagged too: not scored is not normal)" if unscored else "")
+          + (f"; at FDR {layout.config.score.fdr}: {int(table['is_anomaly_fdr'].sum()) - unscored} flagged"
+             if "is_anomaly_fdr" in table else "")
           + (f"; written to {out}" if out else ""))
     return table
 
@@ -300,6 +339,7 @@ def _score_incoming(inbox: Path, archive: Path, inflight: Path, results: Path, l
         print(f"score: nothing waiting in {inbox}")
         return {"files": 0, "flagged": 0, "errors": 0, "claims": []}
     model, model_uri, version = _load(layout, model_uri)  # no champion: every file stays where it is
+    check_fdr(layout, model, version)
 
     if waiting:
         # a name no claim, archived batch, set-aside batch or result has: Airflow retries a task
@@ -322,6 +362,7 @@ def _score_incoming(inbox: Path, archive: Path, inflight: Path, results: Path, l
             else:
                 table = kind_of(layout.config).score_files(layout, model, _visible_files(folder), folder,
                                                            heatmaps=layout.config.score.heatmaps)
+                table = with_fdr(table, layout.config.score.fdr)
                 table["model_uri"], table["model_version"] = model_uri, version
                 table["scored_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
                 table["archived_to"] = [str(destination / name) for name in table["file"]]

@@ -263,6 +263,7 @@ class ImageKind(DataKind):
         from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
         outputs = Schema([ColSpec(DataType.double, "anomaly_score"), ColSpec(DataType.boolean, "is_anomaly"),
+                          ColSpec(DataType.double, "p_value", required=False),
                           ColSpec(DataType.binary, "anomaly_map", required=False)])
         return ModelSignature(inputs=Schema([ColSpec(DataType.binary, "image")]), outputs=outputs,
                               params=ParamSchema([ParamSpec("anomaly_map", DataType.boolean, False)]))

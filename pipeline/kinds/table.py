@@ -164,7 +164,8 @@ class TableKind(DataKind):
         from mlflow.types.schema import AnyType
 
         inputs = Schema([ColSpec(AnyType(), name) for name in meta["transform"]["columns"]])
-        outputs = Schema([ColSpec(DataType.double, "anomaly_score"), ColSpec(DataType.boolean, "is_anomaly")])
+        outputs = Schema([ColSpec(DataType.double, "anomaly_score"), ColSpec(DataType.boolean, "is_anomaly"),
+                          ColSpec(DataType.double, "p_value", required=False)])
         return ModelSignature(inputs=inputs, outputs=outputs)
 
     def score_files(self, layout: Layout, model, files: list[Path], root: Path, heatmaps: bool = False,

@@ -148,7 +148,10 @@ def print_summary(layout: Layout, summary: dict) -> None:
         lines += [
             training,
             f"threshold    {calibration['threshold']:.6g} (method {calibration['method']}"
-            + (f", FPR guarantee <= {bound:.4f}" if bound is not None else "") + ")"
+            + (f", FPR guarantee <= {bound:.4f}" if bound is not None else "")
+            + (f"; FPR <= {calibration['conditional_fpr_bound']:.4f} with probability {calibration['confidence']} "
+               f"for this calibration set of {calibration['n_normal']} normals"
+               if calibration.get("conditional_fpr_bound") is not None else "") + ")"
             + (f"  NOTE: {calibration['note']}" if calibration.get("note") else ""),
             f"test         AUROC {_fmt(metrics['auroc'])}  AP {_fmt(metrics['average_precision'])}  "
             f"precision {_fmt(metrics['precision'])}  recall {_fmt(metrics['recall'])}  F1 {_fmt(metrics['f1'])}  "

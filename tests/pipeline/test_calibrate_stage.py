@@ -60,3 +60,21 @@ def test_too_few_normals_for_the_confidence_are_refused_with_how_many_are_needed
     with pytest.raises(StageError, match="40 normal calibration items .* at least 59 are needed"):
         calibrate.run(layout)
     assert not layout.threshold.exists() and not layout.calibration_normals.exists()
+
+
+def test_the_run_summary_states_the_calibration_conditional_guarantee(tmp_path, capsys):
+    from pipeline.io import read_json
+    from pipeline.run_record import print_summary
+    from pipeline.stages import calibrate
+
+    layout = _layout(tmp_path, 0.95)
+    _scores(layout, 200)
+    calibrate.run(layout)
+    summary = {"status": "finished", "run_id": "r1", "version": "3", "seconds": 1.0, "validation": {},
+               "train": {"family": "deep_sad", "device": "cpu", "epochs": 1, "train_items": 10, "seconds": 0.5},
+               "calibration": read_json(layout.threshold),
+               "metrics": {k: 0.5 for k in ("auroc", "average_precision", "precision", "recall", "f1", "fpr")}
+               | {"n": 10, "n_anomalous": 2}, "promotion": {"promoted": True, "champion": "3"}}
+    print_summary(layout, summary)
+    bound = read_json(layout.threshold)["conditional_fpr_bound"]
+    assert f"FPR <= {bound:.4f} with probability 0.95 for this calibration set of 200 normals" in capsys.readouterr().out

@@ -49,10 +49,15 @@ class RateMonitor:
                              f"got {len(self.log_wealth)}")
 
     @property
-    def evidence(self) -> float:
-        """W_t: how many times over the null's fair odds the bets have won (1 at the start)."""
+    def log_evidence(self) -> float:
+        """log W_t: W_t is how many times over the null's fair odds the bets have won (1 at the
+        start); kept as a log, as a long-fired monitor's W_t overflows a float."""
         top = max(self.log_wealth)
-        return math.exp(top) * float(np.mean(np.exp(np.asarray(self.log_wealth) - top)))
+        return top + math.log(float(np.mean(np.exp(np.asarray(self.log_wealth) - top))))
+
+    @property
+    def evidence(self) -> float:
+        return math.exp(min(self.log_evidence, 700.0))
 
     @property
     def fired(self) -> bool:
@@ -80,7 +85,7 @@ class RateMonitor:
         return self.fired and not was
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "evidence": self.evidence}
+        return {**asdict(self), "log10_evidence": self.log_evidence / math.log(10)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "RateMonitor":

@@ -1,5 +1,5 @@
-"""What both DAGs share: the project they run, its params, the champion Asset and the
-failure callback. Light on purpose (yaml and the standard library only): the DAG
+"""What both DAGs share: the project they run, its params, the champion and drift Assets and
+the failure callback. Light on purpose (yaml and the standard library only): the DAG
 processor imports it on every parse. Listed in .airflowignore, so it is not parsed as
 a DAG file itself.
 """
@@ -20,6 +20,10 @@ MODEL_NAME: str = PARAMS.get("registry", {}).get("model_name", "anomaly-detector
 # the scoring DAG runs on it. Airflow reserves the 'airflow' scheme; 'x-' is free.
 CHAMPION = Asset(name=f"{MODEL_NAME}-champion", uri=f"x-mlflow-model://{MODEL_NAME}/champion",
                  group="mlflow-models")
+
+# Updated by the scoring DAG when the champion's monitor fires (pipeline/monitoring.py: it flags
+# normal-looking items more often than its FPR bound allows); the retraining DAG runs on it.
+DRIFT = Asset(name=f"{MODEL_NAME}-drift", uri=f"x-anomaly-pipeline://drift/{MODEL_NAME}", group="monitoring")
 
 
 def record_failure(context) -> None:

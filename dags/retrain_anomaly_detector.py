@@ -26,9 +26,9 @@ PROJECT = Path(os.environ.get("ANOMALY_PIPELINE_PROJECT") or Path(__file__).reso
 if str(PROJECT) not in sys.path:
     sys.path.insert(0, str(PROJECT))
 
-from airflow.sdk import CronTriggerTimetable, Param, dag, task
+from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
-from dags.common import CHAMPION, PARAMS, record_failure
+from dags.common import CHAMPION, DRIFT, PARAMS, record_failure
 
 from pipeline.deploy import PASSED_TO_POD, Kubernetes, train_placement
 from pipeline.graph import stages
@@ -179,8 +179,11 @@ def promote(**context) -> dict:
     # the one it "missed". Airflow 3.3 reads run_immediately=False like None: unpaused less
     # than a tenth of the interval (2.4 h for a nightly cron) after a cron time, it runs
     # that night's retraining at once, a late start rather than a skipped night.
-    schedule=CronTriggerTimetable(PARAMS.get("schedule", {}).get("cron", "0 2 * * *"), timezone="UTC",
-                                  run_immediately=False),
+    # ... or at once when the scoring DAG's drift alarm fires (the DRIFT Asset)
+    schedule=AssetOrTimeSchedule(
+        timetable=CronTriggerTimetable(PARAMS.get("schedule", {}).get("cron", "0 2 * * *"), timezone="UTC",
+                                       run_immediately=False),
+        assets=[DRIFT]),
     catchup=False,
     max_active_runs=1,
     params={name: param for name, (_, param) in FORM.items()},

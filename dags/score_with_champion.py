@@ -6,6 +6,9 @@ updates) and on its own schedule (``schedule.score_cron`` in params.yaml). Every
 waiting file is scored exactly once and then moved to the archive; results are one
 CSV per run (file, [row,] anomaly_score, is_anomaly, error, model_version, ...). See
 pipeline/score.py for how nothing is scored twice or lost when a run is killed.
+
+Each batch is recorded on the champion's monitoring run (pipeline/monitoring.py); when its
+drift test fires, ``drift_alarm`` emits the drift Asset and the retraining DAG starts.
 """
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ if str(PROJECT) not in sys.path:
     sys.path.insert(0, str(PROJECT))
 
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, dag, task
-from dags.common import CHAMPION, MODEL_NAME, PARAMS, record_failure
+from airflow.sdk.exceptions import AirflowSkipException
+from dags.common import CHAMPION, DRIFT, MODEL_NAME, PARAMS, record_failure
 
 
 @task(retries=2, retry_delay=timedelta(minutes=1), retry_exponential_backoff=2.0,
@@ -48,7 +52,20 @@ def score_incoming(**context) -> dict:
     doc_md=__doc__,
 )
 def score_with_champion():
-    score_incoming()
+    drift_alarm(score_incoming())
+
+
+@task(outlets=[DRIFT])
+def drift_alarm(summary: dict, **context) -> dict:
+    """Emits the drift Asset (the retraining DAG runs on it) when the champion's monitor fired on
+    this run's batches; skipped, so no event, otherwise."""
+    fired = [m for m in summary.get("monitor", []) if m.get("fired_now")]
+    if not fired:
+        raise AirflowSkipException("the champion's monitor did not fire")
+    context["outlet_events"][DRIFT].extra = {"version": str(fired[0]["version"]), "claim": fired[0]["claim"],
+                                             "fired_at": fired[0].get("fired_at"),
+                                             "monitoring_run_id": fired[0]["monitoring_run_id"]}
+    return fired[0]
 
 
 score_with_champion()

@@ -10,7 +10,9 @@ scored exactly once and none is lost, even when a run is killed half-way:
    on one file system is atomic, so a file is either waiting or claimed, never both);
 2. score every claim folder (this run's, and any a killed run left behind) and write
    ``<results>/<claim>.csv`` atomically; a claim whose CSV exists is not scored again;
-3. move the claim folder to ``<archive>/<claim>/``; one whose scoring raises goes to
+3. record the batch on the scoring version's monitoring run (pipeline/monitoring.py: its
+   flagged rate and p-values, and the drift test that triggers a retraining);
+4. move the claim folder to ``<archive>/<claim>/``; one whose scoring raises goes to
    ``<archive>/failed/<claim>/`` with its error beside it, under a name failed/ has not had
    (Airflow retries a task with the same run id, so a claim name can fail twice), so a
    failure never leaves a claim in ``.inflight`` for every later run to trip over.
@@ -32,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline import monitoring
 from pipeline.io import StageError, atomic_path
 from pipeline.kinds import kind_of
 from pipeline.layout import Layout
@@ -337,7 +340,7 @@ def _score_incoming(inbox: Path, archive: Path, inflight: Path, results: Path, l
     left_over = sorted(p for p in inflight.iterdir() if p.is_dir())
     if not waiting and not left_over:
         print(f"score: nothing waiting in {inbox}")
-        return {"files": 0, "flagged": 0, "errors": 0, "claims": []}
+        return {"files": 0, "flagged": 0, "errors": 0, "claims": [], "monitor": [], "drift_alarm": False}
     model, model_uri, version = _load(layout, model_uri)  # no champion: every file stays where it is
     check_fdr(layout, model, version)
 
@@ -352,7 +355,7 @@ def _score_incoming(inbox: Path, archive: Path, inflight: Path, results: Path, l
     claims = sorted(p for p in inflight.iterdir() if p.is_dir())
 
     summary = {"files": 0, "flagged": 0, "errors": 0, "claims": [], "failed_claims": [],
-               "model_uri": model_uri, "model_version": version}
+               "model_uri": model_uri, "model_version": version, "monitor": [], "drift_alarm": False}
     for folder in claims:
         out = results / f"{folder.name}.csv"
         destination = archive / _unused_name(folder.name, archive)
@@ -381,6 +384,11 @@ def _score_incoming(inbox: Path, archive: Path, inflight: Path, results: Path, l
                         f"its files are in {failed}"))
             summary["failed_claims"].append(str(failed))
             continue
+        # before the move: should the registry be down, the claim stays in flight with its results,
+        # and the retry records it (once: the monitor remembers the claims it counted)
+        watched = monitoring.record_batch(layout, version, table, folder.name)
+        summary["monitor"].append(watched)
+        summary["drift_alarm"] = summary["drift_alarm"] or watched["fired_now"]
         os.replace(folder, destination)
         summary["files"] += len(table)
         unscored = table["error"].fillna("").astype(str) != ""

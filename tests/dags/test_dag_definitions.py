@@ -64,7 +64,7 @@ def test_graph_follows_a_changed_dvc_yaml(tmp_path):
 
 def test_scheduling_settings(retrain):
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
-    assert retrain.timetable.expression == params["schedule"]["cron"] == "0 2 * * *"
+    assert retrain.timetable.timetable.expression == params["schedule"]["cron"] == "0 2 * * *"
     assert retrain.catchup is False and retrain.max_active_runs == 1
     tasks = {t.task_id: t for t in retrain.tasks}
     assert tasks["train"].pool == "gpu"
@@ -87,6 +87,19 @@ def test_promote_updates_the_champion_asset_that_schedules_scoring(dagbag, retra
     assert champion.uri == "x-mlflow-model://anomaly-detector/champion"
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
     assert scoring.timetable.timetable.expression == params["schedule"]["score_cron"]
+
+
+def test_the_scoring_dags_drift_alarm_schedules_a_retraining(dagbag, retrain):
+    """Nightly or on drift: the retraining runs on its cron or on the drift Asset, which only the
+    scoring DAG's drift_alarm task updates (it skips, so no event, unless the monitor fired)."""
+    from airflow.sdk import AssetOrTimeSchedule
+
+    scoring = dagbag.dags["score_with_champion"]
+    [drift] = next(t for t in scoring.tasks if t.task_id == "drift_alarm").outlets
+    assert drift.uri == "x-anomaly-pipeline://drift/anomaly-detector"
+    assert isinstance(retrain.timetable, AssetOrTimeSchedule)
+    assert list(retrain.timetable.asset_condition.objects) == [drift]
+    assert [t.task_id for t in scoring.tasks if drift in t.outlets] == ["drift_alarm"]
 
 
 @pytest.mark.parametrize("conf, key", [

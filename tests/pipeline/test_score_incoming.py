@@ -65,14 +65,19 @@ def champion(tmp_path_factory):
     meta = {"spec": spec, "image_size": 32, "channels": 3,
             "decode_limits": {"max_pixels": MAX_PIXELS, "max_bytes": MAX_BYTES, "formats": ["PNG", "JPEG"]}}
     with mlflow.start_run(experiment_id=experiment):
-        _, version = log_detector(root / "model.pt", meta, 0.5, pd.DataFrame({"image": [_png(32)]}), "tight", [],
-                                  PROJECT / "detector")
-    return mlflow.pyfunc.load_model(f"models:/tight/{version}")
+        _, version = log_detector(root / "model.pt", meta, 0.5, pd.DataFrame({"image": [_png(32)]}),
+                                  "anomaly-detector", [], PROJECT / "detector")
+    return mlflow.pyfunc.load_model(f"models:/anomaly-detector/{version}"), f"sqlite:///{root / 'mlflow.db'}", version
 
 
 @pytest.fixture
 def layout(tmp_path, champion, monkeypatch) -> Layout:
-    monkeypatch.setattr(score, "_load", lambda *args, **kwargs: (champion, "models:/anomaly-detector@champion", "1"))
+    """The project's layout in a scratch folder, its registry the champion's store (where each
+    scored batch is recorded on the version's monitoring run)."""
+    model, store, version = champion
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setattr(score, "_load", lambda *args, **kwargs: (model, "models:/anomaly-detector@champion",
+                                                                 version))
     return Layout(tmp_path, load(PROJECT / "params.yaml"))
 
 

@@ -284,6 +284,10 @@ class Gates(_Section):
     min_average_precision: float = Field(0.0, ge=0, le=1)
     max_fpr: float = Field(0.1, ge=0, le=1)
     vs_champion: dict[Literal["auroc", "average_precision", "fpr", "recall", "precision", "f1"], ChampionBound] = {}
+    # When gates fail, the retraining DAG asks a person (Airflow's required actions) whether to
+    # keep the champion or promote anyway; unanswered this long, the champion stays. 0: nobody is
+    # asked. A question open past the next cron time holds that night's run (max_active_runs=1).
+    approval_timeout_hours: float = Field(24, ge=0, le=24 * 14)
 
 
 class Registry(_Section):

@@ -1,16 +1,22 @@
 """The retraining DAG run by Airflow itself (``airflow dags test``, which runs
 ``dag.test()`` on a throw-away SQLite metadata database) in a scratch project.
 
-The runs build on each other, in order: a first run makes a champion that loads and
-scores; a worse model is registered but ``promote`` is skipped and the run still
-succeeds; a forced promotion without a reason and refused data both fail the run
-early, write the failure record, and register nothing.
+A first run makes a champion that loads and scores; a worse model is registered but
+``promote`` is skipped and the run still succeeds; a forced promotion without a reason and
+refused data both fail the run early, write the failure record, and register nothing.
+
+The runs share one workspace (each DAG run takes a while), but no test relies on another
+having run before it: what a test needs is a module fixture (the first run, the worse
+run), made on first use, and a test that changes what others read (the champion alias, the
+scoring folders, the landing data) sets it itself or puts it back.
 """
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
-import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,6 +26,8 @@ from conftest import make_workspace, run_cli
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 DAG_ID = "retrain_anomaly_detector"
 LOW_GATES = {"gates": {"min_auroc": 0.0, "min_average_precision": 0.0, "max_fpr": 1.0}}
+# every run's workspace is kept (the default keeps 5): the first run's is read whichever test runs last
+KEEP_ALL_RUNS = {"ANOMALY_PIPELINE_KEEP_RUNS": "100"}
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +37,7 @@ def ws(tmp_path_factory) -> Path:
 
 def dags_test(ws: Path, conf: dict | None = None) -> subprocess.CompletedProcess:
     args = ["airflow", "dags", "test", DAG_ID] + (["-c", json.dumps(conf)] if conf else [])
-    return run_cli(ws, *args, check=False, timeout=900)
+    return run_cli(ws, *args, check=False, timeout=900, env=KEEP_ALL_RUNS)
 
 
 def airflow_json(ws: Path, *args: str):
@@ -69,13 +77,59 @@ def failures(ws: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def test_a_dag_run_trains_registers_and_promotes_a_champion_that_scores(ws, tmp_path):
-    result = dags_test(ws, {"epochs": 6})
+@dataclass
+class DagRun:
+    """A run and what it left, read as soon as it ended (later runs move the champion and runs/latest)."""
+
+    result: subprocess.CompletedProcess
+    states: dict[str, str]
+    champion: str | None
+    workspace: Path | None     # runs/latest right after the run
+    registered: str            # the version this run would register: one past those before it
+
+
+def dag_run(ws: Path, conf: dict) -> DagRun:
+    registered = str(versions(ws) + 1 if (ws / "mlflow.db").is_file() else 1)  # no store made before the run's
+    result = dags_test(ws, conf)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    states = task_states(ws)
+    latest = ws / "runs" / "latest"
+    return DagRun(result, task_states(ws), champion(ws), latest.resolve() if latest.exists() else None, registered)
+
+
+@pytest.fixture(scope="module")
+def first_run(ws) -> DagRun:
+    """The first run of the project: trains, registers v1 and promotes it."""
+    return dag_run(ws, {"epochs": 6})
+
+
+@pytest.fixture(scope="module")
+def worse_run(ws, first_run) -> DagRun:
+    """A run that registers a model worse than the first run's champion (one epoch, a tiny step)."""
+    return dag_run(ws, {"epochs": 1, "learning_rate": 0.00001})
+
+
+@pytest.fixture
+def first_champion(ws, first_run) -> str:
+    """The first run's model as the champion (a forced promotion may have moved the alias)."""
+    client(ws).set_registered_model_alias("anomaly-detector", "champion", first_run.registered)
+    return first_run.registered
+
+
+@pytest.fixture
+def scoring_ws(ws, first_champion) -> Path:
+    """The workspace with the first champion and nothing incoming, scored or archived yet."""
+    for folder in ("scores", "data/incoming", "data/scored"):
+        shutil.rmtree(ws / folder, ignore_errors=True)
+    (ws / "scores").mkdir()
+    (ws / "data" / "incoming").mkdir()
+    return ws
+
+
+def test_a_dag_run_trains_registers_and_promotes_a_champion_that_scores(ws, first_run, first_champion, tmp_path):
+    states = first_run.states
     assert states == {**{t: "success" for t in ("ingest", "validate", "preprocess", "train", "calibrate",
                                                  "evaluate", "register", "promote")}, "__run__": "success"}
-    assert champion(ws) == "1"
+    assert first_run.champion == "1"
     version = client(ws).get_model_version("anomaly-detector", "1")
     run = client(ws).get_run(version.tags["run_id"])
     assert run.data.params["train.epochs"] == "6"  # the trigger's value, for this run only
@@ -83,7 +137,7 @@ def test_a_dag_run_trains_registers_and_promotes_a_champion_that_scores(ws, tmp_
     assert version.tags["airflow_run_id"].startswith("manual__")
     assert "epochs: 8" in (ws / "params.yaml").read_text()  # the project's params.yaml is untouched
     # the run worked in its own workspace, a git worktree of the project
-    workspace = ws / "runs" / "latest"
+    workspace = first_run.workspace
     assert (workspace / "dvc.lock").is_file() and (workspace / "models" / "model.pt").is_file()
     assert not (ws / "models").exists()
 
@@ -96,7 +150,8 @@ def test_a_dag_run_trains_registers_and_promotes_a_champion_that_scores(ws, tmp_
     assert "3 images" in scored.stdout and "(v1)" in scored.stdout
 
 
-def test_the_scoring_dag_scores_incoming_images_once_and_archives_them(ws):
+def test_the_scoring_dag_scores_incoming_images_once_and_archives_them(scoring_ws):
+    ws = scoring_ws
     landing = ws / "data" / "landing" / "batch-0001"
     incoming = ws / "data" / "incoming"
     (incoming / "line-3").mkdir(parents=True)
@@ -129,7 +184,8 @@ def test_the_scoring_dag_scores_incoming_images_once_and_archives_them(ws):
     assert "nothing waiting" in again.stdout and len(list((ws / "scores").glob("*.csv"))) == 1
 
 
-def test_scoring_finishes_what_a_killed_run_left_without_scoring_twice(ws):
+def test_scoring_finishes_what_a_killed_run_left_without_scoring_twice(scoring_ws):
+    ws = scoring_ws
     archive = ws / "data" / "scored" / ".inflight"
     good = sorted((ws / "data" / "landing" / "batch-0001" / "good").glob("*.png"))
     # killed after writing results: only the move is left
@@ -155,8 +211,8 @@ def test_scoring_finishes_what_a_killed_run_left_without_scoring_twice(ws):
     assert (ws / "data" / "scored" / "killed-late-2" / "c.png").is_file()
 
 
-def test_a_second_run_reuses_dvc_cached_stages(ws):
-    result = dags_test(ws, {"epochs": 6})
+def test_a_second_run_reuses_dvc_cached_stages(ws, first_run):
+    result = dags_test(ws, {"epochs": 6})  # the first run's data and params
     assert result.returncode == 0, result.stdout[-4000:]
     # same data and params: DVC restores ingest..evaluate from the shared cache instead of running them
     assert "Running stage 'train'" not in result.stdout
@@ -164,28 +220,25 @@ def test_a_second_run_reuses_dvc_cached_stages(ws):
         "Stage 'train' didn't change, skipping" in result.stdout
 
 
-def test_failed_gates_skip_promote_and_the_run_still_succeeds(ws):
-    before = versions(ws)
-    result = dags_test(ws, {"epochs": 1, "learning_rate": 0.00001})
-    assert result.returncode == 0, result.stdout[-4000:]
-    states = task_states(ws)
+def test_failed_gates_skip_promote_and_the_run_still_succeeds(ws, worse_run):
+    result, states = worse_run.result, worse_run.states
     assert states["register"] == "success" and states["promote"] == "skipped" and states["__run__"] == "success"
-    assert champion(ws) != str(before + 1)
-    version = client(ws).get_model_version("anomaly-detector", str(before + 1))
+    assert worse_run.champion != worse_run.registered
+    version = client(ws).get_model_version("anomaly-detector", worse_run.registered)
     assert version.tags["gate_status"] == "failed"
     assert "worse than champion" in version.tags["gate_reasons"]
     assert "not promoted, the champion stays" in result.stdout and "worse than champion" in result.stdout
 
 
-def test_a_forced_promotion_from_the_form_moves_the_champion_and_says_why(ws):
+def test_a_forced_promotion_from_the_form_moves_the_champion_and_says_why(ws, worse_run):
     before = versions(ws)
     reason = "line 4 changed cameras; the old champion is wrong for it"
     result = dags_test(ws, {"epochs": 1, "learning_rate": 0.00001, "force_promote": True, "force_reason": reason})
     assert result.returncode == 0, result.stdout[-4000:]
     assert task_states(ws)["promote"] == "success"
-    # the same data and params as the test before: DVC restored the same model, so no version
-    # is added and the force promotes the one registered then (v<before>), recorded as forced
-    forced = str(before)
+    # the same data and params as the worse run: DVC restored the same model, so no version
+    # is added and the force promotes the one registered then, recorded as forced
+    forced = worse_run.registered
     assert versions(ws) == before and champion(ws) == forced
     assert "nothing changed since anomaly-detector v" + forced in result.stdout
     tags = client(ws).get_model_version("anomaly-detector", forced).tags
@@ -193,7 +246,7 @@ def test_a_forced_promotion_from_the_form_moves_the_champion_and_says_why(ws):
     assert reason in json.dumps(tags)
 
 
-def test_forcing_without_a_reason_fails_the_first_task_and_registers_nothing(ws):
+def test_forcing_without_a_reason_fails_the_first_task_and_registers_nothing(ws, first_run):
     before, crown = versions(ws), champion(ws)
     result = dags_test(ws, {"force_promote": True})
     assert result.returncode != 0
@@ -204,9 +257,17 @@ def test_forcing_without_a_reason_fails_the_first_task_and_registers_nothing(ws)
     assert failures(ws)[-1]["task"] == "ingest" and "force_reason" in failures(ws)[-1]["error"]
 
 
-def test_refused_data_fails_validate_without_retrying_and_records_the_failure(ws):
+@pytest.fixture
+def refused_file(ws, first_run) -> Iterator[Path]:
+    """An empty image in the landing batch, removed afterwards: later runs get the data as it was."""
+    path = ws / "data" / "landing" / "batch-0001" / "good" / "zero_bytes.png"
+    path.write_bytes(b"")
+    yield path
+    path.unlink()
+
+
+def test_refused_data_fails_validate_without_retrying_and_records_the_failure(ws, refused_file):
     before, crown = versions(ws), champion(ws)
-    (ws / "data" / "landing" / "batch-0001" / "good" / "zero_bytes.png").write_bytes(b"")
     result = dags_test(ws)
     assert result.returncode != 0
     states = task_states(ws)

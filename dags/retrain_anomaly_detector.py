@@ -9,8 +9,10 @@ pipeline.orchestrate; this file only schedules it, and imports nothing heavy.
 Outcomes an operator sees:
 - refused data: ``validate`` fails (no retry), its log names the GX report; nothing
   downstream runs and nothing is registered.
-- failed gates: ``register`` succeeds, ``promote`` is *skipped*; its log and the model
-  version's tags say which gate failed and by how much. The run itself succeeds.
+- failed gates: ``register`` succeeds, ``promote`` asks a person (a required action in the
+  UI: keep the champion, or promote anyway with a reason; the champion stays if nobody answers
+  within ``gates.approval_timeout_hours``). Kept, ``promote`` is *skipped*; its log and the model
+  version's tags say which gate failed, by how much, and who decided what. The run succeeds.
 - any failed task: a line in ``runs/failures.jsonl`` and the MLflow run marked FAILED.
 """
 from __future__ import annotations
@@ -26,12 +28,14 @@ PROJECT = Path(os.environ.get("ANOMALY_PIPELINE_PROJECT") or Path(__file__).reso
 if str(PROJECT) not in sys.path:
     sys.path.insert(0, str(PROJECT))
 
+from airflow.providers.standard.operators.hitl import HITLOperator
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from dags.common import CHAMPION, DRIFT, PARAMS, record_failure
 
 from pipeline.deploy import PASSED_TO_POD, Kubernetes, train_placement
 from pipeline.graph import stages
+from pipeline.orchestrate import KEEP, PROMOTE_ANYWAY
 from pipeline.trigger_form import form
 
 # Where a retry can help: reading the landing folder (a network share), training (it
@@ -159,14 +163,62 @@ def register(**context) -> dict:
     return do_register(PROJECT, context["run_id"])
 
 
-@task(task_id="promote", outlets=[CHAMPION], **TASK_SETTINGS["promote"])
-def promote(**context) -> dict:
-    from pipeline.orchestrate import promote as do_promote
+# promote's question when gates fail (see PromoteOrAsk); the timeout is the run's own setting
+REASON = Param(None, type=["null", "string"], maxLength=500, title="Reason",
+               description=f"required with '{PROMOTE_ANYWAY}': recorded on the model version with your name")
 
-    outcome = do_promote(PROJECT, context["run_id"])
+
+class PromoteOrAsk(HITLOperator):
+    """promote: moves the champion when the gates passed, as before. When they failed it asks
+    (Airflow's required actions, the REST API's hitlDetails): keep the champion, or promote anyway
+    with a reason. Unanswered within gates.approval_timeout_hours, the champion stays.
+
+    Nobody is asked (the champion stays, the task is skipped) when the timeout is 0, and in an
+    ``airflow dags test`` run (``make run``): that loop never applies a timeout, so a question
+    would hold the run, and ``make run``, for good; there the default answer applies at once."""
+
+    def __init__(self, **kwargs) -> None:
+        hours = float((PARAMS.get("gates") or {}).get("approval_timeout_hours", 24))
+        kwargs.pop("params", None)  # the DAG's trigger form, which Airflow hands every task: not this question's
+        super().__init__(subject="failed gates: keep the champion or promote anyway?",
+                         options=[KEEP, PROMOTE_ANYWAY], defaults=[KEEP], multiple=False, params={"reason": REASON},
+                         response_timeout=timedelta(hours=hours) if hours else None, **kwargs)
+
+    def execute(self, context):
+        from pipeline.orchestrate import approval_question, promote
+
+        outcome = promote(PROJECT, context["run_id"])
+        question = approval_question(PROJECT, context["run_id"], outcome)
+        if outcome.get("promoted") or question is None:
+            return _promoted(outcome, context)
+        if getattr(context["dag_run"], "triggering_user_name", None) == "dag_test":  # what dag.test() records
+            self.log.info("airflow dags test: nobody to ask; the default applies: %s", KEEP)
+            return _promoted(outcome, context)
+        self.subject, self.body = question["subject"], question["body"]
+        self.response_timeout = timedelta(hours=question["timeout_hours"])
+        return super().execute(context)
+
+    def execute_complete(self, context, event):
+        from pipeline.orchestrate import PermanentFailure, promote
+
+        answer = super().execute_complete(context, event)
+        user = answer.get("responded_by_user") or {}
+        approval = {"decision": answer["chosen_options"][0], "reason": (answer.get("params_input") or {}).get("reason"),
+                    "by": user.get("name") or user.get("id") or "nobody: no answer in time, the default applied"}
+        try:
+            return _promoted(promote(PROJECT, context["run_id"], approval=approval), context)
+        except PermanentFailure as error:
+            raise AirflowFailException(str(error)) from None
+
+
+def _promoted(outcome: dict, context) -> dict:
+    """The champion moved: the CHAMPION Asset event (it schedules scoring). Else the task is skipped,
+    its log saying why the champion stays."""
     if not outcome.get("promoted"):
         reasons = "; ".join(outcome.get("reasons", [])) or outcome.get("note", "")
-        raise AirflowSkipException(f"v{outcome.get('version')} not promoted, the champion stays: {reasons}")
+        decided = outcome.get("approval")
+        raise AirflowSkipException(f"v{outcome.get('version')} not promoted, the champion stays: {reasons}"
+                                   + (f" ({decided['decision']!r}, by {decided['by']})" if decided else ""))
     context["outlet_events"][CHAMPION].extra = {"version": str(outcome["champion"]),
                                                 "previous": str(outcome.get("previous") or "")}
     return outcome
@@ -205,7 +257,8 @@ def retrain_anomaly_detector():
             tasks[upstream] >> tasks[s.name]
     sinks = [s.name for s in graph if not any(s.name in other.upstream for other in graph)]
     registered = register()
-    [tasks[name] for name in sinks] >> registered >> promote()
+    [tasks[name] for name in sinks] >> registered >> PromoteOrAsk(task_id="promote", outlets=[CHAMPION],
+                                                                  **TASK_SETTINGS["promote"])
 
 
 retrain_anomaly_detector()

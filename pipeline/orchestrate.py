@@ -5,7 +5,8 @@ workspace (pipeline.workspace): the first task makes it, with the trigger's
 overrides, and starts the run's MLflow run; later tasks and retries find both again.
 A stage task runs its stage through ``dvc repro --single-item`` so DVC skips it
 when nothing it depends on changed. Nothing here imports Airflow: a scheduler maps
-PermanentFailure to "fail without retrying" and ``promoted: False`` to "skip".
+PermanentFailure to "fail without retrying" and ``promoted: False`` to "skip" (or, when
+:func:`approval_question` has a question, to asking a person first).
 """
 from __future__ import annotations
 
@@ -149,27 +150,87 @@ def register(project: Path, run_id: str) -> dict:
                                              "unchanged_of")}
 
 
-def promote(project: Path, run_id: str) -> dict:
+# The two answers to the question failed gates open (the retraining DAG's promote task);
+# KEEP is also what a timeout answers.
+KEEP, PROMOTE_ANYWAY = "keep the champion", "promote anyway"
+
+
+def promote(project: Path, run_id: str, approval: dict[str, str] | None = None) -> dict:
     """Move the champion if the gates passed (or the trigger forced it); write the summary.
 
-    Returns ``promoted: False`` with the failed gates when the champion stays.
+    Returns ``promoted: False`` with the failed gates when the champion stays. ``approval`` is a
+    person's answer to :func:`approval_question` (``decision``, ``by``, ``reason``): promote anyway
+    is a forced promotion through this same path, by that person and for that reason (without a
+    reason it is refused, and nothing moves); keep leaves the champion. Either is recorded on the
+    version (``approval_decision``, ``approved_by``, ``approval_reason``).
     """
     from pipeline.stages import promote as promote_stage
 
     ws = _existing(project, run_id)
     layout = ws.layout
     force, reason = bool(ws.record.get("force")), str(ws.record.get("reason", ""))
+    actor = ws.record.get("triggered_by") or None
+    if approval is not None:
+        decision, by, why = approval["decision"], approval["by"], str(approval.get("reason") or "").strip()
+        if decision not in (KEEP, PROMOTE_ANYWAY):
+            raise PermanentFailure(f"unknown decision {decision!r}: the answers are {KEEP!r} and {PROMOTE_ANYWAY!r}")
+        if decision == PROMOTE_ANYWAY and not why:
+            raise PermanentFailure(f"{by} chose {PROMOTE_ANYWAY!r} without a reason: refused, nothing was promoted "
+                                   "and the champion stays. A promotion past failed gates must say why; clear this "
+                                   "task to be asked again")
+        if decision == PROMOTE_ANYWAY:
+            force, reason, actor = True, why, by
     with environ(store_env(ws.project)), _scrubbed_errors():
         report = read_json(layout.gates)
-        outcome = promote_stage.run(layout, version=str(report["version"]), force=force, reason=reason,
-                                    actor=ws.record.get("triggered_by") or None)
+        outcome = promote_stage.run(layout, version=str(report["version"]), force=force, reason=reason, actor=actor)
         if not outcome.get("promoted") and not report.get("unchanged_of") and \
                 str(outcome.get("champion")) == str(report["version"]):
             outcome["promoted"] = True  # a retry after the alias moved: the move is this run's
+        if approval is not None:
+            promote_stage.record_approval(layout, str(report["version"]), decision, by, why)
+            outcome["approval"] = {"decision": decision, "by": by, "reason": why}
         started = ws.record.get("started")
         run_record.finish(layout, ws.mlflow_run_id, report, outcome,
                           round(time.time() - started, 1) if started else None)
     return outcome
+
+
+def approval_question(project: Path, run_id: str, outcome: dict) -> dict | None:
+    """What to ask a person when :func:`promote` left the champion because gates failed: the
+    subject, a Markdown body with the evidence (the failed gates, candidate against champion,
+    where gates.json and the plots are) and the timeout in hours. None when there is nothing to
+    ask: promoted, the same model as a version already judged (``unchanged_of``), or
+    ``gates.approval_timeout_hours`` is 0."""
+    ws = _existing(project, run_id)
+    layout = ws.layout
+    hours = layout.config.gates.approval_timeout_hours
+    if outcome.get("promoted") or outcome.get("unchanged_of") or not outcome.get("reasons") or not hours:
+        return None
+    report = read_json(layout.gates)
+    name, version = layout.config.registry.model_name, str(report["version"])
+    champion = report.get("champion_version") or report.get("gated_against")
+    lines = [f"**{name} v{version}** failed its gates"
+             + (f" against the champion **v{champion}**" if champion else "") + ".", "", "Failed gates:", ""]
+    lines += [f"- {reason}" for reason in outcome["reasons"]]
+    candidate, incumbent = report.get("candidate_metrics") or {}, report.get("champion_metrics") or {}
+    if candidate:
+        lines += ["", f"| metric (test split) | v{version} |" + (f" champion v{champion} |" if incumbent else ""),
+                  "|---|---|" + ("---|" if incumbent else "")]
+        for metric, value in candidate.items():
+            if isinstance(value, (int, float)):
+                other = incumbent.get(metric)
+                lines.append(f"| {metric} | {value:.4f} |" + (f" {other:.4f} |" if isinstance(other, (int, float))
+                                                               else " |" if incumbent else ""))
+    plots = sorted(path.name for path in layout.plots.glob("*.png")) if layout.plots.is_dir() else []
+    lines += ["", "Evidence:", "", f"- gate report: `{layout.gates}` (and `gates/gates.json` in MLflow run "
+              f"`{report.get('run_id')}`, tracking `{report.get('tracking_uri')}`)"]
+    if plots:
+        lines.append(f"- plots in `{layout.plots}`: " + ", ".join(f"`{plot}`" for plot in plots))
+    lines += ["", f"**{KEEP}** leaves " + (f"v{champion}" if champion else "no champion") + " serving; it is "
+              f"what happens if nobody answers within {hours:g} h. **{PROMOTE_ANYWAY}** makes v{version} the "
+              "champion now: a reason is required, and it is recorded on the version with your name."]
+    return {"subject": f"{name} v{version} failed its gates: keep the champion or promote anyway?",
+            "body": "\n".join(lines), "timeout_hours": hours}
 
 
 def record_failure(project: Path, run_id: str, task: str, error: str, details: dict[str, Any]) -> Path:

@@ -99,6 +99,19 @@ def run(layout: Layout, version: str | None = None, force: bool = False, reason:
     return {**outcome, "version": str(version)}
 
 
+def record_approval(layout: Layout, version: str, decision: str, by: str, reason: str) -> None:
+    """A person's answer to the question failed gates open (keep the champion, or promote anyway),
+    on the version beside its gate tags: the decision, who gave it (or that the timeout did), why."""
+    import time
+
+    from pipeline.registry import tag_version
+
+    tag_version(_client(layout), layout.config.registry.model_name, version, {
+        "approval_decision": decision, "approved_by": by, "approval_reason": reason[:4800],
+        "approval_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    print(f"promote: v{version}: {decision!r} by {by}" + (f": {reason}" if reason else ""))
+
+
 def _unchanged(layout: Layout, version: str, gates: dict) -> dict:
     """Register found this run's model registered already as ``version``: nothing to move."""
     from pipeline.registry import CHAMPION, alias_version

@@ -89,6 +89,27 @@ def test_promote_updates_the_champion_asset_that_schedules_scoring(dagbag, retra
     assert scoring.timetable.timetable.expression == params["schedule"]["score_cron"]
 
 
+def test_failed_gates_make_promote_ask_keep_or_promote_anyway_with_keep_on_timeout(retrain):
+    """promote is a human-in-the-loop task: its options, the default a timeout applies (keep the
+    champion), the timeout from gates.approval_timeout_hours, and the reason field, which only
+    the question has (not the DAG's trigger form)."""
+    from airflow.providers.standard.operators.hitl import HITLOperator
+
+    from pipeline.orchestrate import KEEP, PROMOTE_ANYWAY
+
+    promote = retrain.task_dict["promote"]
+    assert isinstance(promote, HITLOperator)
+    assert promote.options == [KEEP, PROMOTE_ANYWAY] == ["keep the champion", "promote anyway"]
+    assert promote.defaults == [KEEP] and promote.multiple is False
+    hours = yaml.safe_load((PROJECT / "params.yaml").read_text())["gates"]["approval_timeout_hours"]
+    assert hours == 24 and promote.response_timeout == timedelta(hours=hours)
+    assert promote.execution_timeout == timedelta(minutes=10) and promote.retries == 3  # the promote part's own
+    [reason] = promote.serialized_params.values()
+    assert list(promote.serialized_params) == ["reason"] and reason["value"] is None
+    assert reason["schema"]["type"] == ["null", "string"] and reason["schema"]["maxLength"] == 500
+    assert [t.task_id for t in promote.upstream_list] == ["register"] and not promote.downstream_list
+
+
 def test_the_scoring_dags_drift_alarm_schedules_a_retraining(dagbag, retrain):
     """Nightly or on drift: the retraining runs on its cron or on the drift Asset, which only the
     scoring DAG's drift_alarm task updates (it skips, so no event, unless the monitor fired)."""

@@ -25,10 +25,10 @@ venv: $(BIN)/.installed
 data: venv
 	$(BIN)/python -m pipeline generate-data --if-empty
 
-# the retraining through Airflow (airflow dags test on .airflow/'s SQLite), then its summary
+# the retraining through Airflow (airflow dags test on .airflow/'s SQLite): one line per task as it
+# ends, then the summary; Airflow's whole log goes to a file under .airflow/logs/ (pipeline/progress.py)
 run: venv data
-	started=$$(date +%s); $(BIN)/python -m pipeline airflow dags test retrain_anomaly_detector; status=$$?; \
-	$(BIN)/python -m pipeline summary --newer-than $$started; exit $$status
+	@$(BIN)/python -m pipeline.progress retrain_anomaly_detector
 
 # Airflow's UI, scheduler and API on http://127.0.0.1:8080 with this project's DAGs: this machine
 # only (pipeline/airflow_local.py sets AIRFLOW__API__HOST; AIRFLOW__API__HOST=0.0.0.0 make airflow opens it)

@@ -6,7 +6,7 @@ migrates the database and creates the ``gpu`` pool the train task runs in. The a
 (UI, REST API) listens on 127.0.0.1 only: SimpleAuthManager is for one machine. Settings
 already in the environment win (AIRFLOW__API__HOST=0.0.0.0 opens it), so a real deployment
 configures Airflow as usual.
-The Makefile (``make run``, ``make airflow``) and the tests use this one set-up.
+The Makefile (``make run`` through pipeline.progress, ``make airflow``) and the tests use this one set-up.
 """
 from __future__ import annotations
 
@@ -34,6 +34,8 @@ def env(project: Path, home: Path | None = None) -> dict[str, str]:
         "ANOMALY_PIPELINE_PROJECT": str(project),
         "GIT_PYTHON_REFRESH": "quiet",
         "NO_ALBUMENTATIONS_UPDATE": "1",
+        # as pipeline/__main__.py sets it, for a caller that is not ``python -m pipeline`` (pipeline.progress)
+        "ARROW_DEFAULT_MEMORY_POOL": "system",
     }
     merged = {**os.environ, **{k: v for k, v in defaults.items() if k not in os.environ}}
     merged["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"

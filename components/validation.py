@@ -50,15 +50,21 @@ class ValidationReport:
     gx_result: dict[str, Any] = field(default_factory=dict)
     gx_object: Any = field(default=None, repr=False)  # GX's result object(s), for its HTML renderer
     unit: str = "files"                                # what n_files counts: files, or a table's rows
+    # images: the drift test of the newest batch (pipeline/kinds/image.py), with its ``message``;
+    # ``refused``: it is also one of the failures
+    drift: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, Any]:
-        return {"success": self.success, "n_files": self.n_files, "label_counts": self.label_counts,
-                "failures": self.failures}
+        summary = {"success": self.success, "n_files": self.n_files, "label_counts": self.label_counts,
+                   "failures": self.failures}
+        return summary if self.drift is None else {**summary, "drift": self.drift}
 
     def describe(self) -> str:
+        drift = [f"  drift: {self.drift['message']}"] if self.drift and not self.drift.get("refused") else []
         if self.success:
-            return f"validation passed: {self.n_files} {self.unit}, labels {self.label_counts}"
-        lines = [f"validation FAILED: {len(self.failures)} expectation(s) not met on {self.n_files} {self.unit}"]
+            return "\n".join([f"validation passed: {self.n_files} {self.unit}, labels {self.label_counts}", *drift])
+        lines = [f"validation FAILED: {len(self.failures)} expectation(s) not met on {self.n_files} {self.unit}",
+                 *drift]
         for failure in self.failures:
             lines.append(f"  - {failure['description']}")
             for item in failure.get("offending_files", [])[:20]:

@@ -69,6 +69,10 @@ class Validate(_Section):
     max_side: int = Field(4096, ge=1)
     min_std: float = Field(1.0, ge=0)
     uniform_geometry: bool = True
+    # images: the newest batch's normal images against the earlier batches' (components/drift.py,
+    # in components/image_features.py's feature space); refuse fails validate at p <= drift_level
+    drift: Literal["off", "warn", "refuse"] = "warn"
+    drift_level: float = Field(0.01, gt=0, lt=1)
 
     @field_validator("allowed_formats")
     @classmethod

@@ -129,6 +129,9 @@ def print_summary(layout: Layout, summary: dict) -> None:
         lines.append(f"validation   {verdict}: {validation.get('n_files', 0)} {layout.unit} ({counts})")
         for failure in validation.get("failures", []):
             lines.append(f"               - {failure['description']}")
+        drift = validation.get("drift")
+        if drift and not drift.get("refused"):  # a refusal is one of the failures above
+            lines.append(f"drift        {drift['message']}")
         if not validation.get("success"):
             lines.append(f"             report: {layout.validation_html}")
     if summary["status"] != "finished":

@@ -191,6 +191,86 @@ def _example_png(data: bytes, size: int, formats: list[str]) -> bytes:
         return buffer.getvalue()
 
 
+DRIFT_MAX_ITEMS = 300  # normal images a side, drawn at random: the test stays exact, and cheap
+DRIFT_SEED = 0         # the draw's and the permutations' seed: the same snapshot gives the same p-value
+
+
+def _drift(layout: Layout, manifest) -> dict | None:
+    """validate.drift: have the normal images of the newest batch (the last by name, as ingest's
+    batch-NNNN sort) moved away from those of the earlier batches? A permutation MMD test
+    (components/drift.py) in components/image_features.py's feature space.
+
+    Anomalies are left out: their share changes from night to night by design. A statistic or
+    p-value that is not a number is an error of the check, never "no drift"."""
+    import math
+    import time
+
+    from components.drift import mmd_test
+    from components.image_features import SIZE, embed_pair, feature_space
+
+    config = layout.config
+    setting, level = config.validation.drift, config.validation.drift_level
+    if setting == "off":
+        return None
+    started = time.perf_counter()
+    batches = sorted(manifest["batch"].astype(str).unique()) if not manifest.empty else []
+    if len(batches) < 2:
+        return {"setting": setting, "tested": False, "refused": False, "message": "no earlier batch: drift not tested"}
+    newest = batches[-1]
+    normal = manifest[manifest["is_normal"] & manifest["decode_ok"]]
+    sides = [normal.loc[normal["batch"].astype(str) != newest, "path"].tolist(),
+             normal.loc[normal["batch"].astype(str) == newest, "path"].tolist()]
+    if min(len(side) for side in sides) < 2:
+        return {"setting": setting, "tested": False, "refused": False, "message":
+                f"drift not tested: the test needs 2 normal images a side; batch {newest} has {len(sides[1])}, "
+                f"the earlier batches {len(sides[0])}"}
+    rng = np.random.default_rng(DRIFT_SEED)
+    space = feature_space(config.model.type, config.model.backbone, config.model.backbone_weights,
+                          config.model.layers)
+    limits, channels = decode_limits(config), config.preprocess.channels
+    images = []
+    for paths in sides:
+        chosen = sorted(rng.choice(paths, min(len(paths), DRIFT_MAX_ITEMS), replace=False))
+        try:
+            images.append(np.stack([decode_to_array((layout.raw / path).read_bytes(), SIZE, channels, limits)
+                                    for path in chosen]))
+        except (OSError, ImageDecodeError) as error:  # validation's own decode passed them a moment ago
+            raise DataError(f"validate: the drift test cannot read an image it checked: {error}") from None
+    features = embed_pair(*images, space)
+    # the smallest p-value a permutation test can give is 1 / (1 + permutations): well below the level
+    permutations = max(499, math.ceil(5 / level) - 1)
+
+    def fault(why: str) -> StageError:
+        return StageError(f"validate: the drift test of batch {newest} gave no number ({why}) in "
+                          f"{space.description}; this is a fault of the check, not 'no drift': set validate.drift: "
+                          "off to go on without it, and report it")
+
+    try:
+        test = mmd_test(*features, permutations=permutations, seed=DRIFT_SEED, max_items=DRIFT_MAX_ITEMS)
+    except ValueError as error:  # features that are NaN or infinite
+        raise fault(str(error)) from None
+    if not (math.isfinite(test.statistic) and 0 < test.p_value <= 1):
+        raise fault(f"statistic {test.statistic}, p-value {test.p_value}")
+    drifted = test.p_value <= level
+    found = (f"MMD p = {test.p_value:.3g} {'<=' if drifted else '>'} validate.drift_level {level:g}; "
+             f"{test.n_now} normal images of batch {newest} against {test.n_before} of {len(batches) - 1} earlier "
+             f"batch(es), in {space.description}")
+    if not drifted:
+        message = f"batch {newest}: no drift found ({found})"
+    elif setting == "warn":
+        message = (f"WARNING: batch {newest}'s normal images differ from the earlier batches' ({found}): has the "
+                   "line changed (lighting, camera, supplier)? validate.drift is warn: the run goes on")
+    else:
+        message = (f"batch {newest}'s normal images differ from the earlier batches' ({found}): refused "
+                   "(validate.drift: refuse). Look at the batch: if the change is intended, run again with "
+                   "validate.drift: warn to train on it; if not, fix the line or take the batch out of the landing "
+                   "folder")
+    return {"setting": setting, "tested": True, "refused": drifted and setting == "refuse", "drifted": drifted,
+            "level": level, "newest_batch": newest, "earlier_batches": len(batches) - 1,
+            "embedding": space.description, **test.as_dict(), "seconds": round(time.perf_counter() - started, 2),
+            "message": message}
+
+
 class ImageKind(DataKind):
     name = "image"
     unit = "images"
@@ -215,7 +295,14 @@ class ImageKind(DataKind):
         except ValueError as error:  # a link out of the snapshot (ingest writes none: a hand-made folder)
             raise DataError(f"validate: refused: {error}") from None
         manifest = build_manifest(files, config.preprocess.split.fractions, decode_limits(config))
-        return manifest, validate_manifest(manifest, rules_from(config))
+        report = validate_manifest(manifest, rules_from(config))
+        report.drift = _drift(layout, manifest)
+        if report.drift and report.drift["refused"]:
+            report.failures.append({"expectation": "image_drift", "column": None,
+                                    "description": report.drift["message"], "unexpected_count": 0,
+                                    "observed_value": report.drift["p_value"], "offending_files": []})
+            report.success = False
+        return manifest, report
 
     def preprocess(self, layout: Layout) -> dict:
         return _preprocess(layout)

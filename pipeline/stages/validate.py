@@ -22,7 +22,9 @@ def run(layout: Layout) -> dict:
     print(report.describe())
     print(f"validation report: {layout.validation_summary} and {layout.validation_html}")
     if not report.success:
-        raise DataError(f"data validation failed; report: {layout.validation_html}")
+        failed = "; ".join(failure["description"] for failure in report.failures[:3])
+        more = f" and {len(report.failures) - 3} more" if len(report.failures) > 3 else ""
+        raise DataError(f"data validation failed: {failed}{more}; report: {layout.validation_html}")
     with atomic_path(layout.manifest) as tmp:
         manifest.to_parquet(tmp, index=False)
     return report.summary()

@@ -6,7 +6,8 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
-PIP_FILTER := grep -v -e 'is ignored: it is neither a file nor a directory' || true
+# a quiet pip prints nothing, so grep's 'no line' status is ignored; pip's own failure is not (pipefail)
+PIP_FILTER := { grep -v -e 'is ignored: it is neither a file nor a directory' || true; }
 
 .PHONY: run test test-fast bench venv test-packages data airflow mlflow score up down clean-outputs help
 

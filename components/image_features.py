@@ -62,6 +62,7 @@ def feature_space(family: str, backbone: str, weights: str, layers: list[str] | 
 
 def _backbone_space(family: str, backbone: str, weights: str, layers: list[str] | None) -> FeatureSpace:
     import timm
+    import torch
 
     from detector.backbones import LAYERS, apply_weights, resolve_weights
     from detector.feature_detectors import _drop_unused_blocks, resolve_layers
@@ -72,6 +73,7 @@ def _backbone_space(family: str, backbone: str, weights: str, layers: list[str] 
                                 out_indices=[LAYERS[backbone].index(layer) for layer in layers])
     apply_weights(network, resolved, backbone)
     _drop_unused_blocks(network)  # the blocks past the deepest layer used were most of the time
+    network.to(memory_format=torch.channels_last)  # oneDNN's CPU convolutions: faster in NHWC, as in training
     network.eval()
     return FeatureSpace(f"{backbone} ({resolved.info.source}) {'+'.join(layers)} mean and sd per channel, and "
                         f"{PIXELS}, at {SIZE} px", network, resolved.mean, resolved.std)

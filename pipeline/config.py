@@ -74,6 +74,12 @@ class Validate(_Section):
     drift: Literal["off", "warn", "refuse"] = "warn"
     drift_level: float = Field(0.01, gt=0, lt=1)
 
+    @field_validator("drift", mode="before")
+    @classmethod
+    def _off_is_a_word(cls, value: Any) -> Any:
+        """YAML reads a bare ``off`` as false: ``drift: off`` means what it says."""
+        return "off" if value is False else value
+
     @field_validator("allowed_formats")
     @classmethod
     def _pillow_names(cls, value: list[str]) -> list[str]:

@@ -115,7 +115,7 @@ def test_one_batch_is_not_tested_and_off_tests_nothing(tmp_path):
     _snapshot(layout, batches=1)
     assert _drift(layout) == {"setting": "warn", "tested": False, "refused": False,
                               "message": "no earlier batch: drift not tested"}
-    off = _layout(tmp_path / "two", drift="off")
+    off = _layout(tmp_path / "two", **yaml.safe_load("drift: off"))  # YAML's false: params.yaml's bare word
     _snapshot(off, gain=GAIN)
     assert _drift(off) is None
 

@@ -216,9 +216,9 @@ def approval_question(project: Path, run_id: str, outcome: dict) -> dict | None:
     if candidate:
         lines += ["", f"| metric (test split) | v{version} |" + (f" champion v{champion} |" if incumbent else ""),
                   "|---|---|" + ("---|" if incumbent else "")]
-        for metric, value in candidate.items():
+        for metric in ("auroc", "average_precision", "fpr", "precision", "recall", "f1"):
+            value, other = candidate.get(metric), incumbent.get(metric)
             if isinstance(value, (int, float)):
-                other = incumbent.get(metric)
                 lines.append(f"| {metric} | {value:.4f} |" + (f" {other:.4f} |" if isinstance(other, (int, float))
                                                                else " |" if incumbent else ""))
     plots = sorted(path.name for path in layout.plots.glob("*.png")) if layout.plots.is_dir() else []

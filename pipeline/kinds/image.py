@@ -217,7 +217,7 @@ def _drift(layout: Layout, manifest) -> dict | None:
     if len(batches) < 2:
         return {"setting": setting, "tested": False, "refused": False, "message": "no earlier batch: drift not tested"}
     newest = batches[-1]
-    normal = manifest[manifest["is_normal"] & manifest["decode_ok"]]
+    normal = manifest[manifest["is_normal"].astype(bool) & manifest["decode_ok"].astype(bool)]
     sides = [normal.loc[normal["batch"].astype(str) != newest, "path"].tolist(),
              normal.loc[normal["batch"].astype(str) == newest, "path"].tolist()]
     if min(len(side) for side in sides) < 2:
@@ -296,7 +296,8 @@ class ImageKind(DataKind):
             raise DataError(f"validate: refused: {error}") from None
         manifest = build_manifest(files, config.preprocess.split.fractions, decode_limits(config))
         report = validate_manifest(manifest, rules_from(config))
-        report.drift = _drift(layout, manifest)
+        if report.success:  # a refused snapshot is not worth comparing (and may not decode)
+            report.drift = _drift(layout, manifest)
         if report.drift and report.drift["refused"]:
             report.failures.append({"expectation": "image_drift", "column": None,
                                     "description": report.drift["message"], "unexpected_count": 0,

@@ -99,6 +99,18 @@ def test_refuse_fails_validate_as_refused_data_naming_the_p_value(tmp_path):
     assert not layout.manifest.exists()  # nothing for preprocess to read
 
 
+def test_a_snapshot_the_suite_refuses_is_not_compared(tmp_path):
+    from pipeline.io import DataError
+    from pipeline.stages import validate
+
+    layout = _layout(tmp_path, drift="refuse", min_good=1000)
+    _snapshot(layout, gain=GAIN)
+    with pytest.raises(DataError, match="at least 1000") as refused:
+        validate.run(layout)
+    assert "MMD" not in str(refused.value)
+    assert "drift" not in json.loads(layout.validation_summary.read_text())
+
+
 def test_the_run_summary_prints_the_drift_line(tmp_path, capsys):
     from pipeline.run_record import print_summary
 

@@ -59,6 +59,8 @@ def _flag(params: dict | None, name: str) -> bool:
 class AnomalyDetector(mlflow.pyfunc.PythonModel):
     """Loads weights + spec from the model's artifacts; scores in batches."""
 
+    normals = None  # the calibration normals' sorted scores, when the model carries them (p_value)
+
     def load_context(self, context) -> None:
         import torch
 

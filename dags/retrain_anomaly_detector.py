@@ -191,6 +191,8 @@ class PromoteOrAsk(HITLOperator):
         question = approval_question(PROJECT, context["run_id"], outcome)
         if outcome.get("promoted") or question is None:
             return _promoted(outcome, context)
+        if "answered" in question:  # a try after the answer was recorded: apply it, do not ask again
+            return self._apply(context, question["answered"])
         if getattr(context["dag_run"], "triggering_user_name", None) == "dag_test":  # what dag.test() records
             self.log.info("airflow dags test: nobody to ask; the default applies: %s", KEEP)
             return _promoted(outcome, context)
@@ -199,12 +201,16 @@ class PromoteOrAsk(HITLOperator):
         return super().execute(context)
 
     def execute_complete(self, context, event):
-        from pipeline.orchestrate import PermanentFailure, promote
-
         answer = super().execute_complete(context, event)
         user = answer.get("responded_by_user") or {}
-        approval = {"decision": answer["chosen_options"][0], "reason": (answer.get("params_input") or {}).get("reason"),
-                    "by": user.get("name") or user.get("id") or "nobody: no answer in time, the default applied"}
+        return self._apply(context, {
+            "decision": answer["chosen_options"][0], "reason": (answer.get("params_input") or {}).get("reason"),
+            "by": user.get("name") or user.get("id") or "nobody: no answer in time, the default applied"})
+
+    @staticmethod
+    def _apply(context, approval: dict):
+        from pipeline.orchestrate import PermanentFailure, promote
+
         try:
             return _promoted(promote(PROJECT, context["run_id"], approval=approval), context)
         except PermanentFailure as error:

@@ -200,7 +200,11 @@ def approval_question(project: Path, run_id: str, outcome: dict) -> dict | None:
     subject, a Markdown body with the evidence (the failed gates, candidate against champion,
     where gates.json and the plots are) and the timeout in hours. None when there is nothing to
     ask: promoted, the same model as a version already judged (``unchanged_of``), or
-    ``gates.approval_timeout_hours`` is 0."""
+    ``gates.approval_timeout_hours`` is 0. ``{"answered": <approval>}`` when the version records
+    an answer already: the task was tried again after it (Airflow 3.3.2 can fail a task resumed
+    within seconds of parking as "killed externally"), and applies it again rather than ask twice."""
+    from pipeline.stages import promote as promote_stage
+
     ws = _existing(project, run_id)
     layout = ws.layout
     hours = layout.config.gates.approval_timeout_hours
@@ -208,6 +212,10 @@ def approval_question(project: Path, run_id: str, outcome: dict) -> dict | None:
         return None
     report = read_json(layout.gates)
     name, version = layout.config.registry.model_name, str(report["version"])
+    with environ(store_env(ws.project)), _scrubbed_errors():
+        answered = promote_stage.recorded_approval(layout, version)
+    if answered:
+        return {"answered": answered}
     champion = report.get("champion_version") or report.get("gated_against")
     lines = [f"**{name} v{version}** failed its gates"
              + (f" against the champion **v{champion}**" if champion else "") + ".", "", "Failed gates:", ""]

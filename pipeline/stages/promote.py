@@ -112,6 +112,16 @@ def record_approval(layout: Layout, version: str, decision: str, by: str, reason
     print(f"promote: v{version}: {decision!r} by {by}" + (f": {reason}" if reason else ""))
 
 
+def recorded_approval(layout: Layout, version: str) -> dict | None:
+    """The answer :func:`record_approval` left on the version, or None: a task tried again after
+    the answer was given applies it again instead of asking twice."""
+    tags = _client(layout).get_model_version(layout.config.registry.model_name, version).tags
+    if "approval_decision" not in tags:
+        return None
+    return {"decision": tags["approval_decision"], "by": tags.get("approved_by", ""),
+            "reason": tags.get("approval_reason", "")}
+
+
 def _unchanged(layout: Layout, version: str, gates: dict) -> dict:
     """Register found this run's model registered already as ``version``: nothing to move."""
     from pipeline.registry import CHAMPION, alias_version

@@ -32,12 +32,16 @@ GATES = {"passed": False, "failed": ["min_auroc", "vs_champion"], "version": "7"
 
 
 @pytest.fixture
-def run_workspace(tmp_path) -> tuple[Path, Path]:
+def run_workspace(tmp_path, monkeypatch) -> tuple[Path, Path]:
     """(project, workspace) as the DAG's tasks leave them when gates failed: the run's record,
-    its params.yaml, gates.json and a plot."""
+    its params.yaml, gates.json and a plot; the registry holds no answer for the version yet."""
+    from pipeline.stages import promote as promote_stage
+
+    monkeypatch.setattr(promote_stage, "recorded_approval", lambda layout, version: None)
     root = workspace.runs_dir(tmp_path) / workspace.key_of(RUN_ID)
     (root / "reports" / "plots").mkdir(parents=True)
     shutil.copy(PROJECT / "params.yaml", root / "params.yaml")
+    shutil.copy(PROJECT / "params.yaml", tmp_path / "params.yaml")
     (root / workspace.RECORD).write_text(json.dumps({"run_id": RUN_ID}))
     (root / "reports" / "gates.json").write_text(json.dumps(GATES))
     (root / "reports" / "plots" / "roc.png").write_bytes(b"png")
@@ -72,6 +76,15 @@ def test_nothing_is_asked_when_the_timeout_is_zero(run_workspace):
     params["gates"]["approval_timeout_hours"] = 0
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     assert approval_question(project, RUN_ID, {"promoted": False, "version": "7", "reasons": ["x"]}) is None
+
+
+def test_a_task_tried_again_after_the_answer_applies_it_instead_of_asking_twice(run_workspace, monkeypatch):
+    from pipeline.stages import promote as promote_stage
+
+    answer = {"decision": PROMOTE_ANYWAY, "by": "alice", "reason": "new supplier"}
+    monkeypatch.setattr(promote_stage, "recorded_approval", lambda layout, version: version == "7" and answer)
+    assert approval_question(run_workspace[0], RUN_ID, {"promoted": False, "version": "7", "reasons": ["x"]}) == \
+        {"answered": answer}
 
 
 @pytest.mark.parametrize("approval, message", [

@@ -1,6 +1,6 @@
 # make run   : set everything up (venv, data, stores) and run one whole retraining
 # make test  : the whole test suite (what CI runs)
-# make test-fast : everything not marked slow, for the inner loop (under 5 minutes)
+# make test-fast : everything not marked slow, for the inner loop (under 5 minutes; the same Debian packages)
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
@@ -39,7 +39,7 @@ airflow: venv data
 test: venv test-packages
 	$(BIN)/python -m pytest
 
-test-fast: venv
+test-fast: venv test-packages
 	$(BIN)/python -m pytest -m "not slow"
 
 # the benchmark suite (not tests): benchmarks/results.json and benchmarks/RESULTS.md; about an hour here.

@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             run_layout, summary = found
             if args.newer_than is not None and run_layout.run_summary.stat().st_mtime < args.newer_than:
                 raise StageError("the run stopped before it wrote a summary (the last one is older); "
-                                 "see the Airflow output above and runs/failures.jsonl")
+                                 "see the Airflow log (make run prints its path) and runs/failures.jsonl")
             with orchestrate.environ(orchestrate.store_env(layout.root)):  # the project's store, not the run's
                 run_record.print_summary(run_layout, summary)
             return 0 if summary["status"] == "finished" else 1

@@ -147,7 +147,7 @@ def print_summary(layout: Layout, summary: dict) -> None:
                         f"bank {train['bank_size']}, {train['seconds']:.1f} s")
         else:
             training = (f"training     {train['family']} on {train['device']}, {train['epochs']} epochs, "
-                        f"{train['train_items']} {layout.unit}, {train['seconds']:.1f} s")
+                        f"{train.get('train_items', train.get('train_images'))} {layout.unit}, {train['seconds']:.1f} s")
         lines += [
             training,
             f"threshold    {calibration['threshold']:.6g} (method {calibration['method']}"

@@ -62,7 +62,8 @@ def test_too_few_normals_for_the_confidence_are_refused_with_how_many_are_needed
     assert not layout.threshold.exists() and not layout.calibration_normals.exists()
 
 
-def test_the_run_summary_states_the_calibration_conditional_guarantee(tmp_path, capsys):
+@pytest.mark.parametrize("items_key", ["train_items", "train_images"])  # train.json before 2026-12-05 said images
+def test_the_run_summary_states_the_calibration_conditional_guarantee(tmp_path, capsys, items_key):
     from pipeline.io import read_json
     from pipeline.run_record import print_summary
     from pipeline.stages import calibrate
@@ -71,10 +72,12 @@ def test_the_run_summary_states_the_calibration_conditional_guarantee(tmp_path, 
     _scores(layout, 200)
     calibrate.run(layout)
     summary = {"status": "finished", "run_id": "r1", "version": "3", "seconds": 1.0, "validation": {},
-               "train": {"family": "deep_sad", "device": "cpu", "epochs": 1, "train_items": 10, "seconds": 0.5},
+               "train": {"family": "deep_sad", "device": "cpu", "epochs": 1, items_key: 10, "seconds": 0.5},
                "calibration": read_json(layout.threshold),
                "metrics": {k: 0.5 for k in ("auroc", "average_precision", "precision", "recall", "f1", "fpr")}
                | {"n": 10, "n_anomalous": 2}, "promotion": {"promoted": True, "champion": "3"}}
     print_summary(layout, summary)
     bound = read_json(layout.threshold)["conditional_fpr_bound"]
-    assert f"FPR <= {bound:.4f} with probability 0.95 for this calibration set of 200 normals" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "1 epochs, 10 " in out
+    assert f"FPR <= {bound:.4f} with probability 0.95 for this calibration set of 200 normals" in out

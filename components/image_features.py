@@ -65,14 +65,14 @@ def _backbone_space(family: str, backbone: str, weights: str, layers: list[str] 
     import torch
 
     from detector.backbones import LAYERS, apply_weights, resolve_weights
-    from detector.feature_detectors import _drop_unused_blocks, resolve_layers
+    from detector.feature_detectors import drop_unused_blocks, resolve_layers
 
     resolved = resolve_weights(backbone, weights)
     layers = resolve_layers(family, backbone, layers)
     network = timm.create_model(resolved.arch, pretrained=False, features_only=True,
                                 out_indices=[LAYERS[backbone].index(layer) for layer in layers])
     apply_weights(network, resolved, backbone)
-    _drop_unused_blocks(network)  # the blocks past the deepest layer used were most of the time
+    drop_unused_blocks(network)  # the blocks past the deepest layer used were most of the time
     network.to(memory_format=torch.channels_last)  # oneDNN's CPU convolutions: faster in NHWC, as in training
     network.eval()
     return FeatureSpace(f"{backbone} ({resolved.info.source}) {'+'.join(layers)} mean and sd per channel, and "

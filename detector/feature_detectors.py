@@ -136,7 +136,7 @@ def build(spec: dict[str, Any], load_weights: bool = False) -> FeatureDetector:
         raise ValueError(f"unknown feature family {family!r} (known: {', '.join(FEATURE_FAMILIES)})")
     if resolved is not None:
         apply_weights(model.extractor, resolved, backbone)
-    _drop_unused_blocks(model.extractor)
+    drop_unused_blocks(model.extractor)
     # channels-last weights run the backbone's convolutions in NHWC, which oneDNN's CPU kernels
     # are faster at: lite0 at 224 px scored 1.4x faster here, with the same scores
     model.extractor.to(memory_format=torch.channels_last)
@@ -144,7 +144,7 @@ def build(spec: dict[str, Any], load_weights: bool = False) -> FeatureDetector:
     return model
 
 
-def _drop_unused_blocks(extractor: nn.Module) -> None:
+def drop_unused_blocks(extractor: nn.Module) -> None:
     """timm's EfficientNet feature extractor runs all seven blocks whatever layers are asked for
     (``_stage_out_idx`` maps block number + 1 to an output); the blocks past the deepest one asked
     for only cost time and model size. ResNets' feature extractors stop at their last layer already."""

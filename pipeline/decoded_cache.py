@@ -114,7 +114,7 @@ class _Pack:
     offset: int
 
 
-class _PackWriter:
+class PackWriter:
     """One new pack, filled row by row, published only when complete: data synced and renamed
     into place, then its keys (so listing by keys never finds a half pack). An OSError (a full
     disk, a read-only cache) abandons it with a warning: the cache is an optimisation."""
@@ -336,7 +336,7 @@ class DecodedCache:
         packs = [pack for index, pack in enumerate(self.packs) if index not in self.broken]
         if self.folder is None or len(packs) <= MAX_PACKS:
             return False
-        writer = _PackWriter(self.folder, set(self.where), self.shape, what=f"merging {len(packs)} packs")
+        writer = PackWriter(self.folder, set(self.where), self.shape, what=f"merging {len(packs)} packs")
         step = max(1, BUFFER_BYTES // self.row_bytes)
         for pack in packs:
             for start in range(0, len(pack.keys), step):

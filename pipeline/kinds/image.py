@@ -20,7 +20,7 @@ import numpy as np
 from components.images import content_hash, discover
 from detector.decode import DecodeLimits, ImageDecodeError, decode_to_array
 from pipeline.config import Config
-from pipeline.decoded_cache import WRITE_FAILURES, DecodedCache, Rows, _PackWriter, cache_folder, compact
+from pipeline.decoded_cache import WRITE_FAILURES, DecodedCache, Rows, PackWriter, cache_folder, compact
 from pipeline.io import DataError, StageError, atomic_path
 from pipeline.kinds import DataKind, test_rows
 from pipeline.layout import SPLITS, Layout
@@ -40,7 +40,7 @@ def decode_limits(config: Config) -> DecodeLimits:
 
 
 def _write_split(target: Path, rows: dict[str, list], raw: Path, shape: tuple[int, ...], limits: DecodeLimits,
-                 cache: DecodedCache, writer: _PackWriter | None, counts: dict[str, int]) -> None:
+                 cache: DecodedCache, writer: PackWriter | None, counts: dict[str, int]) -> None:
     channels, size = shape[0], shape[1]
     out = Rows(target, len(rows["path"]), shape)
     try:
@@ -131,7 +131,7 @@ def _preprocess(layout: Layout) -> dict:
     index, split_rows = _manifest_rows(layout)
     cache = DecodedCache.open(cache_folder(layout, size, channels, limits), shape)
     missing = {key for rows in split_rows.values() for key in rows["sha256"] if not cache.has(key)}
-    writer = _PackWriter(cache.folder, missing, shape) if cache.folder is not None and missing else None
+    writer = PackWriter(cache.folder, missing, shape) if cache.folder is not None and missing else None
     published = False
     counts = {}
     decoding = {"decoded": 0, "from_cache": 0}

@@ -58,9 +58,13 @@ def alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+STOPPING = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # the signals that mean "stop, and your children"
+
+
 @contextmanager
 def signals_raise() -> Iterator[None]:
-    """SIGTERM/SIGINT raise Interrupted here, so the caller can stop its children first.
+    """SIGTERM/SIGINT (and SIGHUP: a closed terminal or a lost ssh session) raise Interrupted
+    here, so the caller can stop its children first.
 
     Without this a SIGTERM kills only this process and ``dvc repro`` and the stage it runs
     go on as orphans (training for hours, holding DVC's lock). A previous Python SIGTERM
@@ -69,7 +73,7 @@ def signals_raise() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.getsignal(sig) for sig in STOPPING}
 
     def handler(signum, frame):
         before = previous[signum]
@@ -92,7 +96,7 @@ def signals_ignored() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOPPING}
     try:
         yield
     finally:
@@ -191,3 +195,29 @@ def dvc_failure(tail: str) -> tuple[str | None, int | None, str]:
     errors = [line[len("error: "):].strip() for line in tail.splitlines() if line.startswith("error: ")]
     return (stages[-1] if stages else None, int(codes[-1]) if codes else None,
             errors[-1] if errors else (tail.strip().splitlines() or [""])[-1])
+
+
+# Stopping a whole process group (``make run``'s ``airflow dags test``, started in a session of its
+# own): the first SIGINT reaches the running task (it stops its stage and fails, recording it, or
+# goes up_for_retry); once no task runs, the second ends ``dags test`` itself, which otherwise
+# waits out the retry delay; SIGTERM and SIGKILL follow if it is still there. The most seconds
+# to wait after each.
+GROUP_STOP_STEPS = ((signal.SIGINT, 30.0), (signal.SIGINT, 10.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0))
+
+
+def stop_group(child: subprocess.Popen, settled, steps=GROUP_STOP_STEPS) -> None:
+    """Stop ``child`` and everything in its process group, escalating; after the first signal,
+    the next comes once ``settled()`` is true (nothing left mid-work) or after the grace."""
+    for step, (sig, grace) in enumerate(steps):
+        try:
+            os.killpg(child.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            try:
+                child.wait(timeout=0.5)
+                return
+            except subprocess.TimeoutExpired:
+                if step == 0 and settled():
+                    break

@@ -12,7 +12,9 @@ this command started), read while the run goes on, not from Airflow's log format
 log's ``[DAG TEST] starting task_id=...`` lines only cut out a failed task's part.
 
 Ctrl-C (SIGINT) or SIGTERM stops the run the way Ctrl-C on ``airflow dags test`` itself
-would, to its whole process group (airflow, dvc, the stage): see STOP_GRACE.
+would, to its whole process group (airflow, dvc, the stage): pipeline.process.stop_group. So
+does SIGHUP (a closed terminal), and so does any error here (a broken pipe, a database error):
+``airflow dags test`` runs in a session of its own, where nothing but this command can stop it.
 """
 from __future__ import annotations
 
@@ -20,25 +22,19 @@ import argparse
 import configparser
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pipeline import airflow_local
+from pipeline import airflow_local, process
 
 RETRAIN_DAG = "retrain_anomaly_detector"
 # states a task instance ends a try in; up_for_retry is shown too, a retry can take long
 SHOWN_STATES = ("success", "failed", "skipped", "upstream_failed", "removed", "up_for_retry")
 TAIL_LINES = 30
 POLL_SECONDS = 1.0
-# Stopping: the first SIGINT reaches the running task (it stops its stage and fails, recording
-# it, or goes up_for_retry); once no task runs, the second ends ``dags test`` itself, which
-# otherwise waits out the retry delay; SIGTERM and SIGKILL follow if it is still there.
-# The most seconds to wait after each.
-STOP_GRACE = ((signal.SIGINT, 30.0), (signal.SIGINT, 10.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0))
 
 
 def database_url(environment: dict[str, str]) -> str:
@@ -64,22 +60,29 @@ class Runs:
 
     def _rows(self, sql: str, **params) -> list:
         from sqlalchemy import text
-        from sqlalchemy.exc import OperationalError
+        from sqlalchemy.exc import SQLAlchemyError
 
         try:
             with self.engine.connect() as connection:
                 return list(connection.execute(text(sql), {"dag_id": self.dag_id, **params}))
-        except OperationalError:  # SQLite busy with Airflow's write: the next poll reads it
+        except SQLAlchemyError:  # SQLite busy with Airflow's write, say: the next poll reads it
             return []
 
-    def newest_id(self) -> int:
-        rows = self._rows("SELECT max(id) FROM dag_run WHERE dag_id = :dag_id")
-        return (rows[0][0] if rows else None) or 0
+    def newest_id(self, attempts: int = 40) -> int:
+        """The newest run's primary key (0: none yet). Read before our run starts, so it must be read:
+        a failed read taken as 0 would follow the DAG's oldest run instead of ours."""
+        for _ in range(attempts):
+            rows = self._rows("SELECT max(id) FROM dag_run WHERE dag_id = :dag_id")
+            if rows:  # max() always gives one row; none means the read failed
+                return rows[0][0] or 0
+            time.sleep(0.25)
+        raise RuntimeError(f"cannot read Airflow's metadata database ({self.engine.url!r}) to follow the run")
 
     def started_after(self, run_pk: int) -> tuple[str, str] | None:
-        """(run_id, state) of the first run of the DAG created after the run with primary key ``run_pk``."""
-        rows = self._rows("SELECT run_id, state FROM dag_run WHERE dag_id = :dag_id AND id > :pk ORDER BY id",
-                          pk=run_pk)
+        """(run_id, state) of the first ``airflow dags test`` run of the DAG created after the run
+        with primary key ``run_pk`` (a run the scheduler makes meanwhile is not ours)."""
+        rows = self._rows("SELECT run_id, state FROM dag_run WHERE dag_id = :dag_id AND id > :pk "
+                          "AND triggering_user_name = 'dag_test' ORDER BY id", pk=run_pk)
         return (rows[0][0], rows[0][1]) if rows else None
 
     def tasks(self, run_id: str) -> list:
@@ -127,24 +130,6 @@ def task_tail(log: Path, task_id: str | None, lines: int = TAIL_LINES) -> list[s
     return kept[-lines:]
 
 
-def stop(child: subprocess.Popen, settled) -> None:
-    """Stop ``airflow dags test`` and everything it started (its own process group), escalating;
-    after the first signal, the next comes once ``settled()`` (no task runs) or after the grace."""
-    for step, (sig, grace) in enumerate(STOP_GRACE):
-        try:
-            os.killpg(child.pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            try:
-                child.wait(timeout=0.5)
-                return
-            except subprocess.TimeoutExpired:
-                if step == 0 and settled():
-                    break
-
-
 def run(project: Path, dag_id: str = RETRAIN_DAG, conf: str | None = None) -> int:
     """Run ``dag_id`` once with ``airflow dags test``; print progress, the summary and the log's path."""
     project = Path(project).resolve()
@@ -160,41 +145,44 @@ def run(project: Path, dag_id: str = RETRAIN_DAG, conf: str | None = None) -> in
     before = runs.newest_id()
     started = time.time()
     command = [sys.executable, "-m", "airflow", "dags", "test", dag_id] + (["-c", conf] if conf else [])
-    say(f"airflow dags test {dag_id}: the full log goes to {shown_log}")
-    interrupted: list[int] = []
-
-    def on_signal(signum, frame):
-        interrupted.append(signum)
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     shown: list[tuple] = []  # (task_id, map_index, try_number, state) printed, in order
     run_id = None
-    try:
-        with log.open("w") as sink:
-            # its own process group: the terminal's Ctrl-C comes here, and stop() passes it on to all of it
-            child = subprocess.Popen(command, cwd=project, env=environment, stdout=sink, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
-        while True:
-            finished = child.poll() is not None
-            if interrupted and not finished:
-                say(f"got {signal.Signals(interrupted[0]).name}: stopping airflow dags test")
-                stop(child, lambda: run_id is None or all(row[3] != "running" for row in runs.tasks(run_id)))
-                finished = True
-            if run_id is None:
-                found = runs.started_after(before)
-                run_id = found[0] if found else None
-            for row in runs.tasks(run_id) if run_id else []:
-                if row[3] in SHOWN_STATES and tuple(row[:4]) not in shown:
-                    shown.append(tuple(row[:4]))
-                    say(task_line(*row))
-            if finished:
-                break
-            time.sleep(POLL_SECONDS)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
-    code = child.returncode if child.returncode else (130 if interrupted else 0)
+    def show_ended() -> None:
+        nonlocal run_id
+        if run_id is None:
+            found = runs.started_after(before)
+            run_id = found[0] if found else None
+        for row in runs.tasks(run_id) if run_id else []:
+            if row[3] in SHOWN_STATES and tuple(row[:4]) not in shown:
+                shown.append(tuple(row[:4]))
+                say(task_line(*row))
+
+    with log.open("w") as sink:  # made before its path is shown: whoever reads the line finds the file
+        say(f"airflow dags test {dag_id}: the full log goes to {shown_log}")
+        # its own session: the terminal's Ctrl-C comes here only, and stop_group passes it on to all of it
+        child = subprocess.Popen(command, cwd=project, env=environment, stdout=sink, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL, start_new_session=True)
+    interrupted, stopped = None, False
+    try:
+        with process.signals_raise():
+            while child.poll() is None:
+                show_ended()
+                time.sleep(POLL_SECONDS)
+    except BaseException as error:  # a signal, a broken pipe, a database error: airflow must not outlive us
+        interrupted = error
+        if child.poll() is None:
+            with process.signals_ignored():  # a second Ctrl-C must not cut the stopping short
+                if isinstance(error, process.Interrupted):
+                    say(f"{error}: stopping airflow dags test")
+                process.stop_group(child, lambda: run_id is None or
+                                   all(row[3] != "running" for row in runs.tasks(run_id)))
+                stopped = True
+        if not isinstance(error, process.Interrupted):
+            raise
+    show_ended()
+
+    code = child.returncode or (130 if stopped else 0)  # a signal after airflow ended changes nothing
     code = 128 - code if code < 0 else code  # killed by a signal: the shell's 128 + its number
     # the failed tasks, else the one stopped for a retry (Ctrl-C), else the whole log
     failed = [task for task, _, _, state in shown if state == "failed"] or \

@@ -196,16 +196,18 @@ class PromoteOrAsk(HITLOperator):
         if getattr(context["dag_run"], "triggering_user_name", None) == "dag_test":  # what dag.test() records
             self.log.info("airflow dags test: nobody to ask; the default applies: %s", KEEP)
             return _promoted(outcome, context)
+        lost = _unapplied_answer(context["ti"].id)
+        if lost is not None:
+            self.log.info("applying the answer given to an earlier try of this task: %s", lost)
+            return self._apply(context, lost)
         self.subject, self.body = question["subject"], question["body"]
         self.response_timeout = timedelta(hours=question["timeout_hours"])
         return super().execute(context)
 
     def execute_complete(self, context, event):
         answer = super().execute_complete(context, event)
-        user = answer.get("responded_by_user") or {}
-        return self._apply(context, {
-            "decision": answer["chosen_options"][0], "reason": (answer.get("params_input") or {}).get("reason"),
-            "by": user.get("name") or user.get("id") or "nobody: no answer in time, the default applied"})
+        return self._apply(context, _approval(answer["chosen_options"], answer.get("params_input"),
+                                              answer.get("responded_by_user")))
 
     @staticmethod
     def _apply(context, approval: dict):
@@ -215,6 +217,29 @@ class PromoteOrAsk(HITLOperator):
             return _promoted(promote(PROJECT, context["run_id"], approval=approval), context)
         except PermanentFailure as error:
             raise AirflowFailException(str(error)) from None
+
+
+def _approval(chosen: list[str], params_input: dict | None, user: dict | None) -> dict:
+    return {"decision": chosen[0], "reason": (params_input or {}).get("reason"),
+            "by": (user or {}).get("name") or (user or {}).get("id") or "nobody: no answer in time, the default applied"}
+
+
+def _unapplied_answer(ti_id) -> dict | None:
+    """An answer this task instance received on an earlier try that died before applying it (Airflow
+    3.3.2 can fail a task resumed within seconds of parking as "killed externally"; the answer stays
+    on the task instance). None when there is none, or it was refused (promote anyway with no reason:
+    clearing the task asks again)."""
+    from airflow.sdk.execution_time.hitl import get_hitl_detail_content_detail
+
+    try:
+        detail = get_hitl_detail_content_detail(ti_id)
+    except Exception:  # no question was ever written for this task instance
+        return None
+    if not detail.response_received or not detail.chosen_options:
+        return None
+    approval = _approval(detail.chosen_options, detail.params_input,
+                         dict(detail.responded_by_user) if detail.responded_by_user else None)
+    return approval if approval["decision"] == KEEP or str(approval["reason"] or "").strip() else None
 
 
 def _promoted(outcome: dict, context) -> dict:

@@ -204,6 +204,7 @@ def test_the_rest_api_answers_promote_anyway_with_a_reason_and_the_version_becom
     reason = "line 3 retooled: the old champion misses the new defect"
     status, body = _hitl(airflow, run_id, {"chosen_options": [PROMOTE_ANYWAY], "params_input": {"reason": reason}})
     assert status == 200, body
+    answered_at = _hitl(airflow, run_id)[1]["responded_at"]
     states = _finished(airflow, run_id)
     assert states["promote"] == "success" and states["__run__"] == "success", (states, airflow.tail())
     version = _version_of(airflow, run_id)
@@ -212,6 +213,19 @@ def test_the_rest_api_answers_promote_anyway_with_a_reason_and_the_version_becom
     assert tags["approval_decision"] == PROMOTE_ANYWAY and tags["approved_by"] == "admin", tags
     assert tags["approval_reason"] == reason == tags["promotion_reason"], tags
     assert tags["forced_promotion"] == "true" and tags["promoted_by"] == "admin", tags
+
+    # run again (cleared, as a retry runs it) it applies the recorded answer: nobody is asked twice
+    from test_airflow_live import DAG_ID, task_instances
+
+    status, body = airflow.request("POST", f"/api/v2/dags/{DAG_ID}/clearTaskInstances", {
+        "dag_run_id": run_id, "task_ids": ["promote"], "dry_run": False, "only_failed": False})
+    assert status == 200 and [ti["task_id"] for ti in body["task_instances"]] == ["promote"], body
+    states = _finished(airflow, run_id)
+    assert states["promote"] == "success" and states["__run__"] == "success", (states, airflow.tail())
+    assert task_instances(airflow, run_id)["promote"]["try_number"] == 2
+    # it finished with nobody answering again: had it asked, it would still be awaiting input
+    assert _hitl(airflow, run_id)[1]["responded_at"] == answered_at
+    assert _champion(airflow) == version.version and _version_of(airflow, run_id).tags["approved_by"] == "admin"
 
 
 @pytest.mark.slow

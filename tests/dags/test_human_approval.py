@@ -87,6 +87,38 @@ def test_a_task_tried_again_after_the_answer_applies_it_instead_of_asking_twice(
         {"answered": answer}
 
 
+@pytest.mark.parametrize("chosen, reason, expected", [
+    ([PROMOTE_ANYWAY], "new supplier", {"decision": PROMOTE_ANYWAY, "by": "alice", "reason": "new supplier"}),
+    ([KEEP], None, {"decision": KEEP, "by": "alice", "reason": None}),
+    ([PROMOTE_ANYWAY], " ", None),   # refused once already: clearing the task asks again
+    (None, None, None),              # asked, not answered
+])
+def test_an_answer_an_earlier_try_received_but_never_applied_is_applied(monkeypatch, chosen, reason, expected):
+    from airflow.sdk.api.datamodels._generated import HITLDetailResponse
+    from airflow.sdk.execution_time import hitl
+
+    from dags.retrain_anomaly_detector import _unapplied_answer
+
+    detail = HITLDetailResponse(response_received=chosen is not None, chosen_options=chosen,
+                                responded_at="2026-12-05T03:00:00Z" if chosen else None,
+                                responded_by_user={"id": "1", "name": "alice"} if chosen else None,
+                                params_input={"reason": reason})
+    monkeypatch.setattr(hitl, "get_hitl_detail_content_detail", lambda ti_id: detail)
+    assert _unapplied_answer("ti") == expected
+
+
+def test_no_earlier_answer_when_no_question_was_written(monkeypatch):
+    from airflow.sdk.execution_time import hitl
+
+    from dags.retrain_anomaly_detector import _unapplied_answer
+
+    def missing(ti_id):
+        raise RuntimeError("API_SERVER_ERROR: 404 HITL detail not found")
+
+    monkeypatch.setattr(hitl, "get_hitl_detail_content_detail", missing)
+    assert _unapplied_answer("ti") is None
+
+
 @pytest.mark.parametrize("approval, message", [
     ({"decision": PROMOTE_ANYWAY, "by": "alice", "reason": "  "}, "alice chose 'promote anyway' without a reason"),
     ({"decision": PROMOTE_ANYWAY, "by": "alice", "reason": None}, "champion stays"),

@@ -196,10 +196,6 @@ class PromoteOrAsk(HITLOperator):
         if getattr(context["dag_run"], "triggering_user_name", None) == "dag_test":  # what dag.test() records
             self.log.info("airflow dags test: nobody to ask; the default applies: %s", KEEP)
             return _promoted(outcome, context)
-        lost = _unapplied_answer(context["ti"].id)
-        if lost is not None:
-            self.log.info("applying the answer given to an earlier try of this task: %s", lost)
-            return self._apply(context, lost)
         self.subject, self.body = question["subject"], question["body"]
         self.response_timeout = timedelta(hours=question["timeout_hours"])
         return super().execute(context)
@@ -222,24 +218,6 @@ class PromoteOrAsk(HITLOperator):
 def _approval(chosen: list[str], params_input: dict | None, user: dict | None) -> dict:
     return {"decision": chosen[0], "reason": (params_input or {}).get("reason"),
             "by": (user or {}).get("name") or (user or {}).get("id") or "nobody: no answer in time, the default applied"}
-
-
-def _unapplied_answer(ti_id) -> dict | None:
-    """An answer this task instance received on an earlier try that died before applying it (Airflow
-    3.3.2 can fail a task resumed within seconds of parking as "killed externally"; the answer stays
-    on the task instance). None when there is none, or it was refused (promote anyway with no reason:
-    clearing the task asks again)."""
-    from airflow.sdk.execution_time.hitl import get_hitl_detail_content_detail
-
-    try:
-        detail = get_hitl_detail_content_detail(ti_id)
-    except Exception:  # no question was ever written for this task instance
-        return None
-    if not detail.response_received or not detail.chosen_options:
-        return None
-    approval = _approval(detail.chosen_options, detail.params_input,
-                         dict(detail.responded_by_user) if detail.responded_by_user else None)
-    return approval if approval["decision"] == KEEP or str(approval["reason"] or "").strip() else None
 
 
 def _promoted(outcome: dict, context) -> dict:

@@ -201,8 +201,8 @@ def approval_question(project: Path, run_id: str, outcome: dict) -> dict | None:
     where gates.json and the plots are) and the timeout in hours. None when there is nothing to
     ask: promoted, the same model as a version already judged (``unchanged_of``), or
     ``gates.approval_timeout_hours`` is 0. ``{"answered": <approval>}`` when the version records
-    an answer already: the task was tried again after it (Airflow 3.3.2 can fail a task resumed
-    within seconds of parking as "killed externally"), and applies it again rather than ask twice."""
+    an answer already: the task was tried again or cleared after it, and applies it again rather
+    than ask twice."""
     from pipeline.stages import promote as promote_stage
 
     ws = _existing(project, run_id)

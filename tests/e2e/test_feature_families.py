@@ -62,12 +62,13 @@ def test_the_champion_serves_scores_and_on_request_anomaly_maps(ws):
     frame = pd.DataFrame({"image": [f.read_bytes() for f in good + bad]})
 
     plain = model.predict(frame)
-    assert list(plain.columns) == ["anomaly_score", "is_anomaly"]  # the default path computes no map
+    assert list(plain.columns) == ["anomaly_score", "is_anomaly", "p_value"]  # the default path computes no map
     mapped = model.predict(frame, params={"anomaly_map": True})
-    assert list(mapped.columns) == ["anomaly_score", "is_anomaly", "anomaly_map"]
+    assert list(mapped.columns) == ["anomaly_score", "is_anomaly", "p_value", "anomaly_map"]
     np.testing.assert_allclose(mapped["anomaly_score"], plain["anomaly_score"], rtol=1e-5)
+    assert ((plain["p_value"] > 0) & (plain["p_value"] <= 1)).all()
     threshold = float(_client(ws).get_model_version("anomaly-detector", "1").tags["threshold"])
-    for score, flagged, png in mapped.itertuples(index=False):
+    for score, flagged, _, png in mapped.itertuples(index=False):
         picture = Image.open(io.BytesIO(png))
         assert picture.format == "PNG" and picture.mode == "L" and picture.size == (64, 64)
         levels = np.asarray(picture)

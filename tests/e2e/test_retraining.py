@@ -190,8 +190,8 @@ def test_champion_loads_and_scores_in_a_fresh_process_outside_the_repository(ws,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["columns"] == ["anomaly_score", "is_anomaly"]
-    assert result["dtypes"] == ["float64", "bool"]
+    assert result["columns"] == ["anomaly_score", "is_anomaly", "p_value"]
+    assert result["dtypes"] == ["float64", "bool", "float64"]
     scores, flags = result["scores"], result["flags"]
     assert len(scores) == len(files) + 1
     threshold = float(_client(ws).get_model_version("anomaly-detector", "2").tags["threshold"])

@@ -104,7 +104,7 @@ def generate_transactions(rows: int, seed: int = 0, batch: str = "batch-0001", f
     })
 
 
-def _batch_files(folder: Path) -> list[tuple[str, Path]]:
+def batch_files(folder: Path) -> list[tuple[str, Path]]:
     """(batch, file): a file directly in ``folder`` is its own batch (its name without the
     suffix); files in a sub-folder belong to that folder's batch. Hidden files and those whose
     name starts with ``_`` (Spark's ``_SUCCESS``, as pyarrow skips them) are not data."""
@@ -185,7 +185,7 @@ def read_batches(folder: Path, text_columns: tuple[str, ...] = ()) -> tuple[pd.D
     and the files that could not be read (each with its reason). A file with no rows adds
     nothing (concatenated, its empty columns would turn every number column into text)."""
     frames, errors = [], []
-    for batch, path in _batch_files(folder):
+    for batch, path in batch_files(folder):
         try:
             frame = read_table_file(path, text_columns)
         except ValueError as error:

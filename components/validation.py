@@ -209,10 +209,9 @@ def validate_manifest(manifest: pd.DataFrame, rules: Rules) -> ValidationReport:
     return _run_suite(manifest, "image_manifest", _expectations(rules), "path", errors, label_counts, "files")
 
 
-def _run_suite(frame: pd.DataFrame, name: str, expectations: list[tuple[Any, str]], key: str,
-               errors: dict[Any, str], label_counts: dict[str, int], unit: str) -> ValidationReport:
-    """Great Expectations' suite of (expectation, sentence) over ``frame``; offending rows are
-    named by their ``key`` column (with ``errors[key]`` where known)."""
+def _gx_validate(frame: pd.DataFrame, name: str, expectations: list[tuple[Any, str]], key: str):
+    """Great Expectations' verdict of a suite of (expectation, sentence) over ``frame``, rows
+    named by their ``key`` column."""
     import warnings
 
     import great_expectations as gx
@@ -230,9 +229,15 @@ def _run_suite(frame: pd.DataFrame, name: str, expectations: list[tuple[Any, str
         suite.add_expectation(expectation)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = batch.validate(suite, result_format={
+        return batch.validate(suite, result_format={
             "result_format": "COMPLETE", "unexpected_index_column_names": [key]})
 
+
+def _run_suite(frame: pd.DataFrame, name: str, expectations: list[tuple[Any, str]], key: str,
+               errors: dict[Any, str], label_counts: dict[str, int], unit: str) -> ValidationReport:
+    """Great Expectations' suite of (expectation, sentence) over ``frame``; offending rows are
+    named by their ``key`` column (with ``errors[key]`` where known)."""
+    result = _gx_validate(frame, name, expectations, key)
     failures = []
     for outcome in result.results:
         if outcome.success:
@@ -250,7 +255,7 @@ def _run_suite(frame: pd.DataFrame, name: str, expectations: list[tuple[Any, str
         exception = (outcome.exception_info or {}).get("exception_message") if not detail else None
         failures.append({
             "expectation": config.type,
-            "column": _data_column(config.kwargs.get("column")),
+            "column": config.kwargs.get("column"),
             "description": sentence + (f" (observed {observed!r})" if observed is not None else
                                        f" (could not be checked: {exception})" if exception else
                                        f" ({detail['unexpected_count']} {unit} do not)" if "unexpected_count" in detail
@@ -306,7 +311,7 @@ def render_html(report: ValidationReport) -> str:
 class TableRules:
     """The declared schema of a table and the bounds a snapshot of batches must meet; plain
     values, built from params (``table`` and ``validate``) by the stage."""
-    columns: dict[str, dict[str, Any]]       # name -> {type, min, max, allowed, max_null_fraction}
+    columns: dict[str, dict[str, Any]]       # name -> {type, min, max, allowed, max_null_fraction, drift}
     label_column: str = "is_fraud"
     key_column: str = "transaction_id"
     min_rows: int = 100
@@ -319,197 +324,346 @@ class TableRules:
     quantiles: tuple[float, ...] = (0.1, 0.5, 0.9)
     drift_window: int = 30
 
+    def stats_spec(self, sample_rows: int | None = None):
+        """What per-batch statistics these rules are checked against (components/table_stats.py)."""
+        from components.table_stats import StatsSpec
 
-LABEL_OK, LABEL_VALUE = "__label_ok", "__label"
-
-
-def number_check(name: str) -> str:
-    """The helper column that says, row by row, whether ``name`` holds a finite number (or nothing)."""
-    return f"__number__{name}"
-
-
-def number_value(name: str) -> str:
-    """The helper column of ``name`` as numbers (missing where it is not one): ranges and drift."""
-    return f"__value__{name}"
+        return StatsSpec({name: rule["type"] for name, rule in self.columns.items()}, self.key_column,
+                         self.label_column, sample_rows)
 
 
-def _data_column(column: str | None) -> str | None:
-    """The data column a helper column stands for, as a failure names it."""
-    for prefix in ("__number__", "__value__"):
-        if column and column.startswith(prefix):
-            return column[len(prefix):]
-    return column
+# the checks of a table snapshot: (kind, the sentence GX's report shows for the kind). Each is
+# one expectation over a frame of one row per check instance (a column, a column in a batch),
+# so the suite's cost does not grow with the width of the table.
+TABLE_CHECKS = {
+    "rows": "the snapshot holds the number of rows it must",
+    "exists": "every declared column, the key and the label exist in every batch",
+    "key_present": "every row has a key",
+    "key_unique": "no key appears twice (within a batch, or across the recent batches)",
+    "labels": "every label is 0 (normal), 1 (anomaly) or missing",
+    "normal": "enough rows are labelled normal",
+    "anomalies": "enough rows are labelled anomalous",
+    "ratio": "the anomaly ratio of the labelled rows is within its bounds",
+    "nulls": "no column has more missing values than it allows, in the snapshot and in each recent batch",
+    "numbers": "numeric columns hold finite numbers",
+    "range": "numeric columns are within their declared ranges",
+    "categories": "categorical columns hold only their declared categories",
+    "new_categories": "no recent batch brings a category that the earlier batches never had",
+    "mean": "no numeric column's mean drifted from the batch before",
+    "quantiles": "no numeric column's quantiles drifted from the batch before",
+}
+VALUED = {"rows", "normal", "anomalies", "ratio"}  # checked by GX against bounds; the others are pass/fail
 
 
-def table_frame(frame: pd.DataFrame, rules: TableRules) -> pd.DataFrame:
-    """The snapshot with the columns the suite reads. The label as a number (``__label``; text
-    "0"/"1" counts), whether each row's label is 0, 1 or missing (``__label_ok``), ``labelled``,
-    ``is_anomaly`` / ``is_normal`` (0/1; both 0 where the label is missing); for each declared
-    numeric column, the column as numbers and whether each row held a finite number (or
-    nothing) in ``__number__<name>`` (so a wrong value is named by its row's key) and its
-    numbers in ``__value__<name>`` (for ranges and drift). The columns
-    starting ``__`` are the suite's own: they are not kept in the manifest."""
-    out = frame.copy()
-    if rules.label_column in out.columns:
-        raw = out[rules.label_column]
-        label = pd.to_numeric(raw, errors="coerce")
-        out[LABEL_OK] = raw.isna() | label.isin([0, 1])
-        label = label.where(label.isin([0, 1]))
-        out[LABEL_VALUE] = label.astype(float)
-        out["labelled"] = label.notna()
-        out["is_anomaly"] = (label == 1).astype(int)
-        out["is_normal"] = (label == 0).astype(int)
-    for name, rule in rules.columns.items():
-        if rule["type"] == "numeric" and name in out.columns:
-            raw = out[name]
-            values = raw.astype(float) if pd.api.types.is_bool_dtype(raw) else pd.to_numeric(raw, errors="coerce")
-            values = values.astype(float)
-            out[number_check(name)] = raw.isna() | np.isfinite(values.to_numpy())
-            out[number_value(name)] = values.where(np.isfinite(values.to_numpy()))
-    return out
-
-
-def _recent(frame: pd.DataFrame, window: int) -> list[str]:
+def _recent(batches: list[str], window: int) -> list[str]:
     """The newest ``window`` batches: the ones each run checks batch by batch. Every batch in
     the window is checked, not the newest alone: a refused batch stays in the landing folder
     until someone removes or fixes it, and it must not pass once a newer batch lands behind it
     (as a bad image keeps failing until it is removed)."""
-    return sorted(frame["batch"].astype(str).unique())[-window:]
+    return batches[-window:]
 
 
-def _in_batch(batch: str) -> dict:
-    from great_expectations.expectations.row_conditions import Column
+class _Checks:
+    """Check instances as GX rows, with the failure each becomes when GX finds it failed."""
 
-    return {"row_condition": Column("batch") == batch}
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self.failures: dict[str, dict[str, Any]] = {}
+
+    def add(self, kind: str, ident: str, value: Any, failure: dict[str, Any] | None) -> None:
+        check = f"{kind}:{ident}"
+        self.rows.append({"check": check, kind: value})
+        if failure is not None:
+            self.failures[check] = {"expectation": kind, "column": None, "unexpected_count": 0,
+                                    "observed_value": None, "offending_files": [], **failure}
+
+    def passfail(self, kind: str, ident: str, ok: bool, column: str | None, description: str,
+                 count: int = 0, offending: list[str] | None = None, observed: Any = None) -> None:
+        self.add(kind, ident, bool(ok), None if ok else {
+            "column": column, "description": description, "unexpected_count": int(count),
+            "offending_files": list(offending or [])[:20], "observed_value": observed})
 
 
-def _table_expectations(frame: pd.DataFrame, rules: TableRules) -> tuple[list[tuple[Any, str]], list[tuple[Any, str]]]:
-    """(the expectations over the whole snapshot, those over single recent batches). The
-    second run on the recent batches' rows alone: each filters its rows by batch, and over the
-    whole history that filtering would grow with every night."""
-    import great_expectations as gx
+def _rows_do_not(count: int, exact: bool = True) -> str:
+    return f" ({'' if exact else 'at least '}{count} rows do not)"
 
-    E = gx.expectations
-    key, label = rules.key_column, rules.label_column
-    items: list[tuple[Any, str]] = [
-        (E.ExpectTableRowCountToBeBetween(min_value=rules.min_rows, max_value=rules.max_rows),
-         f"the snapshot holds at least {rules.min_rows} rows" + (f" and at most {rules.max_rows}" if rules.max_rows
-                                                                 else "")),
-    ]
-    for name in [key, label, *rules.columns]:
-        items.append((E.ExpectColumnToExist(column=name), f"the column '{name}' exists"))
-    present = set(frame.columns)
-    if key in present:
-        items += [(E.ExpectColumnValuesToNotBeNull(column=key), f"every row has a key ('{key}')"),
-                  (E.ExpectColumnValuesToBeUnique(column=key), f"no key ('{key}') appears twice")]
-    if label in present:
-        low, high = rules.anomaly_ratio
-        items += [
-            (E.ExpectColumnValuesToBeInSet(column=LABEL_OK, value_set=[True]),
-             f"every label ('{label}') is 0 (normal), 1 (anomaly) or missing"),
-            (E.ExpectColumnSumToBeBetween(column="is_normal", min_value=rules.min_good),
-             f"at least {rules.min_good} rows labelled normal"),
-            (E.ExpectColumnSumToBeBetween(column="is_anomaly", min_value=rules.min_anomalies),
-             f"at least {rules.min_anomalies} rows labelled anomalous"),
-            (E.ExpectColumnMeanToBeBetween(column=LABEL_VALUE, min_value=low, max_value=high),
-             f"the anomaly ratio of the labelled rows is within [{low}, {high}]"),
-        ]
-    batches = sorted(frame["batch"].astype(str).unique()) if "batch" in present else []
-    recent = _recent(frame, rules.drift_window) if batches else []
+
+def _label_checks(checks: _Checks, stats: list, rules: TableRules) -> dict[str, int]:
+    label = rules.label_column
+    parts = [s.summary["label"] for s in stats if s.summary["label"] is not None]
+    if not parts:
+        return {}
+    counts = {k: sum(p[k] for p in parts) for k in ("normal", "anomaly", "unlabelled", "bad")}
+    bad_rows = [r for p in parts for r in p["bad_rows"]]
+    checks.passfail("labels", label, counts["bad"] == 0, label,
+                    f"every label ('{label}') is 0 (normal), 1 (anomaly) or missing" + _rows_do_not(counts["bad"]),
+                    counts["bad"], bad_rows)
+    low, high = rules.anomaly_ratio
+    labelled = counts["normal"] + counts["anomaly"]
+    ratio = counts["anomaly"] / labelled if labelled else None
+    checks.add("normal", "snapshot", counts["normal"], {
+        "column": label, "observed_value": counts["normal"],
+        "description": f"at least {rules.min_good} rows labelled normal (observed {counts['normal']})"})
+    checks.add("anomalies", "snapshot", counts["anomaly"], {
+        "column": label, "observed_value": counts["anomaly"],
+        "description": f"at least {rules.min_anomalies} rows labelled anomalous (observed {counts['anomaly']})"})
+    checks.add("ratio", "snapshot", ratio, {
+        "column": label, "observed_value": ratio,
+        "description": f"the anomaly ratio of the labelled rows is within [{low}, {high}] (observed {ratio!r})"})
+    return {"normal": counts["normal"], "anomaly": counts["anomaly"], "unlabelled": counts["unlabelled"]}
+
+
+def _key_checks(checks: _Checks, stats: list, recent: list[str], rules: TableRules) -> None:
+    key = rules.key_column
+    parts = [s for s in stats if s.summary["key"] is not None]
+    if not parts:
+        return
+    nulls = sum(s.summary["key"]["nulls"] for s in parts)
+    checks.passfail("key_present", key, nulls == 0, key, f"every row has a key ('{key}')" + _rows_do_not(nulls),
+                    nulls, [r for s in parts for r in s.summary["key"]["null_rows"]])
+    for s in parts:
+        repeated = s.summary["key"]["duplicates"]
+        checks.passfail("key_unique", s.batch, repeated == 0, key,
+                        f"no key ('{key}') appears twice in batch {s.batch} ({repeated} repeated keys)", repeated,
+                        s.summary["key"]["duplicate_rows"])
+    # across the recent batches and the one before them: each batch's sorted hashes merged
+    window = [s for s in parts if s.batch in set(recent)]
+    if len(parts) > len(window):
+        window.insert(0, parts[len(parts) - len(window) - 1])
+    if len(window) > 1:
+        hashes = np.concatenate([np.unique(s.key_hashes) for s in window])
+        owner = np.repeat(np.arange(len(window)), [len(np.unique(s.key_hashes)) for s in window])
+        order = np.argsort(hashes, kind="stable")
+        hashes, owner = hashes[order], owner[order]
+        twice = np.flatnonzero(hashes[1:] == hashes[:-1])
+        shared = sorted({(window[owner[i]].batch, window[owner[i + 1]].batch) for i in twice[:1000]})
+        checks.passfail("key_unique", "recent batches", len(twice) == 0, key,
+                        f"no key ('{key}') appears in two of the recent batches ({len(twice)} keys do: "
+                        + ", ".join(f"{a} and {b}" for a, b in shared[:5]) + ")", len(twice))
+
+
+def _column_checks(checks: _Checks, stats: list, recent: list[str], rules: TableRules) -> None:
+    from components.table_stats import pooled_std
+
+    batches = [s.batch for s in stats]
+    multi = len(batches) > 1
     pairs = [(b, batches[batches.index(b) - 1]) for b in recent if batches.index(b) > 0]
-    per_batch: list[tuple[Any, str]] = []
+    by_batch = {s.batch: s for s in stats}
     for name, rule in rules.columns.items():
-        if name not in present:
+        present = [s for s in stats if s.column(name) is not None]
+        if not present:
             continue
+        rows = sum(s.rows for s in present)
+        nulls = sum(s.column(name)["nulls"] for s in present)
         allowed_null = float(rule.get("max_null_fraction") or 0.0)
-        items.append((E.ExpectColumnValuesToNotBeNull(column=name, mostly=1.0 - allowed_null),
-                      f"at most {allowed_null:.0%} of '{name}' is missing"))
-        if len(batches) > 1:  # the bound holds for each recent batch too, not only the whole history
-            per_batch += [(E.ExpectColumnValuesToNotBeNull(column=name, mostly=1.0 - allowed_null, **_in_batch(b)),
-                       f"at most {allowed_null:.0%} of '{name}' is missing in batch {b}") for b in recent]
+        null_rows = [r for s in present for r in s.column(name)["null_rows"]]
+        checks.passfail("nulls", name, nulls <= allowed_null * rows + 1e-9, name,
+                        f"at most {allowed_null:.0%} of '{name}' is missing ({nulls} of {rows} rows are)", nulls,
+                        null_rows, nulls / rows if rows else None)
+        if multi:  # the bound holds for each recent batch too, not only the whole history
+            for batch in recent:
+                column = by_batch[batch].column(name)
+                if column is None:
+                    continue
+                n, size = column["nulls"], by_batch[batch].rows
+                checks.passfail("nulls", f"{name}:{batch}", n <= allowed_null * size + 1e-9, name,
+                                f"at most {allowed_null:.0%} of '{name}' is missing in batch {batch} "
+                                f"({n} of {size} rows are)", n, column["null_rows"], n / size if size else None)
         if rule["type"] == "numeric":
-            items.append((E.ExpectColumnValuesToBeInSet(column=number_check(name), value_set=[True]),
-                          f"'{name}' holds finite numbers"))
-            if rule.get("min") is not None or rule.get("max") is not None:
-                items.append((E.ExpectColumnValuesToBeBetween(column=number_value(name), min_value=rule.get("min"),
-                                                              max_value=rule.get("max")),
-                              f"'{name}' is within [{rule.get('min')}, {rule.get('max')}]"))
-            for newest, reference in pairs if rule.get("drift", True) else []:
-                per_batch += _drift(E, frame, name, newest, reference, rules)
+            bad = sum(s.column(name)["non_numbers"] for s in present)
+            checks.passfail("numbers", name, bad == 0, name, f"'{name}' holds finite numbers" + _rows_do_not(bad),
+                            bad, [r for s in present for r in s.column(name)["non_number_rows"]])
+            _range_check(checks, name, rule, present)
+            if rule.get("drift", True):
+                for newest, reference in pairs:
+                    _drift_checks(checks, name, by_batch[newest], by_batch[reference],
+                                  [by_batch[b] for b in batches[:batches.index(newest)]], rules, pooled_std)
         else:
-            allowed = rule.get("allowed")
-            if allowed is not None:
-                items.append((E.ExpectColumnValuesToBeInSet(column=name, value_set=list(allowed)),
-                              f"every '{name}' is one of the declared categories ({', '.join(allowed)})"))
-            elif rule.get("drift", True):
-                for newest, _ in pairs:
-                    seen = sorted(frame.loc[frame["batch"] < newest, name].dropna().astype(str).unique())
-                    per_batch.append((E.ExpectColumnValuesToBeInSet(column=name, value_set=seen,
-                                                                    **_in_batch(newest)),
-                                      f"batch {newest} has no '{name}' category the earlier batches never had"))
-    return items, per_batch
+            _category_checks(checks, name, rule, present, pairs, by_batch, batches)
 
 
-def _drift(E, frame: pd.DataFrame, name: str, newest: str, reference: str, rules: TableRules) -> list:
+def _range_check(checks: _Checks, name: str, rule: dict, present: list) -> None:
+    from components.table_stats import EXTREMES
+
+    low, high = rule.get("min"), rule.get("max")
+    if low is None and high is None:
+        return
+    outside: list[tuple[float, str]] = []
+    exact = True
+    for s in present:
+        column = s.column(name)
+        below = [(v, r) for v, r in column["smallest"] if low is not None and v < low]
+        above = [(v, r) for v, r in column["largest"] if high is not None and v > high]
+        exact = exact and len(below) < EXTREMES and len(above) < EXTREMES
+        outside += below + above
+    checks.passfail("range", name, not outside, name,
+                    f"'{name}' is within [{low}, {high}]" + _rows_do_not(len(outside), exact), len(outside),
+                    [f"{r}: {v:g}" for v, r in outside])
+
+
+def _sample_values(stats, name: str) -> np.ndarray:
+    from components.table_stats import as_numbers
+
+    if name not in stats.sample.columns:
+        return np.empty(0)
+    values = as_numbers(stats.sample[name])
+    return values[np.isfinite(values)]
+
+
+def _drift_checks(checks: _Checks, name: str, newest, reference, before: list, rules: TableRules,
+                  pooled_std) -> None:
     """Batch ``newest``'s mean and quantiles of ``name`` within the bounds (in standard
     deviations of the ``reference`` batch, the one accepted before it) around the reference's.
 
     Where every value of the reference batch was the same (a flag that stayed 0 all day), its
     standard deviation is 0 and any change at all would be drift: the unit is then the
     standard deviation over all batches before ``newest``, and only a column that never
-    varied keeps a unit of (almost) nothing."""
-    column = number_value(name)
-    ref = frame.loc[frame["batch"] == reference, column].dropna()
-    if len(ref) < 2:
-        return []
-    std, unit = float(ref.std()), f"batch {reference}'s standard deviations"
+    varied keeps a unit of (almost) nothing. Means and standard deviations are exact (from
+    each batch's statistics); quantiles come from each batch's sample (exact up to
+    ``table.rows_per_batch`` rows)."""
+    ref, new = reference.column(name), newest.column(name)
+    if ref is None or new is None or (ref.get("count") or 0) < 2 or not new.get("count"):
+        return
+    std = pooled_std([ref])
+    unit = f"batch {reference.batch}'s standard deviations"
     if not std > 0:
-        std = float(frame.loc[frame["batch"] < newest, column].std()) or 1e-9
-        unit = f"standard deviations of the batches before it (batch {reference}'s values were all equal)"
-    mean, k = float(ref.mean()), rules.max_mean_shift
-    items = [(E.ExpectColumnMeanToBeBetween(column=column, min_value=mean - k * std,
-                                            max_value=mean + k * std, **_in_batch(newest)),
-              f"'{name}' has not drifted: the mean of batch {newest} is within {k:g} {unit} of "
-              f"batch {reference}'s ({mean:.4g} +- {k * std:.4g})")]
+        std = pooled_std([s.column(name) for s in before if s.column(name) is not None])
+        std = std if std > 0 else 1e-9
+        unit = f"standard deviations of the batches before it (batch {reference.batch}'s values were all equal)"
+    mean, k = float(ref["mean"]), rules.max_mean_shift
+    observed = float(new["mean"])
+    ident = f"{name}:{newest.batch}"
+    checks.passfail("mean", ident, abs(observed - mean) <= k * std, name,
+                    f"'{name}' has not drifted: the mean of batch {newest.batch} is within {k:g} {unit} of "
+                    f"batch {reference.batch}'s ({mean:.4g} +- {k * std:.4g}) (observed {observed:.4g})",
+                    observed=observed)
     q = rules.max_quantile_shift
-    ranges = [[float(v) - q * std, float(v) + q * std] for v in ref.quantile(list(rules.quantiles))]
-    items.append((E.ExpectColumnQuantileValuesToBeBetween(
-        column=column, quantile_ranges={"quantiles": list(rules.quantiles), "value_ranges": ranges},
-        **_in_batch(newest)),
-        f"'{name}' has not drifted: batch {newest}'s quantiles {', '.join(f'{x:g}' for x in rules.quantiles)} are "
-        f"within {q:g} {unit} of batch {reference}'s"))
-    return items
+    ref_values, new_values = _sample_values(reference, name), _sample_values(newest, name)
+    if len(ref_values) < 2 or not len(new_values):
+        return
+    wanted = list(rules.quantiles)
+    expected, seen = np.quantile(ref_values, wanted), np.quantile(new_values, wanted)
+    ok = bool(np.all(np.abs(seen - expected) <= q * std))
+    checks.passfail("quantiles", ident, ok, name,
+                    f"'{name}' has not drifted: batch {newest.batch}'s quantiles {', '.join(f'{x:g}' for x in wanted)} "
+                    f"are within {q:g} {unit} of batch {reference.batch}'s (observed "
+                    f"{', '.join(f'{v:.4g}' for v in seen)} against {', '.join(f'{v:.4g}' for v in expected)})",
+                    observed=[float(v) for v in seen])
 
 
-def validate_table(frame: pd.DataFrame, rules: TableRules, unreadable: list[str] = ()) -> ValidationReport:
-    """The table suite over a snapshot of batches (``frame`` with a ``batch`` column, as
-    components.tables.read_batches gives it); files that could not be read fail it too."""
+def _category_checks(checks: _Checks, name: str, rule: dict, present: list, pairs: list, by_batch: dict,
+                     batches: list[str]) -> None:
+    allowed = rule.get("allowed")
+    if allowed is not None:
+        unknown = {c: v for s in present for c, v in s.column(name)["categories"].items() if c not in set(allowed)}
+        count = sum(sum(v[0] for s in present for c, v in s.column(name)["categories"].items() if c == u)
+                    for u in unknown)
+        checks.passfail("categories", name, not unknown, name,
+                        f"every '{name}' is one of the declared categories ({', '.join(allowed)})"
+                        + _rows_do_not(count), count, [f"{v[1]}" for v in unknown.values()],
+                        observed=sorted(unknown)[:20])
+        return
+    if not rule.get("drift", True):
+        return
+    for newest, _ in pairs:
+        column = by_batch[newest].column(name)
+        if column is None:
+            continue
+        seen: set[str] = set()
+        overflow = column["overflow"]
+        for batch in batches[:batches.index(newest)]:
+            earlier = by_batch[batch].column(name)
+            if earlier is not None:
+                seen.update(earlier["categories"])
+                overflow = overflow or earlier["overflow"]
+        new = {c: v for c, v in column["categories"].items() if c not in seen}
+        count = sum(v[0] for v in new.values())
+        checks.passfail("new_categories", f"{name}:{newest}", not new, name,
+                        f"batch {newest} has no '{name}' category the earlier batches never had"
+                        + _rows_do_not(count) + (f": {', '.join(sorted(new)[:10])}" if new else "")
+                        + (" (more than 10,000 categories: only the first were compared)" if overflow else ""),
+                        count, [v[1] for v in new.values()], observed=sorted(new)[:20])
+
+
+def validate_table_stats(stats: list, rules: TableRules, unreadable: list[str] = ()) -> ValidationReport:
+    """The table suite over a snapshot's per-batch statistics (components/table_stats.py, one
+    per batch, in batch order); files that could not be read fail it too. Every check is
+    computed from the statistics (vectorised, once per column or column and recent batch) and
+    handed to Great Expectations as one row of a small frame, under one expectation per kind
+    of check: GX stays the contract and the report, at a cost that does not grow with the
+    number of columns or of rows."""
     quiet_gx_logging()
-    frame = table_frame(frame, rules)
-    counts = {}
-    if "is_anomaly" in frame.columns:
-        counts = {"normal": int(frame["is_normal"].sum()), "anomaly": int(frame["is_anomaly"].sum()),
-                  "unlabelled": int((~frame["labelled"]).sum())}
+    import great_expectations as gx
+
+    stats = sorted(stats, key=lambda s: s.batch)
     failures = [{"expectation": "readable_files", "column": None, "description": f"a batch file cannot be read: "
                  f"{reason}", "unexpected_count": 1, "offending_files": []} for reason in unreadable]
-    if frame.empty:
+    rows = sum(s.rows for s in stats)
+    checks = _Checks()
+    counts = _label_checks(checks, stats, rules)
+    if rows == 0:
         return ValidationReport(False, 0, counts, unit="rows", failures=failures + [{
             "expectation": "expect_table_row_count_to_be_between", "column": None,
             "description": "the snapshot holds at least one row: no rows found", "unexpected_count": 0,
             "offending_files": []}])
-    key = rules.key_column if rules.key_column in frame.columns else "batch"
-    whole, per_batch = _table_expectations(frame, rules)
-    report = _run_suite(frame, "table", whole, key, {}, counts, "rows")
-    if per_batch:  # the recent batches and the one before the oldest of them: what the checks read
-        batches = sorted(frame["batch"].astype(str).unique())
-        window = batches[-(rules.drift_window + 1):]
-        recent = _run_suite(frame[frame["batch"].isin(window)], "table_recent_batches", per_batch, key, {}, counts,
-                            "rows")
-        report.failures += recent.failures
-        report.success = report.success and recent.success
-        report.gx_result = {"snapshot": report.gx_result, "recent_batches": recent.gx_result}
-        report.gx_object = [report.gx_object, recent.gx_object]
-    if failures:
-        report.failures[:0] = failures
-        report.success = False
-    return report
+    bound = f"at least {rules.min_rows} rows" + (f" and at most {rules.max_rows}" if rules.max_rows else "")
+    checks.add("rows", "snapshot", rows, {"observed_value": rows,
+                                          "description": f"the snapshot holds {bound} (observed {rows})"})
+    batches = [s.batch for s in stats]
+    for name in [rules.key_column, rules.label_column, *rules.columns]:
+        missing = [s.batch for s in stats if (s.summary["key"] is None if name == rules.key_column else
+                                              s.summary["label"] is None if name == rules.label_column else
+                                              s.column(name) is None)]
+        where = "" if len(missing) == len(batches) else f" in every batch (missing in {', '.join(missing[:10])})"
+        checks.passfail("exists", name, not missing, name, f"the column '{name}' exists{where}",
+                        len(missing), missing)
+    recent = _recent(batches, rules.drift_window)
+    _key_checks(checks, stats, recent, rules)
+    _column_checks(checks, stats, recent, rules)
+
+    E = gx.expectations
+    low, high = rules.anomaly_ratio
+    bounds = {"rows": (rules.min_rows, rules.max_rows), "normal": (rules.min_good, None),
+              "anomalies": (rules.min_anomalies, None), "ratio": (low, high)}
+    frame = pd.DataFrame(checks.rows)
+    expectations = []
+    for kind, sentence in TABLE_CHECKS.items():
+        if kind not in frame.columns:
+            continue
+        if kind in VALUED:
+            frame[kind] = pd.to_numeric(frame[kind])
+            low_bound, high_bound = bounds[kind]
+            expectation = E.ExpectColumnValuesToBeBetween(column=kind, min_value=low_bound, max_value=high_bound)
+        else:
+            frame[kind] = frame[kind].astype(object)
+            expectation = E.ExpectColumnValuesToBeInSet(column=kind, value_set=[True])
+        expectations.append((expectation, sentence))
+    result = _gx_validate(frame, "table", expectations, "check")
+    for outcome in result.results:
+        if outcome.success:
+            continue
+        detail = outcome.result or {}
+        kind = outcome.expectation_config.kwargs.get("column")
+        failed = [item.get("check") if isinstance(item, dict) else item
+                  for item in detail.get("unexpected_index_list") or []]
+        if not failed and not detail:  # GX could not run it: say so rather than pass it
+            reason = (outcome.exception_info or {}).get("exception_message")
+            failures.append({"expectation": kind, "column": None, "unexpected_count": 0, "offending_files": [],
+                             "description": f"{TABLE_CHECKS.get(kind, kind)} (could not be checked: {reason})"})
+        failures += [checks.failures[check] for check in failed if check in checks.failures]
+    success = bool(result.success) and not failures
+    return ValidationReport(success, rows, counts, failures, result.to_json_dict(), result, "rows")
+
+
+def validate_table(frame: pd.DataFrame, rules: TableRules, unreadable: list[str] = ()) -> ValidationReport:
+    """The table suite over a snapshot already in memory (``frame`` with a ``batch`` column,
+    as components.tables.read_batches gives it): its per-batch statistics (every row sampled),
+    then ``validate_table_stats``. The pipeline streams each file instead (pipeline/table_stats.py)."""
+    from components.table_stats import batch_stats, frame_chunks
+
+    spec = rules.stats_spec(sample_rows=None)
+    stats = []
+    if not frame.empty:
+        for batch, group in frame.groupby(frame["batch"].astype(str), sort=True):
+            stats.append(batch_stats(str(batch), lambda g=group: frame_chunks(g, spec), spec))
+    return validate_table_stats(stats, rules, unreadable)

@@ -171,6 +171,11 @@ class Table(_Section):
     min_rows: int = Field(100, ge=1)
     max_rows: int | None = Field(None, ge=1)
     drift: Drift = Drift()
+    # tall tables (issue 22): each batch keeps at most this many rows for training and for the
+    # drift check's quantiles, a deterministic sample by key hash (null: every row); the newest
+    # ``train_batches`` batches train (null: all). Validation always reads every row.
+    rows_per_batch: int | None = Field(100_000, ge=1)
+    train_batches: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _names(self) -> "Table":

@@ -88,6 +88,14 @@ class Layout:
         cache = dvc_cache_dir(self.root)
         return cache / "anomaly-preprocess" if cache is not None else None
 
+    @property
+    def table_stats_cache(self) -> Path | None:
+        """validate's per-batch statistics of a table snapshot (pipeline/table_stats.py), beside
+        the decoded-image cache in the DVC cache this workspace uses: every run of a project
+        reads a batch's rows once. None outside a DVC repository."""
+        cache = dvc_cache_dir(self.root)
+        return cache / "anomaly-table-stats" if cache is not None else None
+
     # train
     @property
     def models(self) -> Path:

@@ -67,30 +67,55 @@ def text_columns(config: Config) -> tuple[str, ...]:
             *(name for name, rule in config.table.columns.items() if rule.type == "categorical"))
 
 
+def label_columns(frame, label_column: str):
+    """``labelled``, ``is_anomaly`` and ``is_normal`` of rows from their label (0, 1 or
+    missing; text "0"/"1" counts; anything else is neither, and validation refused it)."""
+    from components.table_stats import as_numbers
+
+    label = as_numbers(frame[label_column]) if label_column in frame.columns else np.full(len(frame), np.nan)
+    frame["labelled"] = np.isin(label, (0.0, 1.0))
+    frame["is_anomaly"] = (label == 1).astype(np.int64)
+    frame["is_normal"] = (label == 0).astype(np.int64)
+    return frame
+
+
 def _table_manifest(layout: Layout):
-    """The validated records of every batch, each with its split (a hash of its key; an
-    unlabelled row trains only: calibration and test need labels), and the report."""
+    """The validated snapshot, from each batch's statistics (pipeline/table_stats.py: a batch
+    is read once, then its statistics are stored), and the report. The manifest, what
+    preprocess trains, calibrates and tests on, is the newest ``table.train_batches`` batches'
+    samples (``table.rows_per_batch`` rows of each, by key hash; every row of a smaller batch),
+    each row with its split (a hash of its key; an unlabelled row trains only: calibration and
+    test need labels)."""
+    import pandas as pd
+
     from components.splits import split_of
-    from components.tables import key_hash, read_batches
-    from components.validation import table_frame, validate_table
+    from components.tables import key_hash
+    from components.validation import validate_table_stats
+    from pipeline.table_stats import snapshot_stats
 
     config = layout.config
     rules = table_rules(config)
-    frame, unreadable = read_batches(layout.raw, text_columns(config))
-    report = validate_table(frame, rules, unreadable)
+    stats, unreadable, counts = snapshot_stats(layout, rules.stats_spec(config.table.rows_per_batch),
+                                               text_columns(config))
+    print(f"validate: {counts['batches']} batches, {counts['read']} read ({counts['rows_read']} rows), "
+          f"{counts['stored']} from their stored statistics")
+    report = validate_table_stats(stats, rules, unreadable)
     if not report.success:
         return None, report
-    checked = table_frame(frame, rules)
+    chosen = stats[-config.table.train_batches:] if config.table.train_batches else stats
+    samples = pd.concat([s.sample for s in chosen], ignore_index=True)
+    if len(chosen) < len(stats) or len(samples) < report.n_files:
+        print(f"validate: the manifest holds {len(samples)} of {report.n_files} rows: the newest {len(chosen)} of "
+              f"{len(stats)} batches (table.train_batches), at most {config.table.rows_per_batch} rows of each "
+              "(table.rows_per_batch)")
     # the declared columns and the pipeline's own: an undeclared column of mixed types across
     # files would not fit one Parquet column, and nothing downstream reads it
-    keep = ["batch", "source", rules.key_column, rules.label_column, *rules.columns, "labelled", "is_anomaly",
-            "is_normal"]
-    manifest = checked[[name for name in keep if name in checked.columns]].copy()
+    keep = ["batch", "source", rules.key_column, rules.label_column, *rules.columns]
+    manifest = label_columns(samples[[name for name in keep if name in samples.columns]].copy(), rules.label_column)
     hashes = manifest[rules.key_column].map(key_hash)
     manifest["sha256"] = hashes
     manifest["split"] = [split_of(h, config.preprocess.split.fractions) if labelled else "train"
                          for h, labelled in zip(hashes, manifest["labelled"])]
-    manifest["is_anomaly"] = manifest["is_anomaly"].astype(np.int64)
     return manifest, report
 
 

@@ -242,29 +242,61 @@ def _never_normal(predictions: pd.DataFrame, name: str):
     return flags | odd
 
 
-def score_table_files(model, files: list[Path], root: Path, key: str, text_columns: tuple[str, ...]) -> pd.DataFrame:
-    """data.kind table: one row per record of each CSV/Parquet file (its ``key`` value in
-    ``row``), read as training read them (``text_columns`` as text); a file the model refuses
-    gets one row with the reason, and the others are scored all the same."""
-    from components.tables import read_table_file
+def _model_columns(model) -> list[str] | None:
+    """The columns the model reads (its signature's inputs), or None when it declares none."""
+    try:
+        schema = model.metadata.get_input_schema()
+        return list(schema.input_names()) if schema is not None else None
+    except Exception:  # not an MLflow pyfunc, or a signature without names: read every column
+        return None
 
+
+def score_table_files(model, files: list[Path], root: Path, key: str, text_columns: tuple[str, ...],
+                      chunk_rows: int | None = None) -> pd.DataFrame:
+    """data.kind table: one row per record of each CSV/Parquet file (its ``key`` value in
+    ``row``, else its row number in the file), read as training read them (``text_columns`` as
+    text); a file the model refuses gets one row with the reason, and the others are scored all
+    the same.
+
+    A file is read and scored ``chunk_rows`` rows at a time (``components.tables.CHUNK_ROWS``
+    by default): a fraud team's file of millions of rows needs memory for one chunk's features,
+    not the file's. Only the results of every row are kept (Benjamini-Hochberg needs all the
+    p-values), and a file's are kept aside until its last chunk is scored: a file that fails at
+    any chunk gets its one error row and none of its rows. Parquet is read for the model's
+    columns and the key alone; the others are never decoded."""
+    from components import tables
+
+    chunk_rows = chunk_rows or tables.CHUNK_ROWS
+    wanted = _model_columns(model)
+    columns = None if wanted is None else [*wanted, *([key] if key not in wanted else [])]
     parts, errors = [], {}
     for path in files:
         name = path.relative_to(root).as_posix()
+        rows, predictions, numbered = [], [], 0
         try:
-            frame = read_table_file(path, text_columns)
-            rows = frame[key].astype(str) if key in frame.columns else pd.Series(range(len(frame))).astype(str)
-            predictions = _predict_records(model, frame.set_axis(rows.to_numpy()))
+            for frame in tables.iter_table_file(path, text_columns, chunk_rows=chunk_rows, columns=columns):
+                if len(frame.columns) == 0 and path.suffix.lower() == ".csv":  # zero bytes, not even a header:
+                    # refused, as reading it whole refused it (iter_table_file gives an empty frame)
+                    raise ValueError(f"{path.name}: cannot be read as CSV: No columns to parse from file")
+                # the key as text, or the row number in the file: numbered on from the chunk before
+                chunk_keys = frame[key].astype(str) if key in frame.columns else \
+                    pd.Series(range(numbered, numbered + len(frame))).astype(str)
+                numbered += len(frame)
+                if len(frame):
+                    predictions.append(_predict_records(model, frame.set_axis(chunk_keys.to_numpy())))
+                    rows.append(chunk_keys.to_numpy())
         except Exception as error:  # a file missing a column, or unreadable: the others are still scored
             message = str(error) or type(error).__name__
             if "Failed to enforce schema" in message:  # MLflow's signature check: its reason, not the whole frame
                 message = message.split("Error: ", 1)[-1]
             errors[name] = message.splitlines()[0]
             continue
-        parts.append(pd.DataFrame({"file": name, "row": rows.to_numpy(),
-                                   "anomaly_score": predictions["anomaly_score"].astype(float).to_numpy(),
-                                   "is_anomaly": _never_normal(predictions, name), "error": "",
-                                   **_p_value(predictions)}))
+        keys = np.concatenate(rows) if rows else np.array([], dtype=object)
+        scored = pd.concat(predictions, ignore_index=True) if predictions else _predict_records(model, pd.DataFrame())
+        parts.append(pd.DataFrame({"file": name, "row": keys,
+                                   "anomaly_score": scored["anomaly_score"].astype(float).to_numpy(),
+                                   "is_anomaly": _never_normal(scored, name), "error": "",
+                                   **_p_value(scored)}))
     table = pd.concat(parts, ignore_index=True) if parts else \
         pd.DataFrame(columns=["file", "row", "anomaly_score", "is_anomaly", "error"])
     return _with_errors(table, errors)

@@ -154,8 +154,6 @@ def iter_table_file(path: Path, text_columns: tuple[str, ...] = (), chunk_rows: 
                     yield _text(record_batch.to_pandas(), text_columns)
                 if empty:  # a file of no rows still has its columns
                     yield _text(parquet.schema_arrow.empty_table().to_pandas(), text_columns)
-    except pd.errors.EmptyDataError:
-        yield pd.DataFrame()
     except ValueError as error:
         if str(error).startswith(path.name):
             raise

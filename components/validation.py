@@ -188,9 +188,14 @@ def _expectations(rules: Rules) -> list[tuple[Any, str]]:
 
 
 def quiet_gx_logging() -> None:
-    """GX logs every metric it computes at INFO; under Airflow that buries the task log."""
-    for name in ("great_expectations", "great_expectations.core", "great_expectations.data_context"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    """GX logs every metric it computes at INFO (and where it puts its ephemeral docs); under
+    Airflow that buries the task log. Its loggers exist once it is imported."""
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)  # its import logs at INFO too
+    import great_expectations  # noqa: F401  (creates the loggers quieted below; it sets its own level)
+
+    for name in list(logging.root.manager.loggerDict):
+        if name == "great_expectations" or name.startswith("great_expectations."):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def validate_manifest(manifest: pd.DataFrame, rules: Rules) -> ValidationReport:

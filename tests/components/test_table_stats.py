@@ -1,0 +1,101 @@
+"""Per-batch statistics of tables (components/table_stats.py) and the suite over them at
+telemetry width: a chunked Parquet read gives the statistics of the whole file, the sample
+is the same rows whatever the chunking, and a 1,000-column table is validated by a fixed
+number of expectations that name the one bad column, without a pandas warning per column."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from components.table_stats import StatsSpec, batch_stats, frame_chunks, pooled_std
+from components.tables import generate_transactions, iter_table_file
+from components.validation import TABLE_CHECKS, TableRules, validate_table
+
+TYPES = {"amount": "numeric", "hour": "numeric", "merchant_category": "categorical",
+         "distance_from_home_km": "numeric", "device_changed": "numeric", "card_present": "numeric",
+         "transactions_last_24h": "numeric", "channel": "categorical"}
+TEXT = ("transaction_id", "merchant_category", "channel")
+
+
+def _streamed(path, spec: StatsSpec, chunk_rows: int):
+    return batch_stats("batch-0001", lambda: ((c, path.name) for c in iter_table_file(path, TEXT, chunk_rows)), spec)
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_a_file_streamed_in_chunks_has_the_statistics_of_the_whole_file(tmp_path, suffix):
+    frame = generate_transactions(2500, 3)
+    frame.loc[[10, 2000], "amount"] = np.nan
+    frame["amount"] = [None if pd.isna(v) else str(v) for v in frame["amount"]]  # a text column, as exports go
+    frame.loc[1999, "amount"] = "err"   # in the third chunk of 700 rows (a CSV reads "n/a" as missing)
+    path = tmp_path / f"batch-0001{suffix}"
+    (frame.to_parquet if suffix == ".parquet" else frame.to_csv)(path, index=False)
+    assert [len(c) for c in iter_table_file(path, TEXT, 700)] == [700, 700, 700, 400]
+    spec = StatsSpec(TYPES, "transaction_id", "is_fraud", sample_rows=500)
+    chunked, whole = _streamed(path, spec, 700), _streamed(path, spec, 10_000)
+
+    amount = pd.to_numeric(frame["amount"], errors="coerce").dropna()
+    for stats in (chunked, whole):
+        column = stats.column("amount")
+        assert stats.rows == 2500 and column["nulls"] == 2 and column["non_numbers"] == 1
+        assert column["non_number_rows"] == [frame.loc[1999, "transaction_id"]]
+        assert column["count"] == len(amount)
+        assert column["mean"] == pytest.approx(amount.mean(), rel=1e-12)
+        assert pooled_std([column]) == pytest.approx(amount.std(), rel=1e-9)
+        assert [v for v, _ in column["smallest"]] == sorted(amount)[:20]
+        assert [v for v, _ in column["largest"]] == sorted(amount, reverse=True)[:20]
+        assert stats.summary["label"]["anomaly"] == int(frame["is_fraud"].sum())
+        categories = stats.column("channel")["categories"]
+        assert {c: v[0] for c, v in categories.items()} == frame["channel"].value_counts().to_dict()
+        assert len(stats.key_hashes) == 2500 and np.all(np.diff(stats.key_hashes.astype(np.float64)) >= 0)
+    # the sample is the same rows whatever the chunking: the 500 with the smallest salted key hash
+    assert len(chunked.sample) == 500
+    assert sorted(chunked.sample["transaction_id"]) == sorted(whole.sample["transaction_id"])
+    # and a sample, not the file's first rows
+    assert chunked.sample["transaction_id"].isin(frame["transaction_id"].iloc[:500]).mean() < 0.5
+
+
+def test_repeated_keys_within_a_batch_are_counted_and_named():
+    frame = generate_transactions(1200, 4)
+    frame.loc[1100, "transaction_id"] = frame.loc[5, "transaction_id"]
+    spec = StatsSpec(TYPES, "transaction_id", "is_fraud")
+    key = batch_stats("b", lambda: frame_chunks(frame, spec), spec).summary["key"]
+    assert key["duplicates"] == 1 and key["duplicate_rows"] == [frame.loc[5, "transaction_id"]]
+
+
+def _wide(rows: int, columns: int, seed: int, batch: str) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    values = rng.normal(size=(rows, columns)) * np.linspace(1, 50, columns)
+    values[:, : columns // 3] = 7.0                      # sensors that never move in training
+    frame = pd.DataFrame(values, columns=[f"s{i:04d}" for i in range(columns)])
+    frame.insert(0, "id", [f"{batch}-{i}" for i in range(rows)])
+    frame["label"] = (rng.random(rows) < 0.05).astype(int)
+    frame["batch"] = batch
+    return frame
+
+
+def test_a_thousand_column_table_is_checked_by_a_fixed_number_of_expectations_that_name_the_bad_column():
+    columns = {f"s{i:04d}": {"type": "numeric", "min": -1e6, "max": 1e6, "allowed": None, "max_null_fraction": 0.0}
+               for i in range(1000)}
+    rules = TableRules(columns=columns, label_column="label", key_column="id", min_rows=100, min_good=10,
+                       min_anomalies=5, anomaly_ratio=(0.01, 0.2))
+    first, second = _wide(400, 1000, 1, "batch-0001"), _wide(300, 1000, 2, "batch-0002")
+    second["s0777"] = second["s0777"].astype(object)
+    second.loc[12, "s0777"] = "err"                      # a sensor's export wrote an error code
+    second.loc[40:80, "s0555"] = np.nan                  # one went silent
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = validate_table(pd.concat([first, second], ignore_index=True), rules)
+    assert not [w for w in caught if issubclass(w.category, pd.errors.PerformanceWarning)]
+    assert not report.success and report.n_files == 700
+    assert {f["column"] for f in report.failures} == {"s0777", "s0555"}
+    [numbers] = [f for f in report.failures if f["expectation"] == "numbers"]
+    assert numbers["offending_files"] == ["batch-0002-12"] and "(1 rows do not)" in numbers["description"]
+    assert any(f["expectation"] == "nulls" and "in batch batch-0002 (41 of 300 rows are)" in f["description"]
+               for f in report.failures)
+    # GX ran one expectation per kind of check, not one per column
+    assert len(report.gx_object.results) <= len(TABLE_CHECKS)
+    # constant sensors are no drift: their unit falls back to the earlier batches' spread
+    assert not [f for f in report.failures if f["expectation"] in ("mean", "quantiles")]

@@ -1,0 +1,104 @@
+"""validate's stored per-batch statistics of a table snapshot (pipeline/table_stats.py): a new
+night reads only its own rows; a batch whose file changed is read again; a damaged entry is
+read again with a warning, never trusted; the manifest is each batch's sample of the newest
+``table.train_batches`` batches; and a drifted batch found from stored statistics is refused."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from components.tables import generate_transactions
+from pipeline.config import parse
+from pipeline.kinds.table import _table_manifest
+from pipeline.layout import Layout
+from tests.scratch import deep_update
+
+PROJECT = Path(__file__).resolve().parents[2]
+
+
+def _layout(root: Path, **table) -> Layout:
+    (root / ".dvc").mkdir(parents=True, exist_ok=True)  # a DVC repository: its cache holds the statistics
+    params = deep_update(yaml.safe_load((PROJECT / "params.yaml").read_text()),
+                         {"data": {"kind": "table"}, "model": {"type": "deep_sad"}, "table": table,
+                          "validate": {"min_good": 10, "min_anomalies": 5, "anomaly_ratio": [0.01, 0.2]}})
+    return Layout(root, parse(params))
+
+
+def _night(layout: Layout, number: int, rows: int = 1500, parquet: bool = False) -> Path:
+    layout.raw.mkdir(parents=True, exist_ok=True)
+    frame = generate_transactions(rows, 5, f"batch-{number:04d}")
+    path = layout.raw / f"batch-{number:04d}.{'parquet' if parquet else 'csv'}"
+    frame.to_parquet(path, index=False) if parquet else frame.to_csv(path, index=False)
+    return path
+
+
+def _validate(layout: Layout, capsys) -> tuple[pd.DataFrame | None, object, str]:
+    """(manifest, report, what was printed: standard output, then standard error)."""
+    manifest, report = _table_manifest(layout)
+    printed = capsys.readouterr()
+    return manifest, report, printed.out + printed.err
+
+
+def test_a_night_reads_only_its_own_rows_and_a_changed_file_is_read_again(tmp_path, capsys):
+    layout = _layout(tmp_path)
+    for night in (1, 2):
+        _night(layout, night, parquet=night == 2)
+    manifest, report, out = _validate(layout, capsys)
+    assert report.success and "2 batches, 2 read (3000 rows), 0 from their stored statistics" in out
+    _night(layout, 3)
+    manifest, report, out = _validate(layout, capsys)
+    assert report.success and "3 batches, 1 read (1500 rows), 2 from their stored statistics" in out
+    assert report.n_files == 4500 and len(manifest) == 4500 and set(manifest["batch"]) == {
+        "batch-0001", "batch-0002", "batch-0003"}
+    # a batch re-exported with other content (same name) is read again, not taken from the store
+    frame = generate_transactions(1500, 6, "batch-0002")
+    frame["amount"] = frame["amount"] * 3
+    path = layout.raw / "batch-0002.parquet"
+    frame.to_parquet(path, index=False)
+    os.utime(path, ns=(0, 0))
+    manifest, report, out = _validate(layout, capsys)
+    assert "1 read (1500 rows), 2 from their stored statistics" in out
+    assert not report.success and any("'amount' has not drifted" in f["description"] and "batch-0002" in
+                                       f["description"] for f in report.failures)
+
+
+def test_a_damaged_stored_entry_is_read_again_with_a_warning(tmp_path, capsys):
+    layout = _layout(tmp_path)
+    _night(layout, 1)
+    _validate(layout, capsys)
+    [summary] = list(layout.table_stats_cache.rglob("summary.json"))
+    summary.write_text("{ not json")
+    manifest, report, out = _validate(layout, capsys)
+    assert report.success and "1 read (1500 rows), 0 from their stored statistics" in out
+    assert "the stored statistics of batch batch-0001 cannot be read" in out
+
+
+def test_the_manifest_is_the_newest_batches_samples(tmp_path, capsys):
+    layout = _layout(tmp_path, rows_per_batch=400, train_batches=2)
+    for night in (1, 2, 3):
+        _night(layout, night, rows=1000)
+    manifest, report, out = _validate(layout, capsys)
+    assert report.success and report.n_files == 3000          # validation saw every row
+    assert len(manifest) == 800 and set(manifest["batch"]) == {"batch-0002", "batch-0003"}
+    assert "the manifest holds 800 of 3000 rows" in out
+    assert manifest["transaction_id"].is_unique and set(manifest["split"]) == {"train", "calibration", "test"}
+    # the same rows on the next run, from the stored samples
+    again, _, out = _validate(layout, capsys)
+    assert "0 read" in out
+    # (text columns come back from the store in pandas' str dtype, not object: the values are what count)
+    pd.testing.assert_frame_equal(manifest.reset_index(drop=True), again.reset_index(drop=True), check_dtype=False)
+
+
+@pytest.mark.parametrize("bad", ["bad.parquet", "empty.csv"])
+def test_an_unreadable_file_fails_validation_by_name(tmp_path, capsys, bad):
+    layout = _layout(tmp_path)
+    _night(layout, 1)
+    (layout.raw / bad).write_bytes(b"" if bad.endswith(".csv") else b"cut short")
+    manifest, report, _ = _validate(layout, capsys)
+    assert manifest is None and not report.success
+    assert [f["expectation"] for f in report.failures] == ["readable_files"]
+    assert bad in report.failures[0]["description"]

@@ -58,12 +58,22 @@ class StatsSpec:
 
 @dataclass
 class BatchStats:
-    """One batch's statistics. ``summary`` is JSON-able; ``key_hashes`` (sorted uint64) and
-    ``sample`` (a frame with ``batch``, ``source`` and the read columns) are stored beside it."""
+    """One batch's statistics. ``summary`` is JSON-able; ``key_hashes`` (sorted uint64; may be
+    memory-mapped) and ``sample`` (a frame with ``batch``, ``source`` and the read columns) are
+    stored beside it. A stored sample is read when first used (``load_sample``): a night needs
+    the samples of its recent and training batches only, not of the whole history."""
     batch: str
     summary: dict[str, Any]
-    key_hashes: np.ndarray
-    sample: pd.DataFrame = field(repr=False)
+    key_hashes: np.ndarray = field(repr=False)
+    stored_sample: pd.DataFrame | None = field(default=None, repr=False)
+    load_sample: Callable[[], pd.DataFrame] | None = field(default=None, repr=False)
+
+    @property
+    def sample(self) -> pd.DataFrame:
+        if self.stored_sample is None:
+            self.stored_sample = self.load_sample() if self.load_sample is not None else \
+                pd.DataFrame(columns=["batch", "source"])
+        return self.stored_sample
 
     @property
     def rows(self) -> int:

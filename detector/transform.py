@@ -28,6 +28,9 @@ def category_text(values: pd.Series) -> pd.Series:
             return str(bool(value)).lower()
         return str(value)
 
+    if pd.api.types.infer_dtype(values, skipna=True) in ("string", "empty"):  # text already: no per-value work
+        out = values.astype(object)
+        return out.where(values.notna().to_numpy(), None)
     return pd.Series([text(v) for v in values.tolist()], index=values.index, dtype=object)
 
 

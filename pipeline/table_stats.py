@@ -83,9 +83,10 @@ def _load(folder: Path, batch: str):
     from components.table_stats import BatchStats
 
     summary = json.loads((folder / "summary.json").read_text())
-    hashes = np.load(folder / "keys.npy")
-    sample = pd.read_parquet(folder / "sample.parquet")
-    return BatchStats(batch, summary, hashes, sample)
+    hashes = np.load(folder / "keys.npy", mmap_mode="r")  # read only where keys are compared (recent batches)
+    if not (folder / "sample.parquet").is_file():
+        raise FileNotFoundError(folder / "sample.parquet")
+    return BatchStats(batch, summary, hashes, load_sample=lambda: pd.read_parquet(folder / "sample.parquet"))
 
 
 def _store(folder: Path, stats) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 from benchmarks.common import ROOT, Context, Figure
 
 BENCHMARKS = ("training", "scoring", "rerun", "incremental", "scale", "orchestration", "quality", "table_quality",
-              "surface_quality", "feature_throughput",
+              "surface_quality", "feature_throughput", "table_scale",
               "gpu")
 HERE = Path(__file__).resolve().parent
 

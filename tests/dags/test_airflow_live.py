@@ -231,6 +231,15 @@ def test_rest_api_refuses_bad_parameters_and_creates_no_run(airflow, conf, key):
     assert len(airflow.runs()) == before
 
 
+def sign_in(page, airflow) -> None:
+    """Log a Playwright page in to the live Airflow UI as its admin."""
+    page.goto(f"{airflow.url}/")
+    page.locator("input[name=username]").fill("admin")
+    page.locator("input[name=password]").fill(airflow.password)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(lambda url: "/auth/login" not in url, timeout=30_000)
+
+
 def test_a_browser_changes_a_parameter_in_the_trigger_form_and_triggers(airflow, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -241,11 +250,7 @@ def test_a_browser_changes_a_parameter_in_the_trigger_form_and_triggers(airflow,
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(f"{airflow.url}/")
-            page.locator("input[name=username]").fill("admin")
-            page.locator("input[name=password]").fill(airflow.password)
-            page.get_by_role("button", name="Sign in").click()
-            page.wait_for_url(lambda url: "/auth/login" not in url, timeout=30_000)
+            sign_in(page, airflow)
             page.goto(f"{airflow.url}/dags/{DAG_ID}")
             page.get_by_role("button", name="Trigger").first.click()
             dialog = page.get_by_role("dialog")

@@ -238,7 +238,7 @@ def test_the_rest_api_answers_promote_anyway_with_a_reason_and_the_version_becom
 @pytest.mark.e2e
 def test_a_browser_approves_a_model_whose_gates_failed(airflow, tmp_path):
     from playwright.sync_api import sync_playwright
-    from test_airflow_live import CHROMIUM, CHROMIUM_FLAGS, DAG_ID, wait_for
+    from test_airflow_live import CHROMIUM, CHROMIUM_FLAGS, DAG_ID, sign_in, wait_for
 
     assert Path(CHROMIUM).exists(), "chromium is missing: `make test` installs it (Debian package chromium)"
     shots = Path(os.environ.get("ANOMALY_PIPELINE_SCREENSHOTS") or tmp_path)
@@ -248,11 +248,7 @@ def test_a_browser_approves_a_model_whose_gates_failed(airflow, tmp_path):
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(f"{airflow.url}/")
-            page.locator("input[name=username]").fill("admin")
-            page.locator("input[name=password]").fill(airflow.password)
-            page.get_by_role("button", name="Sign in").click()
-            page.wait_for_url(lambda url: "/auth/login" not in url, timeout=30_000)
+            sign_in(page, airflow)
             page.goto(f"{airflow.url}/dags/{DAG_ID}/runs/{run_id}/tasks/promote/required_actions")
             page.get_by_text("failed its gates").first.wait_for(timeout=30_000)
             page.locator("input[name=element_reason], textarea[name=element_reason]").first.fill(reason)

@@ -19,49 +19,22 @@ import numpy as np
 import pytest
 import yaml
 
-PROJECT = Path(__file__).resolve().parents[2]
+from tests.table_models import PROJECT, declared_columns, served_table_model
+
 KEY = "transaction_id"
-
-
-def declared_columns() -> dict:
-    """params.yaml's table.columns: the schema of the generated transactions."""
-    return yaml.safe_load((PROJECT / "params.yaml").read_text())["table"]["columns"]
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """A deep_sad table model fitted on generated transactions, calibrated at fpr on a fresh
     set of generated normals, logged with those normals and loaded as a pyfunc."""
-    import mlflow
-    import torch
-
     from components.calibration import calibrate
-    from components.tables import generate_transactions
-    from components.training import TrainSettings, train
-    from detector.scoring import score
-    from detector.transform import Transform
-    from pipeline.registry import Store, connect, ensure_experiment, log_detector
 
     root = tmp_path_factory.mktemp("fdr")
-    frame = generate_transactions(1500, 21, fraud_rate=0.1)
-    transform = Transform.fit(frame, declared_columns())
-    spec = {"family": "deep_sad", "input": "table", "features": transform.width, "width": 16, "latent_dim": 8}
-    result = train(spec, transform.apply(frame), frame["is_fraud"].to_numpy(np.float32),
-                   TrainSettings(epochs=5, batch_size=128, learning_rate=0.003, seed=0, device="cpu", num_threads=1),
-                   progress=False)
-    calibration = generate_transactions(2000, 22, fraud_rate=0.0)
-    normals = np.sort(score(result.model.eval(), transform.apply(calibration), batch_size=4096, device="cpu"))
-    np.save(root / "normals.npy", normals)
-    threshold = calibrate(normals, np.zeros(len(normals)), "fpr", target_fpr=0.05).threshold
-    torch.save(result.model.state_dict(), root / "model.pt")
-    client = connect(Store(f"sqlite:///{root / 'mlflow.db'}"))
-    experiment = ensure_experiment(client, "fdr", (root / "artifacts").as_uri())
-    with mlflow.start_run(experiment_id=experiment):
-        _, version = log_detector(root / "model.pt", {"spec": result.spec, "kind": "table",
-                                                      "transform": transform.as_dict()}, threshold,
-                                  frame[list(declared_columns())].head(3), "fdr", [], PROJECT / "detector",
-                                  calibration_normals=root / "normals.npy")
-    return mlflow.pyfunc.load_model(f"models:/fdr/{version}"), root
+    model = served_table_model(root, "fdr", rows=1500, seed=21, width=16, epochs=5, calibration_rows=2000,
+                               threshold=lambda normals: calibrate(normals, np.zeros(len(normals)), "fpr",
+                                                                   target_fpr=0.05).threshold)
+    return model, root
 
 
 def _batch(model, root: Path, seed: int, q):

@@ -11,50 +11,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
-PROJECT = Path(__file__).resolve().parents[2]
+from tests.table_models import declared_columns, served_table_model
+
 KEY = "transaction_id"
 TEXT = (KEY, "merchant_category", "channel")
 WHOLE = 10**9  # rows per chunk that no test file reaches: one chunk, as the file read whole
-
-
-def declared_columns() -> dict:
-    return yaml.safe_load((PROJECT / "params.yaml").read_text())["table"]["columns"]
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """A small deep_sad table model with calibration normals (so it gives p-values), logged,
     registered and loaded as a pyfunc."""
-    import mlflow
-    import torch
-
-    from components.tables import generate_transactions
-    from components.training import TrainSettings, train
-    from detector.scoring import score
-    from detector.transform import Transform
-    from pipeline.registry import Store, connect, ensure_experiment, log_detector
-
-    root = tmp_path_factory.mktemp("chunked")
-    frame = generate_transactions(600, 31, fraud_rate=0.1)
-    transform = Transform.fit(frame, declared_columns())
-    spec = {"family": "deep_sad", "input": "table", "features": transform.width, "width": 8, "latent_dim": 8}
-    result = train(spec, transform.apply(frame), frame["is_fraud"].to_numpy(np.float32),
-                   TrainSettings(epochs=1, batch_size=128, learning_rate=0.003, seed=0, device="cpu", num_threads=1),
-                   progress=False)
-    normals = np.sort(score(result.model.eval(), transform.apply(generate_transactions(300, 32, fraud_rate=0.0)),
-                            batch_size=4096, device="cpu"))
-    np.save(root / "normals.npy", normals)
-    torch.save(result.model.state_dict(), root / "model.pt")
-    client = connect(Store(f"sqlite:///{root / 'mlflow.db'}"))
-    experiment = ensure_experiment(client, "chunked", (root / "artifacts").as_uri())  # not ./mlruns
-    with mlflow.start_run(experiment_id=experiment):
-        _, version = log_detector(root / "model.pt", {"spec": result.spec, "kind": "table",
-                                                      "transform": transform.as_dict()}, float(np.median(normals)),
-                                  frame[list(declared_columns())].head(3), "chunked", [], PROJECT / "detector",
-                                  calibration_normals=root / "normals.npy")
-    return mlflow.pyfunc.load_model(f"models:/chunked/{version}")
+    return served_table_model(tmp_path_factory.mktemp("chunked"), "chunked", rows=600, seed=31, width=8, epochs=1,
+                              calibration_rows=300, threshold=lambda normals: float(np.median(normals)))
 
 
 def _transactions(rows: int, seed: int) -> pd.DataFrame:

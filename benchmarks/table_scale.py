@@ -15,7 +15,8 @@ what ingest would copy there): ingest is not what is measured.
     first gives the batch file a new mtime, so a per-batch statistics cache (keyed by path,
     size and mtime) cannot answer it: every repetition reads its rows. Per million cells is
     taken on the stage *after its imports* (``pipeline.cli.main(["validate"])`` timed inside
-    the child, pandas, pyarrow, Great Expectations and the stage's modules imported first):
+    the child, pandas, pyarrow, Great Expectations and the stage's modules imported first:
+    only what the stage imports anyway, so the whole child still times the stage's process):
     the interpreter's start-up and imports are a fixed cost that would hide the per-cell one at
     the small sizes. Flatness = max/min of the three widths' per-million-cell figures within a
     round (target <= 1.5). Separately, 1,000 columns x 100k rows (quick: 1,000 rows) validated
@@ -133,11 +134,16 @@ peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if lin
 print("{MARK} imports=%.6f work=%.6f vmhwm_kb=%d" % (imported - started, worked, peak_kb), flush=True)
 raise SystemExit(code)
 """
-# what the table stages import, taken before the timed part (missing ones are skipped)
-STAGE_IMPORTS = ("numpy", "pandas", "pyarrow", "pyarrow.parquet", "pyarrow.compute", "great_expectations",
-                 "pipeline.config", "pipeline.layout", "pipeline.kinds.table", "pipeline.stages.validate",
-                 "pipeline.stages.preprocess", "components.tables", "components.validation",
-                 "components.table_stats", "pipeline.table_stats", "detector.transform")
+# what each table stage imports anyway, taken before the timed part (missing ones are skipped):
+# the whole process's time must stay that of `python -m pipeline <stage>`, so preprocess does
+# not get validate's Great Expectations
+COMMON_IMPORTS = ("numpy", "pandas", "pyarrow", "pyarrow.parquet", "pyarrow.compute", "pipeline.config",
+                  "pipeline.layout", "pipeline.kinds.table", "components.tables", "detector.transform")
+STAGE_IMPORTS = {
+    "validate": (*COMMON_IMPORTS, "great_expectations", "pipeline.stages.validate", "components.validation",
+                 "components.table_stats", "pipeline.table_stats"),
+    "preprocess": (*COMMON_IMPORTS, "pipeline.stages.preprocess"),
+}
 
 
 # ---------------------------------------------------------------- children
@@ -218,7 +224,7 @@ class StageRun:
 
 def run_stage(stage: str, project: Path) -> StageRun:
     """``pipeline <stage>`` in a fresh child (CHILD), with its time after imports and its VmHWM."""
-    child = spawn([PYTHON, "-c", CHILD, stage, *STAGE_IMPORTS], project, bench_env())
+    child = spawn([PYTHON, "-c", CHILD, stage, *STAGE_IMPORTS[stage]], project, bench_env())
     warnings = child.output.count("PerformanceWarning")
     if child.killed:  # its time so far is the bound; its memory, the tree's sampled peak
         return StageRun(child.seconds, child.seconds, child.peak_tree_mb, warnings, child.killed)

@@ -12,8 +12,8 @@ what ingest would copy there): ingest is not what is measured.
     range), a string key and a 0/1 label (every 20th row), one Parquet batch. The same number of
     cells at every width (20M: 2M rows x 10, 200k x 100, 20k x 1,000; quick: 200k cells),
     validated in rounds (10, 100, 1000, 10, ...; three rounds in full mode). Each repetition
-    first gives the batch file a new mtime, so a per-batch statistics cache (keyed by path,
-    size and mtime) cannot answer it: every repetition reads its rows. Per million cells is
+    runs with validate's store of per-batch statistics off
+    (``ANOMALY_PIPELINE_TABLE_STATS_CACHE=off``): every repetition reads its rows. Per million cells is
     taken on the stage *after its imports* (``pipeline.cli.main(["validate"])`` timed inside
     the child, pandas, pyarrow, Great Expectations and the stage's modules imported first:
     only what the stage imports anyway, so the whole child still times the stage's process):
@@ -36,8 +36,9 @@ what ingest would copy there): ingest is not what is measured.
     a fresh process; the figure is their sum (whole processes), the peak RSS the larger of the
     two children's VmHWM. Repetitions alternate night 1, night 90, night 1, ... and the ratio
     pairs them. Before each repetition tonight's file (night-001 in the first project,
-    night-091 in the second) is copied in afresh, so it is new to any cache, as a new night is;
-    the history keeps its files untouched. Targets: night 90 <= 180 s, peak RSS <= 2 GB,
+    night-091 in the second) is written afresh with ids tagged by the repetition, so its content
+    is new to validate's store of per-batch statistics, as a new night's is; the history keeps
+    its files untouched. Targets: night 90 <= 180 s, peak RSS <= 2 GB,
     night 90 / night 1 <= 1.2.
 
 (c) **The wide export of the issue, end to end.** 800 numeric sensor-like columns (300
@@ -104,11 +105,11 @@ NOTES = f"""\
 (a) numeric columns + key + label, {CELLS // 10**6}M cells at each width (quick {QUICK_CELLS // 1000}k), one Parquet
 batch; *per million cells* is `pipeline.cli.main(["validate"])` timed inside a fresh child after its imports
 (pandas, pyarrow, Great Expectations, the stage's modules), *process* is the whole `python -m pipeline validate`;
-flatness = max/min of the three widths within one round. Every repetition gives the batch file a new mtime, so no
-per-batch cache answers it. (b) one night of `generate_transactions` ({NIGHT_ROWS:,} rows) tiled with fresh keys into
+flatness = max/min of the three widths within one round. Every repetition runs with validate's statistics store off
+(it reads its rows). (b) one night of `generate_transactions` ({NIGHT_ROWS:,} rows) tiled with fresh keys into
 {NIGHTS} Parquet nights; night 1 = snapshot of night-001 only, night {NIGHTS - 1} = night-001..{NIGHTS:03d} after
 night-001..{NIGHTS - 1:03d} were validated once (*history first seen*, untimed); each figure is validate + preprocess,
-two fresh processes; peak RSS = the larger VmHWM; tonight's file is copied in afresh before each repetition; run
+two fresh processes; peak RSS = the larger VmHWM; tonight's file is written afresh (new ids, new content) before each repetition; run
 alternately (1, {NIGHTS - 1}, 1, {NIGHTS - 1}, ...). params: `table.train_batches: {TRAIN_BATCHES}` and
 `table.rows_per_batch: {ROWS_PER_BATCH:,}` when the config has them (the figure's note says when it did not).
 (c) {EXPORT_COLUMNS} columns ({EXPORT_CONSTANT} constant, {EXPORT_CORRELATED} correlated), {EXPORT_ROWS} labelled rows,
@@ -222,9 +223,9 @@ class StageRun:
     killed: str = ""
 
 
-def run_stage(stage: str, project: Path) -> StageRun:
+def run_stage(stage: str, project: Path, **env: str) -> StageRun:
     """``pipeline <stage>`` in a fresh child (CHILD), with its time after imports and its VmHWM."""
-    child = spawn([PYTHON, "-c", CHILD, stage, *STAGE_IMPORTS[stage]], project, bench_env())
+    child = spawn([PYTHON, "-c", CHILD, stage, *STAGE_IMPORTS[stage]], project, bench_env(**env))
     warnings = child.output.count("PerformanceWarning")
     if child.killed:  # its time so far is the bound; its memory, the tree's sampled peak
         return StageRun(child.seconds, child.seconds, child.peak_tree_mb, warnings, child.killed)
@@ -272,11 +273,9 @@ def raw_folder(project: Path) -> Path:
     return folder
 
 
-def renew(path: Path) -> None:
-    """A new mtime (to the nanosecond, never an earlier one): to a cache keyed by path, size and
-    mtime the file is a new one."""
-    renew.last = max(time.time_ns(), getattr(renew, "last", 0) + 1_000_000)
-    os.utime(path, ns=(renew.last, renew.last))
+# (a) measures reading rows: validate's store of per-batch statistics (pipeline/table_stats.py,
+# found by the files' content) would answer every repetition after the first
+NO_STORE = {"ANOMALY_PIPELINE_TABLE_STATS_CACHE": "off"}
 
 
 def numeric_table(path: Path, rows: int, width: int, seed: int, chunk_cells: int = 5_000_000) -> None:
@@ -345,8 +344,7 @@ def per_cell(ctx: Context) -> list[Figure]:
         for width in WIDTHS:
             if runs[width] and runs[width][-1].killed:
                 continue  # a killed child is not repeated: its bound stands
-            renew(raw_folder(projects[width]) / "batch-0001.parquet")
-            r = run_stage("validate", projects[width])
+            r = run_stage("validate", projects[width], **NO_STORE)
             runs[width].append(r)
             ctx.log(f"  (a) round {round_ + 1}, {width} columns: validate {r.seconds:.1f} s (stage {r.work:.2f} s), "
                     f"{r.work / cells * 1e6:.3f} s per M cells, peak {r.peak_mb:.0f} MB, "
@@ -361,8 +359,7 @@ def per_cell(ctx: Context) -> list[Figure]:
     os.sync()
     wide_runs = []
     for _ in range(rounds):
-        renew(raw_folder(wide) / "batch-0001.parquet")
-        wide_runs.append(run_stage("validate", wide))
+        wide_runs.append(run_stage("validate", wide, **NO_STORE))
         r = wide_runs[-1]
         ctx.log(f"  (a) {width_label(WIDE_COLUMNS, wide_rows)}: validate {r.seconds:.1f} s (stage {r.work:.1f} s), "
                 f"peak {r.peak_mb:.0f} MB{' KILLED: ' + r.killed if r.killed else ''}")
@@ -409,9 +406,10 @@ def new_keys_known() -> bool:
     return all(name in Table.model_fields for name in NEW_KEYS)
 
 
-def write_nights(night, folders: dict[int, Path]) -> float:
+def write_nights(night, folders: dict[int, Path], tag: str = "") -> float:
     """Night ``n`` (1-based) into ``folders[n]/night-<n>.parquet``: ``night`` (a pyarrow
-    table) with its transaction ids prefixed by the night."""
+    table) with its transaction ids prefixed by the night (and ``tag``: other ids make other
+    content, new to validate's store of per-batch statistics, as a new night is)."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -420,7 +418,7 @@ def write_nights(night, folders: dict[int, Path]) -> float:
     position = night.schema.get_field_index("transaction_id")
     ids = night.column(position).cast(pa.string())  # pandas' strings arrive as large_string
     for n, folder in folders.items():
-        keys = pc.binary_join_element_wise(f"n{n:03d}-", ids, "")
+        keys = pc.binary_join_element_wise(f"n{n:03d}{tag}-", ids, "")
         pq.write_table(night.set_column(position, "transaction_id", keys), folder / f"night-{n:03d}.parquet")
     return time.perf_counter() - started
 
@@ -447,10 +445,10 @@ class NightRun:
         return self.validate.killed or (self.preprocess.killed if self.preprocess else "")
 
 
-def night_run(project: Path, tonight: Path, pool_copy: Path) -> NightRun:
-    """Tonight's file copied in afresh (new to any cache), then validate and preprocess."""
-    shutil.copyfile(pool_copy, tonight)
-    renew(tonight)
+def night_run(project: Path, night, number: int, repetition: int) -> NightRun:
+    """Tonight's file written afresh, with ids of this repetition (so its content is new to
+    validate's store, as a new night's is), then validate and preprocess."""
+    write_nights(night, {number: raw_folder(project)}, tag=f"r{repetition}")
     validate = run_stage("validate", project)
     if validate.killed:
         return NightRun(validate, None)
@@ -474,21 +472,15 @@ def nights(ctx: Context) -> list[Figure]:
     params = {"table": table}
     first = table_project(ctx.folder("night-1") / "project", params)
     history = table_project(ctx.folder("night-n") / "project", params)
-    pool = ctx.folder("nights-pool")
 
     started = time.perf_counter()
     night = pa.Table.from_pandas(generate_transactions(rows, 7, "night"), preserve_index=False)
     generated = time.perf_counter() - started
-    # the pool keeps the two nights copied in afresh before each repetition; the history is
-    # written straight into its snapshot
-    written = write_nights(night, {1: pool, count: pool})
-    written += write_nights(night, {n: raw_folder(history) for n in range(1, count)})
-    del night
+    # the history is written straight into its snapshot; tonight's file afresh before each repetition
+    written = write_nights(night, {n: raw_folder(history) for n in range(1, count)})
     ctx.log(f"  (b) set-up: one night of {rows:,} transactions generated in {generated:.1f} s, "
             f"{count} nights written in {written:.1f} s")
     os.sync()
-    tonight_first = raw_folder(first) / "night-001.parquet"
-    tonight_last = raw_folder(history) / f"night-{count:03d}.parquet"
 
     seen = run_stage("validate", history)  # the history seen once: what the nights before did
     ctx.log(f"  (b) history first seen: validate of nights 1-{count - 1} in {seen.seconds:.1f} s "
@@ -497,11 +489,9 @@ def nights(ctx: Context) -> list[Figure]:
     ones, lasts = [], []
     for repetition in range(1 if ctx.quick else min(3, ctx.repeats)):
         if not (ones and ones[-1].killed):
-            ones.append(night_run(first, tonight_first, pool / "night-001.parquet"))
+            ones.append(night_run(first, night, 1, repetition))
         if not (lasts and lasts[-1].killed):
-            if tonight_last.exists():
-                tonight_last.unlink()
-            lasts.append(night_run(history, tonight_last, pool / f"night-{count:03d}.parquet"))
+            lasts.append(night_run(history, night, count, repetition))
         for name, runs in (("night 1", ones), (f"night {count - 1}", lasts)):
             r = runs[-1]
             ctx.log(f"  (b) repetition {repetition + 1}, {name}: {r.seconds:.1f} s (validate {r.validate.seconds:.1f}"
@@ -509,7 +499,7 @@ def nights(ctx: Context) -> list[Figure]:
                     f"imports {r.work:.1f} s), peak {r.peak_mb:.0f} MB{' KILLED: ' + r.killed if r.killed else ''}")
         if ones[-1].killed and lasts[-1].killed:
             break
-    for folder in (first.parent, history.parent, pool):
+    for folder in (first.parent, history.parent):
         shutil.rmtree(folder, ignore_errors=True)
 
     last = f"night {count - 1}"

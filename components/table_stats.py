@@ -125,6 +125,7 @@ class _Accumulator:
         self.categorical = [n for n, t in spec.columns.items() if t != "numeric"]
         self.rows = 0
         self.seen: set[str] = set()
+        self.absent: dict[str, set[str]] = {}
         width = len(self.numeric)
         self.nulls = {name: 0 for name in spec.columns}
         self.null_rows: dict[str, list[str]] = {}
@@ -144,15 +145,27 @@ class _Accumulator:
         self.sample_h = np.empty(0, np.uint64)
 
     def add(self, chunk: pd.DataFrame, source: str) -> None:
+        """One chunk of ``source``. A declared column, the key or the label that a chunk with rows
+        lacks (a file of the batch exported without it) counts as missing in every one of its rows,
+        and the file is remembered: the suite refuses it by name, as a column missing from the
+        whole batch is. A file of no rows (a header) adds nothing, its columns neither."""
         if chunk.empty:
-            self.seen.update(map(str, chunk.columns))
             return
         chunk = chunk.reset_index(drop=True)
         self.seen.update(map(str, chunk.columns))
         spec, start, n = self.spec, self.rows, len(chunk)
         keys = chunk[spec.key_column] if spec.key_column in chunk.columns else None
         names = _row_names(keys, self.batch, start, n)
-        if keys is not None:
+        for name in (spec.key_column, spec.label_column, *spec.columns):
+            if name not in chunk.columns:
+                self.absent.setdefault(name, set()).add(source)
+                if name in self.nulls:
+                    self.nulls[name] += n
+                    self._name(self.null_rows.setdefault(name, []), names)
+        if keys is None:
+            self.key["nulls"] += n
+            self._name(self.key["null_rows"], names)
+        else:
             missing = keys.isna().to_numpy()
             self.key["nulls"] += int(missing.sum())
             self._name(self.key["null_rows"], names[missing])
@@ -166,7 +179,7 @@ class _Accumulator:
             self.label["bad"] += int((~ok).sum())
             self._name(self.label["bad_rows"], names[~ok])
         for name in spec.columns:
-            if name in chunk.columns:
+            if name in chunk.columns:  # (absent: counted above)
                 missing = chunk[name].isna().to_numpy()
                 count = int(missing.sum())
                 if count:
@@ -300,7 +313,8 @@ class _Accumulator:
         summary = {"rows": self.rows, "columns": columns, "key": self.key if self.spec.key_column in self.seen
                    else None, "label": {**self.label, "unlabelled": self.rows - self.label["normal"]
                                         - self.label["anomaly"]} if label_seen else None,
-                   "sample_rows": 0 if self.sample is None else len(self.sample)}
+                   "sample_rows": 0 if self.sample is None else len(self.sample),
+                   "absent": {name: sorted(sources) for name, sources in self.absent.items()}}
         sample = self.sample if self.sample is not None else pd.DataFrame(columns=["batch", "source"])
         return BatchStats(self.batch, summary, hashes, sample)
 
@@ -326,13 +340,12 @@ def batch_stats(batch: str, chunks: Callable[[], Iterable[tuple[pd.DataFrame, st
 
 
 def frame_chunks(frame: pd.DataFrame, spec: StatsSpec) -> Iterator[tuple[pd.DataFrame, str]]:
-    """A frame already in memory, streamed like a file (``source`` column when it has one)."""
+    """A frame already in memory, streamed like its files (by its ``source`` column when it has one)."""
     step = spec.chunk_rows()
-    sources = frame["source"] if "source" in frame.columns else None
-    for start in range(0, max(len(frame), 1), step):
-        part = frame.iloc[start:start + step]
-        yield part.drop(columns=["batch", "source"], errors="ignore"), \
-            str(sources.iloc[start]) if sources is not None and len(part) else ""
+    groups = frame.groupby("source", sort=False, dropna=False) if "source" in frame.columns else [("", frame)]
+    for source, part in groups:
+        for start in range(0, len(part), step):
+            yield part.iloc[start:start + step].drop(columns=["batch", "source"], errors="ignore"), str(source)
 
 
 def pooled_std(parts: Iterable[dict]) -> float:

@@ -191,7 +191,9 @@ def quiet_gx_logging() -> None:
     """GX logs every metric it computes at INFO (and where it puts its ephemeral docs); under
     Airflow that buries the task log. Its loggers exist once it is imported."""
     logging.getLogger("great_expectations").setLevel(logging.WARNING)  # its import logs at INFO too
-    import great_expectations  # noqa: F401  (creates the loggers quieted below; it sets its own level)
+    import importlib
+
+    importlib.import_module("great_expectations")  # creates the loggers quieted below; it sets its own level
 
     for name in list(logging.root.manager.loggerDict):
         if name == "great_expectations" or name.startswith("great_expectations."):
@@ -328,6 +330,7 @@ class TableRules:
     max_quantile_shift: float = 1.0
     quantiles: tuple[float, ...] = (0.1, 0.5, 0.9)
     drift_window: int = 30
+    key_window: int | None = None    # keys are unique across the newest this many batches (None: all)
 
     def stats_spec(self, sample_rows: int | None = None):
         """What per-batch statistics these rules are checked against (components/table_stats.py)."""
@@ -344,7 +347,7 @@ TABLE_CHECKS = {
     "rows": "the snapshot holds the number of rows it must",
     "exists": "every declared column, the key and the label exist in every batch",
     "key_present": "every row has a key",
-    "key_unique": "no key appears twice (within a batch, or across the recent batches)",
+    "key_unique": "no key appears twice (within a batch, or across the batches that train and the recent ones)",
     "labels": "every label is 0 (normal), 1 (anomaly) or missing",
     "normal": "enough rows are labelled normal",
     "anomalies": "enough rows are labelled anomalous",
@@ -431,20 +434,30 @@ def _key_checks(checks: _Checks, stats: list, recent: list[str], rules: TableRul
         checks.passfail("key_unique", s.batch, repeated == 0, key,
                         f"no key ('{key}') appears twice in batch {s.batch} ({repeated} repeated keys)", repeated,
                         s.summary["key"]["duplicate_rows"])
-    # across the recent batches and the one before them: each batch's sorted hashes merged
-    window = [s for s in parts if s.batch in set(recent)]
-    if len(parts) > len(window):
-        window.insert(0, parts[len(parts) - len(window) - 1])
-    if len(window) > 1:
-        hashes = np.concatenate([np.unique(s.key_hashes) for s in window])
-        owner = np.repeat(np.arange(len(window)), [len(np.unique(s.key_hashes)) for s in window])
-        order = np.argsort(hashes, kind="stable")
-        hashes, owner = hashes[order], owner[order]
-        twice = np.flatnonzero(hashes[1:] == hashes[:-1])
-        shared = sorted({(window[owner[i]].batch, window[owner[i + 1]].batch) for i in twice[:1000]})
-        checks.passfail("key_unique", "recent batches", len(twice) == 0, key,
-                        f"no key ('{key}') appears in two of the recent batches ({len(twice)} keys do: "
-                        + ", ".join(f"{a} and {b}" for a, b in shared[:5]) + ")", len(twice))
+    # across batches: every batch that trains (the manifest) and the recent ones, or the whole
+    # snapshot (key_window None); each batch's sorted hashes, deduplicated, merged and sorted
+    scope = parts if rules.key_window is None else parts[-max(rules.key_window, len(recent) + 1):]
+    if len(scope) > 1:
+        def distinct(hashes: np.ndarray) -> np.ndarray:
+            hashes = np.asarray(hashes)
+            return hashes[np.r_[True, hashes[1:] != hashes[:-1]]] if len(hashes) else hashes
+
+        merged = np.sort(np.concatenate([distinct(s.key_hashes) for s in scope]))
+        twice = merged[1:][merged[1:] == merged[:-1]]
+        del merged
+        shared = set()
+        for value in twice[:200]:  # which batches hold the first of them
+            holders = [s.batch for s in scope if _holds(s.key_hashes, value)]
+            shared.add(" and ".join(holders))
+        span = "the snapshot's batches" if len(scope) == len(parts) else f"the newest {len(scope)} batches"
+        checks.passfail("key_unique", "across batches", len(twice) == 0, key,
+                        f"no key ('{key}') appears in two of {span} ({len(twice)} keys do: "
+                        + "; ".join(sorted(shared)[:5]) + ")", len(twice))
+
+
+def _holds(sorted_hashes: np.ndarray, value) -> bool:
+    position = int(np.searchsorted(sorted_hashes, value))
+    return position < len(sorted_hashes) and sorted_hashes[position] == value
 
 
 def _column_checks(checks: _Checks, stats: list, recent: list[str], rules: TableRules) -> None:
@@ -526,8 +539,17 @@ def _drift_checks(checks: _Checks, name: str, newest, reference, before: list, r
     varied keeps a unit of (almost) nothing. Means and standard deviations are exact (from
     each batch's statistics); quantiles come from each batch's sample (exact up to
     ``table.rows_per_batch`` rows)."""
-    ref, new = reference.column(name), newest.column(name)
-    if ref is None or new is None or (ref.get("count") or 0) < 2 or not new.get("count"):
+    new = newest.column(name)
+    usable = [s for s in before if ((s.column(name) or {}).get("count") or 0) >= 2]
+    if new is None or not usable:  # a missing column is refused as such; nothing earlier: as the first batch
+        return
+    if not (reference.column(name) or {}).get("count", 0) >= 2:  # the batch before had no spread to measure:
+        reference = usable[-1]                                   # the newest earlier batch that has one
+    ref = reference.column(name)
+    if not new.get("count"):
+        checks.passfail("mean", f"{name}:{newest.batch}", False, name,
+                        f"'{name}' has not drifted: batch {newest.batch} has no number in it to compare with batch "
+                        f"{reference.batch}'s (every value missing or not a number)")
         return
     std = pooled_std([ref])
     unit = f"batch {reference.batch}'s standard deviations"
@@ -558,7 +580,19 @@ def _drift_checks(checks: _Checks, name: str, newest, reference, before: list, r
 
 def _category_checks(checks: _Checks, name: str, rule: dict, present: list, pairs: list, by_batch: dict,
                      batches: list[str]) -> None:
+    from components.table_stats import MAX_CATEGORIES
+
     allowed = rule.get("allowed")
+    overflowing = [s.batch for s in present if s.column(name)["overflow"]]
+    if overflowing and (allowed is not None or rule.get("drift", True)):
+        # the statistics keep MAX_CATEGORIES distinct values a batch: past that, a category
+        # check would compare part of the column; it fails instead of passing on what it saw
+        checks.passfail("categories", f"{name}:overflow", False, name,
+                        f"'{name}' has more than {MAX_CATEGORIES:,} distinct values in batch "
+                        f"{', '.join(overflowing[:5])}: its categories cannot be checked (an identifier or a free "
+                        "text is no category: declare it with drift: false and no allowed list, or leave it out)",
+                        len(overflowing), overflowing)
+        return
     if allowed is not None:
         unknown = {c: v for s in present for c, v in s.column(name)["categories"].items() if c not in set(allowed)}
         count = sum(sum(v[0] for s in present for c, v in s.column(name)["categories"].items() if c == u)
@@ -575,18 +609,15 @@ def _category_checks(checks: _Checks, name: str, rule: dict, present: list, pair
         if column is None:
             continue
         seen: set[str] = set()
-        overflow = column["overflow"]
         for batch in batches[:batches.index(newest)]:
             earlier = by_batch[batch].column(name)
             if earlier is not None:
                 seen.update(earlier["categories"])
-                overflow = overflow or earlier["overflow"]
         new = {c: v for c, v in column["categories"].items() if c not in seen}
         count = sum(v[0] for v in new.values())
         checks.passfail("new_categories", f"{name}:{newest}", not new, name,
                         f"batch {newest} has no '{name}' category the earlier batches never had"
-                        + _rows_do_not(count) + (f": {', '.join(sorted(new)[:10])}" if new else "")
-                        + (" (more than 10,000 categories: only the first were compared)" if overflow else ""),
+                        + _rows_do_not(count) + (f": {', '.join(sorted(new)[:10])}" if new else ""),
                         count, [v[1] for v in new.values()], observed=sorted(new)[:20])
 
 
@@ -619,9 +650,13 @@ def validate_table_stats(stats: list, rules: TableRules, unreadable: list[str] =
         missing = [s.batch for s in stats if (s.summary["key"] is None if name == rules.key_column else
                                               s.summary["label"] is None if name == rules.label_column else
                                               s.column(name) is None)]
-        where = "" if len(missing) == len(batches) else f" in every batch (missing in {', '.join(missing[:10])})"
-        checks.passfail("exists", name, not missing, name, f"the column '{name}' exists{where}",
-                        len(missing), missing)
+        # a file of a batch exported without the column (the batch's other files have it)
+        files = [f"{s.batch}: {source}" for s in stats if s.batch not in missing
+                 for source in s.summary.get("absent", {}).get(name, [])]
+        where = "" if len(missing) == len(batches) else \
+            f" in every batch and file (missing in {', '.join((missing + files)[:10])})"
+        checks.passfail("exists", name, not missing and not files, name, f"the column '{name}' exists{where}",
+                        len(missing) + len(files), missing + files)
     recent = _recent(batches, rules.drift_window)
     _key_checks(checks, stats, recent, rules)
     _column_checks(checks, stats, recent, rules)
@@ -669,6 +704,7 @@ def validate_table(frame: pd.DataFrame, rules: TableRules, unreadable: list[str]
     spec = rules.stats_spec(sample_rows=None)
     stats = []
     if not frame.empty:
-        for batch, group in frame.groupby(frame["batch"].astype(str), sort=True):
+        batches = frame["batch"].astype(str) if "batch" in frame.columns else pd.Series("batch", index=frame.index)
+        for batch, group in frame.groupby(batches, sort=True):
             stats.append(batch_stats(str(batch), lambda g=group: frame_chunks(g, spec), spec))
     return validate_table_stats(stats, rules, unreadable)

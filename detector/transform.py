@@ -20,7 +20,7 @@ def category_text(values: pd.Series) -> pd.Series:
     column that has blanks) is "7" in a CSV, a Parquet file and a client's frame alike; missing
     stays missing."""
     def text(value: Any) -> Any:
-        if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA:
+        if value is None or (isinstance(value, (float, np.floating)) and np.isnan(value)) or value is pd.NA:
             return None
         if isinstance(value, (float, np.floating)) and float(value).is_integer():
             return str(int(value))

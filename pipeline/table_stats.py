@@ -3,16 +3,15 @@
 validate streams each batch of the raw snapshot through components/table_stats.py once and
 stores what it found beside the decoded-image cache, in the DVC cache the workspace uses
 (``Layout.table_stats_cache``: shared by every run workspace of a project; `dvc gc` leaves it
-alone). A batch is found there by the sha256 of its files' contents, under a namespace that
-hashes everything that changes the statistics (the declared columns and their types, the key
-and label, ``table.rows_per_batch``, the code of components/table_stats.py and
-components/tables.py, pandas' version): a stored batch can only be the statistics of those
-very bytes. A file's content hash is itself remembered by (path, size, mtime), as git's
-index does, so an unchanged file is not even hashed again in a workspace where ingest copied
-it (ingest keeps each file's mtime).
+alone). A batch is found there by the sha256 of its files' contents (hashed every run, about
+2 GB/s: a memo by size and mtime would take a same-size re-export for the old file), under a
+namespace that hashes everything that changes the statistics (the declared columns and their
+types, the key and label, ``table.rows_per_batch``, the code of components/table_stats.py,
+components/tables.py and detector/transform.py, the pandas, numpy and pyarrow versions): a
+stored batch can only be the statistics of those very bytes.
 
-The store is an optimisation: an entry that cannot be read is computed again (with a
-warning), and one that cannot be written costs a warning, never the stage. Entries are
+The store is an optimisation: an entry that cannot be read (checked whole when loaded; its
+sample when first read) is computed again (with a warning), and one that cannot be written costs a warning, never the stage. Entries are
 written into a temporary folder and renamed into place, so runs at once never see a
 half-written one."""
 from __future__ import annotations
@@ -42,51 +41,57 @@ def namespace(spec) -> str:
     import components.table_stats as stats_code
     import components.tables as tables_code
 
+    import pyarrow
+
+    import detector.transform as transform_code  # category_text: how categories are read
+
     code = hashlib.sha256()
-    for module in (stats_code, tables_code):
+    for module in (stats_code, tables_code, transform_code):
         code.update(Path(module.__file__).read_bytes())
-    inputs = {"format": STORE_FORMAT, "spec": spec.as_dict(), "code": code.hexdigest(), "pandas": pd.__version__}
+    inputs = {"format": STORE_FORMAT, "spec": spec.as_dict(), "code": code.hexdigest(), "pandas": pd.__version__,
+              "numpy": np.__version__, "pyarrow": pyarrow.__version__}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _content_hash(path: Path, name: str, hashes: Path | None) -> str:
-    """The file's sha256, remembered in ``hashes`` by its ``name`` in the snapshot, size and
-    mtime (the same in every workspace ingest copied it into)."""
-    info = path.stat()
-    memo = None
-    if hashes is not None:
-        token = hashlib.sha256(f"{name}\0{info.st_size}\0{info.st_mtime_ns}".encode()).hexdigest()
-        memo = hashes / token[:2] / token
-        try:
-            known = memo.read_text().strip()
-            if len(known) == 64:
-                return known
-        except OSError:
-            pass
+def _content_hash(path: Path) -> str:
+    """The file's sha256, read in blocks (about 2 GB/s here). Always the bytes, never a memo
+    by size and mtime: a re-export with the same size and a kept mtime (rsync -t, cp -p, an
+    archive) would be taken for the old file and validated by the old file's statistics."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
-    value = digest.hexdigest()
-    if memo is not None:
-        try:
-            memo.parent.mkdir(parents=True, exist_ok=True)
-            temporary = memo.with_name(f".{memo.name}.{uuid.uuid4().hex}")
-            temporary.write_text(value)
-            os.replace(temporary, memo)
-        except OSError:
-            pass
-    return value
+    return digest.hexdigest()
 
 
-def _load(folder: Path, batch: str):
+SUMMARY_KEYS = {"rows", "columns", "key", "label", "sample_rows", "absent"}
+
+
+def _load(folder: Path, batch: str, read_again):
+    """A stored entry, checked whole before it is used: the summary's keys, the key hashes'
+    header, the sample's Parquet footer and row count. The sample itself is read when first
+    used; should that fail (the file damaged since), the batch is read again (``read_again``)."""
+    import pyarrow.parquet as pq
+
     from components.table_stats import BatchStats
 
     summary = json.loads((folder / "summary.json").read_text())
-    hashes = np.load(folder / "keys.npy", mmap_mode="r")  # read only where keys are compared (recent batches)
-    if not (folder / "sample.parquet").is_file():
-        raise FileNotFoundError(folder / "sample.parquet")
-    return BatchStats(batch, summary, hashes, load_sample=lambda: pd.read_parquet(folder / "sample.parquet"))
+    if not isinstance(summary, dict) or not SUMMARY_KEYS <= set(summary):
+        raise ValueError(f"summary.json lacks {sorted(SUMMARY_KEYS - set(summary or {}))}")
+    hashes = np.load(folder / "keys.npy", mmap_mode="r")  # read only where keys are compared
+    sample_path = folder / "sample.parquet"
+    if pq.read_metadata(sample_path).num_rows != summary["sample_rows"]:
+        raise ValueError("sample.parquet does not hold the rows the summary counts")
+
+    def sample() -> pd.DataFrame:
+        try:
+            return pd.read_parquet(sample_path)
+        except Exception as error:
+            _warn(f"the stored sample of batch {batch} cannot be read ({error}); reading the batch")
+            shutil.rmtree(folder, ignore_errors=True)
+            return read_again().sample
+
+    return BatchStats(batch, summary, hashes, load_sample=sample)
 
 
 def _store(folder: Path, stats) -> None:
@@ -131,9 +136,7 @@ def snapshot_stats(layout: Layout, spec, text_columns: tuple[str, ...]) -> tuple
     root = layout.table_stats_cache
     if os.environ.get(CACHE_ENV, "").strip().lower() in ("off", "0", "false", "no"):
         root = None
-    store = hashes = None
-    if root is not None:
-        store, hashes = root / namespace(spec), root / "content-hashes"
+    store = root / namespace(spec) if root is not None else None
     grouped: dict[str, list[Path]] = {}
     for batch, path in batch_files(layout.raw):
         grouped.setdefault(batch, []).append(path)
@@ -142,15 +145,16 @@ def snapshot_stats(layout: Layout, spec, text_columns: tuple[str, ...]) -> tuple
         folder = None
         if store is not None:
             try:
-                names = [p.relative_to(layout.raw).as_posix() for p in files]
-                identity = "\0".join([batch, *(f"{n}\0{_content_hash(p, n, hashes)}" for p, n in zip(files, names))])
+                identity = "\0".join([batch, *(f"{p.relative_to(layout.raw).as_posix()}\0{_content_hash(p)}"
+                                               for p in files)])
                 folder = store / hashlib.sha256(identity.encode()).hexdigest()
             except OSError as error:
                 unreadable.append(f"{files[0].name}: cannot be read: {error}")
                 continue
             if (folder / "summary.json").exists():
                 try:
-                    found = _load(folder, batch)
+                    found = _load(folder, batch, lambda b=batch, f=files: batch_stats(
+                        b, _chunks(layout.raw, f, text_columns, spec.chunk_rows()), spec))
                     counts["stored"] += 1
                     if found.rows:
                         stats.append(found)

@@ -58,7 +58,10 @@ def table_rules(config: Config):
         key_column=t.key_column, min_rows=t.min_rows, max_rows=t.max_rows, min_good=v.min_good,
         min_anomalies=v.min_anomalies, anomaly_ratio=tuple(v.anomaly_ratio), max_mean_shift=t.drift.max_mean_shift,
         max_quantile_shift=t.drift.max_quantile_shift, quantiles=tuple(t.drift.quantiles),
-        drift_window=t.drift.window)
+        drift_window=t.drift.window,
+        # keys are unique across every batch that trains (the manifest: no key twice in it) and the
+        # drift window; all of the snapshot when every batch trains
+        key_window=None if t.train_batches is None else max(t.train_batches, t.drift.window + 1))
 
 
 def text_columns(config: Config) -> tuple[str, ...]:

@@ -99,3 +99,47 @@ def test_a_thousand_column_table_is_checked_by_a_fixed_number_of_expectations_th
     assert len(report.gx_object.results) <= len(TABLE_CHECKS)
     # constant sensors are no drift: their unit falls back to the earlier batches' spread
     assert not [f for f in report.failures if f["expectation"] in ("mean", "quantiles")]
+
+
+def _rules(**changes) -> TableRules:
+    from tests.table_models import declared_columns
+
+    columns = {name: {"type": "numeric", "min": None, "max": None, "allowed": None, "max_null_fraction": 0.0, **rule}
+               for name, rule in declared_columns().items()}
+    return TableRules(**{"columns": columns, "min_rows": 100, "min_good": 10, "min_anomalies": 5,
+                         "anomaly_ratio": (0.01, 0.2), **changes})
+
+
+def _snapshot(*batches: pd.DataFrame) -> pd.DataFrame:
+    return pd.concat([b.assign(batch=f"batch-{i + 1:04d}") for i, b in enumerate(batches)], ignore_index=True)
+
+
+def test_a_key_repeated_far_outside_the_drift_window_is_refused_when_both_batches_train():
+    nights = [generate_transactions(500, 8, f"batch-000{i}") for i in (1, 2, 3)]
+    nights[2]["transaction_id"] = nights[0]["transaction_id"]  # night 3 replays night 1's ids
+    report = validate_table(_snapshot(*nights), _rules(drift_window=1))  # key_window None: every batch trains
+    [failure] = [f for f in report.failures if f["expectation"] == "key_unique"]
+    assert "500 keys do: batch-0001 and batch-0003" in failure["description"]
+    # only the newest batches train: the replay of a batch that no longer trains is history
+    assert validate_table(_snapshot(*nights), _rules(drift_window=1, key_window=2)).success
+
+
+def test_a_column_of_more_categories_than_the_statistics_keep_fails_its_category_check(monkeypatch):
+    import components.table_stats as stats
+
+    monkeypatch.setattr(stats, "MAX_CATEGORIES", 3)  # channel has 4 categories: past what is kept
+    report = validate_table(_snapshot(generate_transactions(600, 9)), _rules())
+    [failure] = [f for f in report.failures if f["column"] == "channel"]
+    assert "'channel' has more than 3 distinct values in batch batch-0001" in failure["description"]
+    assert not report.success
+
+
+def test_a_newest_batch_without_a_single_number_in_a_column_is_drift_not_a_pass():
+    first, second = generate_transactions(800, 10, "batch-0001"), generate_transactions(800, 10, "batch-0002")
+    second["distance_from_home_km"] = np.nan  # the geolocation feed died; the column allows nulls
+    rules = _rules()
+    rules.columns["distance_from_home_km"]["max_null_fraction"] = 1.0
+    report = validate_table(_snapshot(first, second), rules)
+    assert [f["description"] for f in report.failures] == [
+        "'distance_from_home_km' has not drifted: batch batch-0002 has no number in it to compare with batch "
+        "batch-0001's (every value missing or not a number)"]

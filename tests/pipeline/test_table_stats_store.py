@@ -102,3 +102,31 @@ def test_an_unreadable_file_fails_validation_by_name(tmp_path, capsys, bad):
     assert manifest is None and not report.success
     assert [f["expectation"] for f in report.failures] == ["readable_files"]
     assert bad in report.failures[0]["description"]
+
+
+def test_a_file_of_a_batch_exported_without_the_key_or_a_column_is_refused_by_name(tmp_path, capsys):
+    layout = _layout(tmp_path)
+    folder = layout.raw / "batch-0001"
+    folder.mkdir(parents=True)
+    frame = generate_transactions(1500, 5, "batch-0001")
+    frame.iloc[:750].to_csv(folder / "part-0.csv", index=False)
+    frame.iloc[750:].drop(columns=["transaction_id", "amount"]).to_csv(folder / "part-1.csv", index=False)
+    manifest, report, _ = _validate(layout, capsys)
+    assert manifest is None and not report.success
+    failed = {f["description"] for f in report.failures}
+    for name in ("transaction_id", "amount"):
+        assert f"the column '{name}' exists in every batch and file (missing in batch-0001: batch-0001/part-1.csv)" \
+            in failed
+    assert "every row has a key ('transaction_id') (750 rows do not)" in failed
+
+
+def test_a_damaged_stored_sample_is_read_again_not_trusted(tmp_path, capsys):
+    layout = _layout(tmp_path)
+    _night(layout, 1)
+    first, _, _ = _validate(layout, capsys)
+    [sample] = list(layout.table_stats_cache.rglob("sample.parquet"))
+    sample.write_bytes(sample.read_bytes()[:100])  # cut short: a crash mid-write, a bad disk
+    again, report, out = _validate(layout, capsys)
+    assert report.success and "1 read (1500 rows), 0 from their stored statistics" in out
+    assert "the stored statistics of batch batch-0001 cannot be read" in out
+    pd.testing.assert_frame_equal(first, again, check_dtype=False)

@@ -267,9 +267,9 @@ class _Accumulator:
     def _add_sample(self, chunk: pd.DataFrame, names: np.ndarray, source: str) -> None:
         size = self.spec.sample_size()
         wanted = [c for c in (self.spec.key_column, self.spec.label_column, *self.spec.columns) if c in chunk.columns]
-        rows = chunk[wanted]
-        rows.insert(0, "source", source)
-        rows.insert(0, "batch", self.batch)
+        # one concat, not inserts: a wide chunk is many blocks, and each insert would warn of it
+        rows = pd.concat([pd.DataFrame({"batch": self.batch, "source": source}, index=chunk.index), chunk[wanted]],
+                         axis=1)
         if size is None:
             self.sample = rows if self.sample is None else pd.concat([self.sample, rows], ignore_index=True)
             return

@@ -143,3 +143,15 @@ def test_a_newest_batch_without_a_single_number_in_a_column_is_drift_not_a_pass(
     assert [f["description"] for f in report.failures] == [
         "'distance_from_home_km' has not drifted: batch batch-0002 has no number in it to compare with batch "
         "batch-0001's (every value missing or not a number)"]
+
+
+def test_a_wide_csv_streams_without_a_pandas_warning(tmp_path):
+    frame = _wide(300, 800, 3, "batch-0001").drop(columns=["batch"])
+    frame.to_csv(tmp_path / "export.csv", index=False)
+    spec = StatsSpec({f"s{i:04d}": "numeric" for i in range(800)}, "id", "label")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stats = batch_stats("export", lambda: ((c, "export.csv") for c in iter_table_file(
+            tmp_path / "export.csv", ("id",), spec.chunk_rows())), spec)
+    assert stats.rows == 300 and len(stats.sample) == 300
+    assert not [w for w in caught if issubclass(w.category, pd.errors.PerformanceWarning)]

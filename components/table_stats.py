@@ -30,7 +30,7 @@ NAMED = 20               # offending rows named per column (non-numbers, bad lab
 MAX_CATEGORIES = 10_000  # distinct values kept per categorical column; beyond, ``overflow``
 CHUNK_CELLS = 4_000_000  # cells per streamed chunk (100k rows at 40 columns, 4k at 1,000)
 SAMPLE_CELLS = 20_000_000  # the sample's cells at most: a wide table samples fewer rows
-SAMPLE_SALT = "anomaly-sample01"  # 16 characters (pandas' hash key): the sample is not the split
+SAMPLE_SALT = np.uint64(0x5A3C_17E9_B2D4_6F01)  # mixed into the key hash: the sample is not the split
 
 
 @dataclass(frozen=True)
@@ -104,16 +104,24 @@ def as_numbers(raw: pd.Series) -> np.ndarray:
     return pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
 
 
-def _sample_hash(names: np.ndarray) -> np.ndarray:
-    return pd.util.hash_pandas_object(pd.Series(names, dtype=object).astype(str), index=False,
-                                      hash_key=SAMPLE_SALT).to_numpy()
+def _text_hashes(values: pd.Series) -> np.ndarray:
+    return pd.util.hash_pandas_object(values.astype(str), index=False).to_numpy()
+
+
+def _sample_hash(hashes: np.ndarray) -> np.ndarray:
+    """A second 64-bit hash of each row from its key's: the salted splitmix64 finalizer, a
+    bijection that scrambles every bit, so the sample (the smallest of these) is unrelated to
+    the split (sha256 of the key) and costs no second pass over the key strings."""
+    z = hashes ^ SAMPLE_SALT
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
 
 
 def key_hashes(keys: pd.Series) -> np.ndarray:
     """64-bit hashes of the keys that are present (uniqueness; collisions of 64-bit hashes over
     a few hundred million keys are about one in a million)."""
-    present = keys.dropna().astype(str)
-    return pd.util.hash_pandas_object(present, index=False).to_numpy()
+    return _text_hashes(keys.dropna())
 
 
 class _Accumulator:
@@ -165,11 +173,15 @@ class _Accumulator:
         if keys is None:
             self.key["nulls"] += n
             self._name(self.key["null_rows"], names)
-        else:
+            row_hashes = _text_hashes(pd.Series(names))
+        else:  # one hashing pass over the keys: uniqueness, and (mixed) the sample
             missing = keys.isna().to_numpy()
             self.key["nulls"] += int(missing.sum())
             self._name(self.key["null_rows"], names[missing])
-            self.hashes.append(key_hashes(keys))
+            row_hashes = _text_hashes(keys)
+            self.hashes.append(row_hashes[~missing])
+            if missing.any():  # a row without a key is sampled by its position
+                row_hashes[missing] = _text_hashes(pd.Series(names[missing]))
         if spec.label_column in chunk.columns:
             raw = chunk[spec.label_column]
             label = as_numbers(raw)
@@ -189,7 +201,7 @@ class _Accumulator:
         for name in self.categorical:
             if name in chunk.columns:
                 self._add_categories(name, chunk[name], names)
-        self._add_sample(chunk, names, source)
+        self._add_sample(chunk, _sample_hash(row_hashes), source)
         self.rows += n
 
     def _name(self, into: list, names: np.ndarray) -> None:
@@ -264,7 +276,7 @@ class _Accumulator:
             else:
                 self.overflow.add(name)
 
-    def _add_sample(self, chunk: pd.DataFrame, names: np.ndarray, source: str) -> None:
+    def _add_sample(self, chunk: pd.DataFrame, h: np.ndarray, source: str) -> None:
         size = self.spec.sample_size()
         wanted = [c for c in (self.spec.key_column, self.spec.label_column, *self.spec.columns) if c in chunk.columns]
         # one concat, not inserts: a wide chunk is many blocks, and each insert would warn of it
@@ -273,7 +285,6 @@ class _Accumulator:
         if size is None:
             self.sample = rows if self.sample is None else pd.concat([self.sample, rows], ignore_index=True)
             return
-        h = _sample_hash(names)
         if self.sample is not None and len(self.sample) >= size:  # only rows that can enter the sample
             keep = h < self.sample_h.max()
             rows, h = rows[keep], h[keep]

@@ -171,6 +171,12 @@ def snapshot_stats(layout: Layout, spec, text_columns: tuple[str, ...]) -> tuple
         counts["rows_read"] += found.rows
         if folder is not None:
             _store(folder, found)
+            try:  # the stored copy from now on (keys memory-mapped, the sample read when used): the
+                # first run over a long history holds one batch's rows at a time, not all of them
+                found = _load(folder, batch, lambda b=batch, f=files: batch_stats(
+                    b, _chunks(layout.raw, f, text_columns, spec.chunk_rows()), spec))
+            except Exception:
+                pass
         if found.rows:  # an export of no rows adds nothing
             stats.append(found)
     return stats, unreadable, counts

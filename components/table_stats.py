@@ -11,7 +11,7 @@ deterministic sample of its rows (the ``sample_rows`` rows whose key hash, salte
 the split's, is smallest: the same rows whatever the chunking or the file order; every row
 of a smaller batch). The sample gives the drift check its quantiles and the training set its
 rows. Statistics are plain values, so the pipeline stores them beside the snapshot and a
-new night reads only its own rows (pipeline/table_stats.py); components/validation.py checks
+new night reads only its own rows (pipeline/table_stats.py); components/table_validation.py checks
 the rules against them with a fixed number of expectations whatever the width.
 
 Memory is bounded by the chunk (``chunk_rows``: ``CHUNK_CELLS`` cells at most), the sample

@@ -50,7 +50,7 @@ def _preprocess(layout: Layout) -> dict:
 
 
 def table_rules(config: Config):
-    from components.validation import TableRules
+    from components.table_validation import TableRules
 
     t, v = config.table, config.validation
     return TableRules(
@@ -93,7 +93,7 @@ def _table_manifest(layout: Layout):
 
     from components.splits import split_of
     from components.tables import key_hash
-    from components.validation import validate_table_stats
+    from components.table_validation import validate_table_stats
     from pipeline.table_stats import snapshot_stats
 
     config = layout.config

@@ -12,7 +12,7 @@ import pytest
 
 from components.table_stats import StatsSpec, batch_stats, frame_chunks, pooled_std
 from components.tables import generate_transactions, iter_table_file
-from components.validation import TABLE_CHECKS, TableRules, validate_table
+from components.table_validation import TABLE_CHECKS, TableRules, validate_table
 
 TYPES = {"amount": "numeric", "hour": "numeric", "merchant_category": "categorical",
          "distance_from_home_km": "numeric", "device_changed": "numeric", "card_present": "numeric",

@@ -12,7 +12,7 @@ import yaml
 
 from components.tables import generate_transactions, read_batches
 from detector.transform import OTHER, Transform, check_frame
-from components.validation import TableRules, validate_table
+from components.table_validation import TableRules, validate_table
 
 PROJECT = Path(__file__).resolve().parents[2]
 

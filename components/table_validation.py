@@ -137,16 +137,19 @@ def _key_checks(checks: _Checks, stats: list, recent: list[str], rules: TableRul
                         f"no key ('{key}') appears twice in batch {s.batch} ({repeated} repeated keys)", repeated,
                         s.summary["key"]["duplicate_rows"])
     # across batches: every batch that trains (the manifest) and the recent ones, or the whole
-    # snapshot (key_window None); each batch's sorted hashes, deduplicated, merged and sorted
+    # snapshot (key_window None); each batch's sorted hashes, deduplicated (a batch without
+    # repeated keys as it is)
     scope = parts if rules.key_window is None else parts[-max(rules.key_window, len(recent) + 1):]
     if len(scope) > 1:
-        def distinct(hashes: np.ndarray) -> np.ndarray:
-            hashes = np.asarray(hashes)
-            return hashes[np.r_[True, hashes[1:] != hashes[:-1]]] if len(hashes) else hashes
+        from components.table_stats import repeated_across
 
-        merged = np.sort(np.concatenate([distinct(s.key_hashes) for s in scope]))
-        twice = merged[1:][merged[1:] == merged[:-1]]
-        del merged
+        def distinct(s) -> np.ndarray:
+            hashes = np.asarray(s.key_hashes)
+            if not s.summary["key"]["duplicates"] or not len(hashes):
+                return hashes
+            return hashes[np.r_[True, hashes[1:] != hashes[:-1]]]
+
+        twice = repeated_across([distinct(s) for s in scope])
         shared = set()
         for value in twice[:200]:  # which batches hold the first of them
             holders = [s.batch for s in scope if _holds(s.key_hashes, value)]
@@ -163,12 +166,11 @@ def _holds(sorted_hashes: np.ndarray, value) -> bool:
 
 
 def _column_checks(checks: _Checks, stats: list, recent: list[str], rules: TableRules) -> None:
-    from components.table_stats import pooled_std
-
     batches = [s.batch for s in stats]
     multi = len(batches) > 1
     pairs = [(b, batches[batches.index(b) - 1]) for b in recent if batches.index(b) > 0]
     by_batch = {s.batch: s for s in stats}
+    quantiles = _Quantiles(rules.quantiles)
     for name, rule in rules.columns.items():
         present = [s for s in stats if s.column(name) is not None]
         if not present:
@@ -197,7 +199,7 @@ def _column_checks(checks: _Checks, stats: list, recent: list[str], rules: Table
             if rule.get("drift", True):
                 for newest, reference in pairs:
                     _drift_checks(checks, name, by_batch[newest], by_batch[reference],
-                                  [by_batch[b] for b in batches[:batches.index(newest)]], rules, pooled_std)
+                                  [by_batch[b] for b in batches[:batches.index(newest)]], rules, quantiles)
         else:
             _category_checks(checks, name, rule, present, pairs, by_batch, batches)
 
@@ -221,17 +223,26 @@ def _range_check(checks: _Checks, name: str, rule: dict, present: list) -> None:
                     [f"{r}: {v:g}" for v, r in outside])
 
 
-def _sample_values(stats, name: str) -> np.ndarray:
-    from components.table_stats import as_numbers
+class _Quantiles:
+    """The drift quantiles of a column in a batch's sample, computed once: a batch is the newer
+    one of one pair and the reference of the next."""
 
-    if name not in stats.sample.columns:
-        return np.empty(0)
-    values = as_numbers(stats.sample[name])
-    return values[np.isfinite(values)]
+    def __init__(self, wanted: tuple[float, ...]):
+        self.wanted, self.found = list(wanted), {}
+
+    def __call__(self, stats, name: str) -> tuple[int, np.ndarray | None]:
+        """(how many finite values the sample holds, their quantiles; None without any)."""
+        from components.table_stats import as_numbers
+
+        if (stats.batch, name) not in self.found:
+            values = as_numbers(stats.sample[name]) if name in stats.sample.columns else np.empty(0)
+            values = values[np.isfinite(values)]
+            self.found[stats.batch, name] = (len(values), np.quantile(values, self.wanted) if len(values) else None)
+        return self.found[stats.batch, name]
 
 
 def _drift_checks(checks: _Checks, name: str, newest, reference, before: list, rules: TableRules,
-                  pooled_std) -> None:
+                  quantiles: _Quantiles) -> None:
     """Batch ``newest``'s mean and quantiles of ``name`` within the bounds (in standard
     deviations of the ``reference`` batch, the one accepted before it) around the reference's.
 
@@ -241,6 +252,8 @@ def _drift_checks(checks: _Checks, name: str, newest, reference, before: list, r
     varied keeps a unit of (almost) nothing. Means and standard deviations are exact (from
     each batch's statistics); quantiles come from each batch's sample (exact up to
     ``table.rows_per_batch`` rows)."""
+    from components.table_stats import pooled_std
+
     new = newest.column(name)
     usable = [s for s in before if ((s.column(name) or {}).get("count") or 0) >= 2]
     if new is None or not usable:  # a missing column is refused as such; nothing earlier: as the first batch
@@ -267,11 +280,10 @@ def _drift_checks(checks: _Checks, name: str, newest, reference, before: list, r
                     f"batch {reference.batch}'s ({mean:.4g} +- {k * std:.4g}) (observed {observed:.4g})",
                     observed=observed)
     q = rules.max_quantile_shift
-    ref_values, new_values = _sample_values(reference, name), _sample_values(newest, name)
-    if len(ref_values) < 2 or not len(new_values):
+    (ref_count, expected), (new_count, seen) = quantiles(reference, name), quantiles(newest, name)
+    if ref_count < 2 or not new_count:
         return
-    wanted = list(rules.quantiles)
-    expected, seen = np.quantile(ref_values, wanted), np.quantile(new_values, wanted)
+    wanted = quantiles.wanted
     ok = bool(np.all(np.abs(seen - expected) <= q * std))
     checks.passfail("quantiles", ident, ok, name,
                     f"'{name}' has not drifted: batch {newest.batch}'s quantiles {', '.join(f'{x:g}' for x in wanted)} "

@@ -171,11 +171,15 @@ class Table(_Section):
     min_rows: int = Field(100, ge=1)
     max_rows: int | None = Field(None, ge=1)
     drift: Drift = Drift()
-    # tall tables (issue 22): each batch keeps at most this many rows for training and for the
-    # drift check's quantiles, a deterministic sample by key hash (null: every row); the newest
-    # ``train_batches`` batches train (null: all). Validation always reads every row.
+    # tall tables and long histories (issue 22): each batch keeps at most ``rows_per_batch`` rows
+    # for training and for the drift check's quantiles, a deterministic sample by key hash (null:
+    # every row); the newest ``train_batches`` batches train (null: all), and only they and the
+    # drift window are validated (older batches are not read: nothing of them is used); a run
+    # trains, calibrates and tests on at most ``rows_per_run`` of their sampled rows, the ones
+    # first in the samples' order (null: all of them), so its cost does not grow with the window.
     rows_per_batch: int | None = Field(100_000, ge=1)
     train_batches: int | None = Field(None, ge=1)
+    rows_per_run: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _names(self) -> "Table":

@@ -127,9 +127,33 @@ def _chunks(folder: Path, files: list[Path], text_columns: tuple[str, ...], chun
     return read
 
 
-def snapshot_stats(layout: Layout, spec, text_columns: tuple[str, ...]) -> tuple[list, list[str], dict]:
+def _entries(store: Path | None, raw: Path, batches: dict[str, list[Path]]) -> dict:
+    """Each batch's folder in ``store``, named by its files' names and contents (or the OSError
+    that kept a file from being read); nothing without a store. The files are hashed on a few
+    threads at once (hashlib lets go of the GIL), which is most of the cost a long window adds."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if store is None:
+        return {}
+
+    def entry(batch: str) -> Path | OSError:
+        try:
+            identity = "\0".join([batch, *(f"{p.relative_to(raw).as_posix()}\0{_content_hash(p)}"
+                                           for p in batches[batch])])
+        except OSError as error:
+            return error
+        return store / hashlib.sha256(identity.encode()).hexdigest()
+
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        return dict(zip(batches, pool.map(entry, batches)))
+
+
+def snapshot_stats(layout: Layout, spec, text_columns: tuple[str, ...],
+                   window: int | None = None) -> tuple[list, list[str], dict]:
     """(the statistics of every batch of the raw snapshot with rows, in batch order; the files
-    that could not be read, each with its reason; what was read and what was stored)."""
+    that could not be read, each with its reason; what was read and what was stored). With a
+    ``window``, the newest ``window`` batches only: an older one is neither read nor hashed (a
+    run uses nothing of it), so a night costs the same after ninety nights as after thirty."""
     from components.table_stats import batch_stats
     from components.tables import batch_files
 
@@ -140,28 +164,28 @@ def snapshot_stats(layout: Layout, spec, text_columns: tuple[str, ...]) -> tuple
     grouped: dict[str, list[Path]] = {}
     for batch, path in batch_files(layout.raw):
         grouped.setdefault(batch, []).append(path)
-    stats, unreadable, counts = [], [], {"batches": len(grouped), "read": 0, "stored": 0, "rows_read": 0}
-    for batch, files in sorted(grouped.items()):
-        folder = None
-        if store is not None:
+    names = sorted(grouped)
+    older = max(0, len(names) - window) if window is not None else 0
+    stats, unreadable = [], []
+    counts = {"batches": len(names), "older": older, "read": 0, "stored": 0, "rows_read": 0}
+    entries = _entries(store, layout.raw, {batch: grouped[batch] for batch in names[older:]})
+    for batch in names[older:]:
+        files = grouped[batch]
+        folder = entries.get(batch)
+        if isinstance(folder, OSError):
+            unreadable.append(f"{files[0].name}: cannot be read: {folder}")
+            continue
+        if folder is not None and (folder / "summary.json").exists():
             try:
-                identity = "\0".join([batch, *(f"{p.relative_to(layout.raw).as_posix()}\0{_content_hash(p)}"
-                                               for p in files)])
-                folder = store / hashlib.sha256(identity.encode()).hexdigest()
-            except OSError as error:
-                unreadable.append(f"{files[0].name}: cannot be read: {error}")
+                found = _load(folder, batch, lambda b=batch, f=files: batch_stats(
+                    b, _chunks(layout.raw, f, text_columns, spec.chunk_rows()), spec))
+                counts["stored"] += 1
+                if found.rows:
+                    stats.append(found)
                 continue
-            if (folder / "summary.json").exists():
-                try:
-                    found = _load(folder, batch, lambda b=batch, f=files: batch_stats(
-                        b, _chunks(layout.raw, f, text_columns, spec.chunk_rows()), spec))
-                    counts["stored"] += 1
-                    if found.rows:
-                        stats.append(found)
-                    continue
-                except Exception as error:  # a damaged entry: read the batch again
-                    _warn(f"the stored statistics of batch {batch} cannot be read ({error}); reading the batch")
-                    shutil.rmtree(folder, ignore_errors=True)
+            except Exception as error:  # a damaged entry: read the batch again
+                _warn(f"the stored statistics of batch {batch} cannot be read ({error}); reading the batch")
+                shutil.rmtree(folder, ignore_errors=True)
         try:
             found = batch_stats(batch, _chunks(layout.raw, files, text_columns, spec.chunk_rows()), spec)
         except ValueError as error:

@@ -82,35 +82,58 @@ def label_columns(frame, label_column: str):
     return frame
 
 
-def _table_manifest(layout: Layout):
-    """The validated snapshot, from each batch's statistics (pipeline/table_stats.py: a batch
-    is read once, then its statistics are stored), and the report. The manifest, what
-    preprocess trains, calibrates and tests on, is the newest ``table.train_batches`` batches'
-    samples (``table.rows_per_batch`` rows of each, by key hash; every row of a smaller batch),
-    each row with its split (a hash of its key; an unlabelled row trains only: calibration and
-    test need labels)."""
+def _run_rows(stats: list, key: str, limit: int | None):
+    """The training batches' sampled rows, or, past ``limit``, the ``limit`` of them first in
+    the samples' order (components.table_stats.sample_order): as many from a batch as its share
+    of the rows, chosen by key, so a run's rows do not grow with the number of batches."""
     import pandas as pd
 
+    from components.table_stats import sample_order
+
+    samples = [s.sample for s in stats]
+    if limit is not None and sum(len(s) for s in samples) > limit:
+        orders = [sample_order(s[key]) for s in samples]
+        cut = np.partition(np.concatenate(orders), limit - 1)[limit - 1]
+        samples = [s[order <= cut] for s, order in zip(samples, orders)]
+    return pd.concat(samples, ignore_index=True)
+
+
+def _table_manifest(layout: Layout):
+    """The validated snapshot, from each batch's statistics (pipeline/table_stats.py: a batch
+    is read once, then its statistics are stored), and the report. Only the batches a run uses
+    are read: the newest ``table.train_batches`` and the drift window (all when every batch
+    trains). The manifest, what preprocess trains, calibrates and tests on, is the newest
+    ``table.train_batches`` batches' samples (``table.rows_per_batch`` rows of each, by key
+    hash; every row of a smaller batch), at most ``table.rows_per_run`` rows of them, each row
+    with its split (a hash of its key; an unlabelled row trains only: calibration and test need
+    labels)."""
     from components.splits import split_of
     from components.tables import key_hash
     from components.table_validation import validate_table_stats
     from pipeline.table_stats import snapshot_stats
 
     config = layout.config
+    table = config.table
     rules = table_rules(config)
-    stats, unreadable, counts = snapshot_stats(layout, rules.stats_spec(config.table.rows_per_batch),
-                                               text_columns(config))
-    print(f"validate: {counts['batches']} batches, {counts['read']} read ({counts['rows_read']} rows), "
+    stats, unreadable, counts = snapshot_stats(layout, rules.stats_spec(table.rows_per_batch),
+                                               text_columns(config), window=rules.key_window)
+    older = (f", {counts['older']} older ones not read (outside table.train_batches and the drift window)"
+             if counts["older"] else "")
+    print(f"validate: {counts['batches']} batches{older}, {counts['read']} read ({counts['rows_read']} rows), "
           f"{counts['stored']} from their stored statistics")
     report = validate_table_stats(stats, rules, unreadable)
     if not report.success:
         return None, report
-    chosen = stats[-config.table.train_batches:] if config.table.train_batches else stats
-    samples = pd.concat([s.sample for s in chosen], ignore_index=True)
+    chosen = stats[-table.train_batches:] if table.train_batches else stats
+    samples = _run_rows(chosen, rules.key_column, table.rows_per_run)
     if len(chosen) < len(stats) or len(samples) < report.n_files:
-        print(f"validate: the manifest holds {len(samples)} of {report.n_files} rows: the newest {len(chosen)} of "
-              f"{len(stats)} batches (table.train_batches), at most {config.table.rows_per_batch} rows of each "
-              "(table.rows_per_batch)")
+        bounds = [f"the newest {len(chosen)} of {len(stats)} batches (table.train_batches)"]
+        if table.rows_per_batch is not None:
+            bounds.append(f"at most {table.rows_per_batch} rows of each (table.rows_per_batch)")
+        if table.rows_per_run is not None:
+            bounds.append(f"at most {table.rows_per_run} in all (table.rows_per_run)")
+        print(f"validate: the manifest holds {len(samples)} of the {report.n_files} rows validated: "
+              + ", ".join(bounds))
     # the declared columns and the pipeline's own: an undeclared column of mixed types across
     # files would not fit one Parquet column, and nothing downstream reads it
     keep = ["batch", "source", rules.key_column, rules.label_column, *rules.columns]

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components.table_stats import StatsSpec, batch_stats, frame_chunks, pooled_std
+from components.table_stats import StatsSpec, batch_stats, frame_chunks, pooled_std, repeated_across
 from components.tables import generate_transactions, iter_table_file
 from components.table_validation import TABLE_CHECKS, TableRules, validate_table
 
@@ -55,6 +55,24 @@ def test_a_file_streamed_in_chunks_has_the_statistics_of_the_whole_file(tmp_path
     assert sorted(chunked.sample["transaction_id"]) == sorted(whole.sample["transaction_id"])
     # and a sample, not the file's first rows
     assert chunked.sample["transaction_id"].isin(frame["transaction_id"].iloc[:500]).mean() < 0.5
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_keys_repeated_across_batches_are_found_exactly_at_every_slice_edge(threads):
+    rng = np.random.default_rng(3)
+    edges = [0, 1, 2**58 - 1, 2**58, 2**58 + 1, 2**63, 2**64 - 2, 2**64 - 1]  # the slices' borders and ends
+    arrays = [np.unique(rng.integers(0, 2**64 - 1, size, dtype=np.uint64, endpoint=True))
+              for size in (5_000, 20_000, 0, 1, 7_000)]
+    shared = np.array(edges + [int(v) for v in rng.choice(arrays[1], 30, replace=False)], dtype=np.uint64)
+    arrays[0] = np.unique(np.concatenate([arrays[0], shared[:20]]))
+    arrays[1] = np.unique(np.concatenate([arrays[1], shared[:8]]))
+    arrays[4] = np.unique(np.concatenate([arrays[4], shared[8:]]))
+    merged = np.sort(np.concatenate(arrays))
+    expected = merged[1:][merged[1:] == merged[:-1]]          # the plain merge it replaces
+    found = repeated_across(arrays, threads=threads)
+    assert found.dtype == np.uint64 and len(found) >= len(edges)
+    np.testing.assert_array_equal(found, expected)
+    assert not len(repeated_across([arrays[2], arrays[3]])) and not len(repeated_across([arrays[0]]))
 
 
 def test_repeated_keys_within_a_batch_are_counted_and_named():

@@ -84,13 +84,48 @@ def test_the_manifest_is_the_newest_batches_samples(tmp_path, capsys):
     manifest, report, out = _validate(layout, capsys)
     assert report.success and report.n_files == 3000          # validation saw every row
     assert len(manifest) == 800 and set(manifest["batch"]) == {"batch-0002", "batch-0003"}
-    assert "the manifest holds 800 of 3000 rows" in out
+    assert "the manifest holds 800 of the 3000 rows validated" in out
     assert manifest["transaction_id"].is_unique and set(manifest["split"]) == {"train", "calibration", "test"}
     # the same rows on the next run, from the stored samples
     again, _, out = _validate(layout, capsys)
     assert "0 read" in out
     # (text columns come back from the store in pandas' str dtype, not object: the values are what count)
     pd.testing.assert_frame_equal(manifest.reset_index(drop=True), again.reset_index(drop=True), check_dtype=False)
+
+
+def test_batches_older_than_training_and_the_drift_window_are_not_read(tmp_path, capsys):
+    layout = _layout(tmp_path, train_batches=2, drift={"window": 2})   # the newest 3 batches are used
+    for night in range(1, 6):
+        _night(layout, night, rows=1000)
+    (layout.raw / "batch-0001.csv").write_text("not,a\ntable")       # damaged, but nothing of it is used
+    manifest, report, out = _validate(layout, capsys)
+    assert report.success, report.failures
+    assert "5 batches, 2 older ones not read (outside table.train_batches and the drift window), 3 read (3000 rows)" \
+        in out
+    assert report.n_files == 3000 and set(manifest["batch"]) == {"batch-0004", "batch-0005"}
+    # the same damage inside the window is refused by name
+    (layout.raw / "batch-0004.csv").write_text("not,a\ntable")
+    manifest, report, out = _validate(layout, capsys)
+    assert manifest is None and not report.success
+    assert any("batch-0004" in f["description"] for f in report.failures), report.failures
+
+
+def test_a_run_takes_at_most_rows_per_run_rows_a_uniform_draw_by_key(tmp_path, capsys):
+    from components.table_stats import sample_order
+
+    layout = _layout(tmp_path, rows_per_batch=400, train_batches=3, rows_per_run=300)
+    paths = [_night(layout, night, rows=1000 + 500 * night) for night in (1, 2, 3, 4)]
+    manifest, report, out = _validate(layout, capsys)
+    assert report.success and len(manifest) == 300
+    assert "at most 300 in all (table.rows_per_run)" in out
+    # the rows whose sample order is smallest among every row of the three training batches: what
+    # one sample of their union would hold, so each batch gives its share of the rows
+    rows = pd.concat([pd.read_csv(p, dtype={"transaction_id": str}) for p in paths[1:]], ignore_index=True)
+    order = sample_order(rows["transaction_id"])
+    expected = set(rows["transaction_id"][order <= pd.Series(order).nsmallest(300).max()])
+    assert set(manifest["transaction_id"]) == expected
+    shares = manifest["batch"].value_counts()
+    assert set(shares.index) == {"batch-0002", "batch-0003", "batch-0004"} and shares["batch-0004"] > shares["batch-0002"]
 
 
 @pytest.mark.parametrize("bad", ["bad.parquet", "empty.csv"])

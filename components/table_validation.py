@@ -33,6 +33,12 @@ class TableRules:
     quantiles: tuple[float, ...] = (0.1, 0.5, 0.9)
     drift_window: int = 30
     key_window: int | None = None    # keys are unique across the newest this many batches (None: all)
+    history: int | None = None       # a recent batch is compared with this many batches before it (None: all)
+
+    def batches_used(self) -> int | None:
+        """How many of the newest batches the suite needs (None: all): the recent ones and, for
+        the oldest of them, its ``history``; this covers ``key_window`` too."""
+        return None if self.history is None else self.drift_window + self.history
 
     def stats_spec(self, sample_rows: int | None = None):
         """What per-batch statistics these rules are checked against (components/table_stats.py)."""
@@ -63,6 +69,14 @@ TABLE_CHECKS = {
     "quantiles": "no numeric column's quantiles drifted from the batch before",
 }
 VALUED = {"rows", "normal", "anomalies", "ratio"}  # checked by GX against bounds; the others are pass/fail
+
+
+def _before(batches: list[str], batch: str, history: int | None) -> list[str]:
+    """The batches ``batch`` is compared with: the ``history`` batches right before it (all with
+    None). A fixed number, so a recent batch gets the same verdict every night it is checked,
+    whatever has left the window since."""
+    i = batches.index(batch)
+    return batches[:i] if history is None else batches[max(0, i - history):i]
 
 
 def _recent(batches: list[str], window: int) -> list[str]:
@@ -154,7 +168,7 @@ def _key_checks(checks: _Checks, stats: list, recent: list[str], rules: TableRul
         for value in twice[:200]:  # which batches hold the first of them
             holders = [s.batch for s in scope if _holds(s.key_hashes, value)]
             shared.add(" and ".join(holders))
-        span = "the snapshot's batches" if len(scope) == len(parts) else f"the newest {len(scope)} batches"
+        span = "the snapshot's batches" if rules.key_window is None else f"the newest {len(scope)} batches"
         checks.passfail("key_unique", "across batches", len(twice) == 0, key,
                         f"no key ('{key}') appears in two of {span} ({len(twice)} keys do: "
                         + "; ".join(sorted(shared)[:5]) + ")", len(twice))
@@ -199,9 +213,9 @@ def _column_checks(checks: _Checks, stats: list, recent: list[str], rules: Table
             if rule.get("drift", True):
                 for newest, reference in pairs:
                     _drift_checks(checks, name, by_batch[newest], by_batch[reference],
-                                  [by_batch[b] for b in batches[:batches.index(newest)]], rules, quantiles)
+                                  [by_batch[b] for b in _before(batches, newest, rules.history)], rules, quantiles)
         else:
-            _category_checks(checks, name, rule, present, pairs, by_batch, batches)
+            _category_checks(checks, name, rule, present, pairs, by_batch, batches, rules.history)
 
 
 def _range_check(checks: _Checks, name: str, rule: dict, present: list) -> None:
@@ -293,7 +307,7 @@ def _drift_checks(checks: _Checks, name: str, newest, reference, before: list, r
 
 
 def _category_checks(checks: _Checks, name: str, rule: dict, present: list, pairs: list, by_batch: dict,
-                     batches: list[str]) -> None:
+                     batches: list[str], history: int | None) -> None:
     from components.table_stats import MAX_CATEGORIES
 
     allowed = rule.get("allowed")
@@ -323,7 +337,7 @@ def _category_checks(checks: _Checks, name: str, rule: dict, present: list, pair
         if column is None:
             continue
         seen: set[str] = set()
-        for batch in batches[:batches.index(newest)]:
+        for batch in _before(batches, newest, history):
             earlier = by_batch[batch].column(name)
             if earlier is not None:
                 seen.update(earlier["categories"])

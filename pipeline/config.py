@@ -173,8 +173,8 @@ class Table(_Section):
     drift: Drift = Drift()
     # tall tables and long histories (issue 22): each batch keeps at most ``rows_per_batch`` rows
     # for training and for the drift check's quantiles, a deterministic sample by key hash (null:
-    # every row); the newest ``train_batches`` batches train (null: all), and only they and the
-    # drift window are validated (older batches are not read: nothing of them is used); a run
+    # every row); the newest ``train_batches`` batches train (null: all), and only the drift window
+    # and the ``train_batches`` batches before it are validated (older ones are not read); a run
     # trains, calibrates and tests on at most ``rows_per_run`` of their sampled rows, the ones
     # first in the samples' order (null: all of them), so its cost does not grow with the window.
     rows_per_batch: int | None = Field(100_000, ge=1)

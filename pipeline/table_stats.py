@@ -164,17 +164,16 @@ def snapshot_stats(layout: Layout, spec, text_columns: tuple[str, ...],
     grouped: dict[str, list[Path]] = {}
     for batch, path in batch_files(layout.raw):
         grouped.setdefault(batch, []).append(path)
-    names = sorted(grouped)
-    older = max(0, len(names) - window) if window is not None else 0
     stats, unreadable = [], []
-    counts = {"batches": len(names), "older": older, "read": 0, "stored": 0, "rows_read": 0}
-    entries = _entries(store, layout.raw, {batch: grouped[batch] for batch in names[older:]})
-    for batch in names[older:]:
+    counts = {"batches": len(grouped), "older": 0, "read": 0, "stored": 0, "rows_read": 0}
+
+    def one(batch: str, folder) -> bool:
+        """Batch ``batch``'s statistics into ``stats`` (if it has rows) or its failure into
+        ``unreadable``; whether it counts towards the window (an export of no rows does not)."""
         files = grouped[batch]
-        folder = entries.get(batch)
         if isinstance(folder, OSError):
             unreadable.append(f"{files[0].name}: cannot be read: {folder}")
-            continue
+            return True
         if folder is not None and (folder / "summary.json").exists():
             try:
                 found = _load(folder, batch, lambda b=batch, f=files: batch_stats(
@@ -182,7 +181,7 @@ def snapshot_stats(layout: Layout, spec, text_columns: tuple[str, ...],
                 counts["stored"] += 1
                 if found.rows:
                     stats.append(found)
-                continue
+                return bool(found.rows)
             except Exception as error:  # a damaged entry: read the batch again
                 _warn(f"the stored statistics of batch {batch} cannot be read ({error}); reading the batch")
                 shutil.rmtree(folder, ignore_errors=True)
@@ -190,7 +189,7 @@ def snapshot_stats(layout: Layout, spec, text_columns: tuple[str, ...],
             found = batch_stats(batch, _chunks(layout.raw, files, text_columns, spec.chunk_rows()), spec)
         except ValueError as error:
             unreadable.append(str(error))
-            continue
+            return True
         counts["read"] += 1
         counts["rows_read"] += found.rows
         if folder is not None:
@@ -203,4 +202,16 @@ def snapshot_stats(layout: Layout, spec, text_columns: tuple[str, ...],
                 pass
         if found.rows:  # an export of no rows adds nothing
             stats.append(found)
+        return bool(found.rows)
+
+    # newest first, until ``window`` batches with rows are in: an empty export inside the window
+    # must not leave the oldest recent batch without the batches it is compared with
+    pending, taken = sorted(grouped), 0
+    while pending and (window is None or taken < window):
+        step = len(pending) if window is None else min(len(pending), window - taken)
+        part, pending = pending[-step:], pending[:-step]
+        entries = _entries(store, layout.raw, {batch: grouped[batch] for batch in part})
+        taken += sum(one(batch, entries.get(batch)) for batch in part)
+    counts["older"] = len(pending)
+    stats.sort(key=lambda s: s.batch)
     return stats, unreadable, counts

@@ -61,7 +61,9 @@ def table_rules(config: Config):
         drift_window=t.drift.window,
         # keys are unique across every batch that trains (the manifest: no key twice in it) and the
         # drift window; all of the snapshot when every batch trains
-        key_window=None if t.train_batches is None else max(t.train_batches, t.drift.window + 1))
+        key_window=None if t.train_batches is None else max(t.train_batches, t.drift.window + 1),
+        # a recent batch's new categories are those none of the train_batches batches before it had
+        history=t.train_batches)
 
 
 def text_columns(config: Config) -> tuple[str, ...]:
@@ -116,8 +118,8 @@ def _table_manifest(layout: Layout):
     table = config.table
     rules = table_rules(config)
     stats, unreadable, counts = snapshot_stats(layout, rules.stats_spec(table.rows_per_batch),
-                                               text_columns(config), window=rules.key_window)
-    older = (f", {counts['older']} older ones not read (outside table.train_batches and the drift window)"
+                                               text_columns(config), window=rules.batches_used())
+    older = (f", {counts['older']} older ones not read (beyond the drift window and table.train_batches before it)"
              if counts["older"] else "")
     print(f"validate: {counts['batches']} batches{older}, {counts['read']} read ({counts['rows_read']} rows), "
           f"{counts['stored']} from their stored statistics")
@@ -127,7 +129,8 @@ def _table_manifest(layout: Layout):
     chosen = stats[-table.train_batches:] if table.train_batches else stats
     samples = _run_rows(chosen, rules.key_column, table.rows_per_run)
     if len(chosen) < len(stats) or len(samples) < report.n_files:
-        bounds = [f"the newest {len(chosen)} of {len(stats)} batches (table.train_batches)"]
+        bounds = [f"the newest {len(chosen)} of {counts['batches']} batches (table.train_batches)"] \
+            if table.train_batches else []
         if table.rows_per_batch is not None:
             bounds.append(f"at most {table.rows_per_batch} rows of each (table.rows_per_batch)")
         if table.rows_per_run is not None:

@@ -94,20 +94,65 @@ def test_the_manifest_is_the_newest_batches_samples(tmp_path, capsys):
 
 
 def test_batches_older_than_training_and_the_drift_window_are_not_read(tmp_path, capsys):
-    layout = _layout(tmp_path, train_batches=2, drift={"window": 2})   # the newest 3 batches are used
-    for night in range(1, 6):
+    # the newest 2 batches are checked, each against the 2 before it: the newest 4 are used
+    layout = _layout(tmp_path, train_batches=2, drift={"window": 2})
+    for night in range(1, 7):
         _night(layout, night, rows=1000)
     (layout.raw / "batch-0001.csv").write_text("not,a\ntable")       # damaged, but nothing of it is used
     manifest, report, out = _validate(layout, capsys)
     assert report.success, report.failures
-    assert "5 batches, 2 older ones not read (outside table.train_batches and the drift window), 3 read (3000 rows)" \
-        in out
-    assert report.n_files == 3000 and set(manifest["batch"]) == {"batch-0004", "batch-0005"}
+    assert ("6 batches, 2 older ones not read (beyond the drift window and table.train_batches before it), "
+            "4 read (4000 rows)") in out
+    assert report.n_files == 4000 and set(manifest["batch"]) == {"batch-0005", "batch-0006"}
     # the same damage inside the window is refused by name
     (layout.raw / "batch-0004.csv").write_text("not,a\ntable")
     manifest, report, out = _validate(layout, capsys)
     assert manifest is None and not report.success
     assert any("batch-0004" in f["description"] for f in report.failures), report.failures
+
+
+def _with_category(layout: Layout, number: int, category: str) -> None:
+    path = layout.raw / f"batch-{number:04d}.csv"
+    frame = pd.read_csv(path)
+    frame.loc[:4, "merchant_category"] = category
+    frame.to_csv(path, index=False)
+
+
+def test_a_recent_batch_is_judged_against_the_same_batches_every_night(tmp_path, capsys):
+    """A category is new to a recent batch when none of the train_batches batches before it had
+    it: the same verdict every night the batch is checked, whatever has left the window since."""
+    layout = _layout(tmp_path, train_batches=2, drift={"window": 2},
+                     columns={"merchant_category": {"type": "categorical", "allowed": None}})
+    for night in range(1, 5):
+        _night(layout, night, rows=1000)
+    _with_category(layout, 1, "pawnshop")   # seen two batches before batch 3 had it again
+    _with_category(layout, 3, "pawnshop")
+    manifest, report, out = _validate(layout, capsys)
+    assert report.success, report.failures
+    _night(layout, 5, rows=1000)            # batch 1 leaves the window; batch 3 is no longer recent
+    manifest, report, out = _validate(layout, capsys)
+    assert report.success, report.failures
+    _night(layout, 6, rows=1000)
+    _with_category(layout, 6, "casino")     # new to the two batches before it: refused
+    manifest, report, out = _validate(layout, capsys)
+    assert not report.success and any("casino" in f["description"] and "batch-0006" in f["description"]
+                                      for f in report.failures), report.failures
+
+
+def test_an_empty_export_inside_the_window_does_not_cancel_a_drift_check(tmp_path, capsys):
+    layout = _layout(tmp_path, train_batches=1, drift={"window": 1})   # 2 batches with rows are used
+    for night in range(1, 5):
+        _night(layout, night, rows=1000)
+    path = layout.raw / "batch-0004.csv"
+    frame = pd.read_csv(path)
+    frame["amount"] = frame["amount"] * 50
+    frame.to_csv(path, index=False)
+    frame.head(0).to_csv(layout.raw / "batch-0005.csv", index=False)   # tonight's export: a header only
+    manifest, report, out = _validate(layout, capsys)
+    assert "5 batches, 2 older ones not read" in out
+    assert not report.success and any("'amount' has not drifted" in f["description"] and "batch-0004" in
+                                      f["description"] and "batch-0003" in f["description"]
+                                      for f in report.failures), report.failures
 
 
 def test_a_run_takes_at_most_rows_per_run_rows_a_uniform_draw_by_key(tmp_path, capsys):

@@ -14,6 +14,7 @@ and ``<id>.keys.npy`` (the sha256 of each row), both written under temporary nam
 synced and renamed (keys last: a pack is listed by its keys), so runs at once never see
 each other's half-written packs. Past MAX_PACKS packs, a run merges them into one (one run
 at a time: the others leave it to that one).
+A namespace no run has used for 30 days is removed (pipeline/cache_expiry.py).
 The cache is only an optimisation: a pack that vanished, is malformed or cannot be read
 means decoding those files again (with a warning), and a cache that cannot be written
 (a full disk, a read-only cache) costs a warning, never the stage. The output is the
@@ -25,7 +26,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 import uuid
@@ -35,13 +35,13 @@ from pathlib import Path
 import numpy as np
 
 from detector.decode import DecodeLimits
+from pipeline.cache_expiry import mark_used, remove_unused
 from pipeline.io import atomic_path
 from pipeline.layout import Layout
 from pipeline.process import HOST, alive
 
 CACHE_FORMAT = 1             # the pack layout; a new one starts a new namespace
 MAX_PACKS = 8                # more packs than this are merged into one
-NAMESPACE_TTL_DAYS = 30      # a namespace no run has used for this long is removed
 ORPHAN_PACK_AGE_S = 3600     # a pack's data this old with no keys beside it is a killed run's: removed
 BUFFER_BYTES = 4 * 2**20     # rows are written and merged this many bytes at a time
 KEY_DTYPE = "S64"            # a sha256 in hex, as the manifest holds it
@@ -389,25 +389,18 @@ def compact(folder: Path, shape: tuple[int, ...]) -> None:
 
 def cache_folder(layout: Layout, size: int, channels: int, limits: DecodeLimits) -> Path | None:
     """This run's namespace folder (None outside a DVC repository); marks it used and removes
-    namespaces no run has used for NAMESPACE_TTL_DAYS (old sizes, old decoders)."""
+    the namespaces no run has used for cache_expiry.TTL_DAYS (old sizes, old decoders)."""
     root = layout.preprocess_cache
     if root is None or os.environ.get(CACHE_ENV, "").strip().lower() in ("off", "0", "false", "no"):
         return None
     folder = root / cache_namespace(size, channels, limits)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / ".used").touch()
+        mark_used(folder)
     except OSError as error:
         _warn(f"cannot use the decoded-image cache in {root}: {_why(error)}; every image is decoded")
         return folder if folder.is_dir() else None
-    horizon = time.time() - NAMESPACE_TTL_DAYS * 86400
-    for other in root.iterdir():
-        try:
-            used = (other / ".used").stat().st_mtime if (other / ".used").exists() else other.stat().st_mtime
-            if other != folder and other.is_dir() and used < horizon:
-                shutil.rmtree(other, ignore_errors=True)
-        except OSError:
-            pass
+    remove_unused(root)
     return folder
 
 

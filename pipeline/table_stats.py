@@ -11,9 +11,11 @@ components/tables.py and detector/transform.py, the pandas, numpy and pyarrow ve
 stored batch can only be the statistics of those very bytes.
 
 The store is an optimisation: an entry that cannot be read (checked whole when loaded; its
-sample when first read) is computed again (with a warning), and one that cannot be written costs a warning, never the stage. Entries are
-written into a temporary folder and renamed into place, so runs at once never see a
-half-written one."""
+sample when first read) is computed again (with a warning), and one that cannot be written
+costs a warning, never the stage. Entries are written into a temporary folder and renamed into
+place, so runs at once never see a half-written one. Each run marks the entries it used; an
+entry no run has used for 30 days (a batch that left the window, or was deleted or re-exported)
+is removed, and so is a namespace no run has used for as long (pipeline/cache_expiry.py)."""
 from __future__ import annotations
 
 import hashlib
@@ -27,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.cache_expiry import mark_used, remove_unused
 from pipeline.layout import Layout
 
 STORE_FORMAT = 1
@@ -92,6 +95,18 @@ def _load(folder: Path, batch: str, read_again):
             return read_again().sample
 
     return BatchStats(batch, summary, hashes, load_sample=sample)
+
+
+def _use(folder: Path) -> None:
+    """Marks a stored entry (or the namespace) used by this run, so that cache_expiry keeps it
+    while runs use it. A folder that is not there (an entry that could not be stored) is left
+    so: one holding only the mark would keep the entry from ever being stored. One that cannot
+    be marked (a read-only cache) costs nothing."""
+    try:
+        if folder.is_dir():
+            mark_used(folder)
+    except OSError:
+        pass
 
 
 def _store(folder: Path, stats) -> None:
@@ -161,11 +176,18 @@ def snapshot_stats(layout: Layout, spec, text_columns: tuple[str, ...],
     if os.environ.get(CACHE_ENV, "").strip().lower() in ("off", "0", "false", "no"):
         root = None
     store = root / namespace(spec) if root is not None else None
+    if store is not None:
+        try:
+            store.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            pass  # said when a batch's statistics cannot be stored
+        _use(store)
+        remove_unused(root)  # namespaces of old code, old library versions, old column declarations
     grouped: dict[str, list[Path]] = {}
     for batch, path in batch_files(layout.raw):
         grouped.setdefault(batch, []).append(path)
     stats, unreadable = [], []
-    counts = {"batches": len(grouped), "older": 0, "read": 0, "stored": 0, "rows_read": 0}
+    counts = {"batches": len(grouped), "older": 0, "read": 0, "stored": 0, "rows_read": 0, "expired": 0}
 
     def one(batch: str, folder) -> bool:
         """Batch ``batch``'s statistics into ``stats`` (if it has rows) or its failure into
@@ -179,6 +201,7 @@ def snapshot_stats(layout: Layout, spec, text_columns: tuple[str, ...],
                 found = _load(folder, batch, lambda b=batch, f=files: batch_stats(
                     b, _chunks(layout.raw, f, text_columns, spec.chunk_rows()), spec))
                 counts["stored"] += 1
+                _use(folder)
                 if found.rows:
                     stats.append(found)
                 return bool(found.rows)
@@ -200,6 +223,8 @@ def snapshot_stats(layout: Layout, spec, text_columns: tuple[str, ...],
                     b, _chunks(layout.raw, f, text_columns, spec.chunk_rows()), spec))
             except Exception:
                 pass
+        if folder is not None:
+            _use(folder)
         if found.rows:  # an export of no rows adds nothing
             stats.append(found)
         return bool(found.rows)
@@ -213,5 +238,6 @@ def snapshot_stats(layout: Layout, spec, text_columns: tuple[str, ...],
         entries = _entries(store, layout.raw, {batch: grouped[batch] for batch in part})
         taken += sum(one(batch, entries.get(batch)) for batch in part)
     counts["older"] = len(pending)
+    counts["expired"] = len(remove_unused(store)) if store is not None else 0
     stats.sort(key=lambda s: s.batch)
     return stats, unreadable, counts

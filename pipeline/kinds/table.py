@@ -112,6 +112,7 @@ def _table_manifest(layout: Layout):
     from components.splits import split_of
     from components.tables import key_hash
     from components.table_validation import validate_table_stats
+    from pipeline.cache_expiry import TTL_DAYS
     from pipeline.table_stats import snapshot_stats
 
     config = layout.config
@@ -121,8 +122,10 @@ def _table_manifest(layout: Layout):
                                                text_columns(config), window=rules.batches_used())
     older = (f", {counts['older']} older ones not read (beyond the drift window and table.train_batches before it)"
              if counts["older"] else "")
+    expired = (f"; {counts['expired']} stored {'entry' if counts['expired'] == 1 else 'entries'} unused for "
+               f"{TTL_DAYS} days removed" if counts["expired"] else "")
     print(f"validate: {counts['batches']} batches{older}, {counts['read']} read ({counts['rows_read']} rows), "
-          f"{counts['stored']} from their stored statistics")
+          f"{counts['stored']} from their stored statistics{expired}")
     report = validate_table_stats(stats, rules, unreadable)
     if not report.success:
         return None, report

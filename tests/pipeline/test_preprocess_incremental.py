@@ -322,3 +322,24 @@ def test_a_file_changed_after_validation_stops_the_stage_and_is_not_cached(tmp_p
     with pytest.raises(DataError, match="changed since validate"):
         preprocess.run(layout)
     assert not layout.processed.exists() and _packs(cache) == []
+
+
+def test_a_namespace_no_run_used_for_30_days_is_removed(tmp_path):
+    """An image size or decoder that no run uses any more leaves its namespace behind; it goes
+    once no run has used it for cache_expiry.TTL_DAYS, and the one in use stays however old."""
+    import os
+    import time
+
+    from pipeline.cache_expiry import TTL_DAYS
+
+    cache = tmp_path / "cache"
+    preprocess.run(_workspace(tmp_path / "a", cache, ONE))
+    preprocess.run(_workspace(tmp_path / "b", cache, ONE, image_size=24))
+    old, in_use = sorted((cache / "anomaly-preprocess").iterdir(), key=lambda p: p.stat().st_mtime)
+    then = time.time() - (TTL_DAYS + 1) * 86400
+    for folder in (old, in_use):
+        for path in (folder / ".used", folder):
+            os.utime(path, (then, then))
+    counts = preprocess.run(_workspace(tmp_path / "c", cache, ONE, image_size=24))
+    assert (counts["decoded"], counts["from_cache"]) == (0, 42)
+    assert list((cache / "anomaly-preprocess").iterdir()) == [in_use]

@@ -210,3 +210,45 @@ def test_a_damaged_stored_sample_is_read_again_not_trusted(tmp_path, capsys):
     assert report.success and "1 read (1500 rows), 0 from their stored statistics" in out
     assert "the stored statistics of batch batch-0001 cannot be read" in out
     pd.testing.assert_frame_equal(first, again, check_dtype=False)
+
+
+def _age(folder: Path, days: float) -> None:
+    """Makes ``folder`` look last used ``days`` ago (its mark, and the folder itself)."""
+    import time
+
+    then = time.time() - days * 86400
+    for path in (folder / ".used", folder):
+        if path.exists():
+            os.utime(path, (then, then))
+
+
+def test_stored_batches_no_run_used_for_30_days_are_removed(tmp_path, capsys):
+    """The store does not grow for ever: an entry of a batch that left the window, and a
+    namespace of old code or old declarations, go once no run has used them for 30 days;
+    what tonight uses stays, however old it was."""
+    layout = _layout(tmp_path, train_batches=1, drift={"window": 1})   # the newest 2 batches are used
+    for night in range(1, 4):
+        _night(layout, night, rows=1000)
+    _validate(layout, capsys)
+    wide = _layout(tmp_path, train_batches=None, drift={"window": 1})
+    assert "1 read (1000 rows), 2 from their stored statistics" in _validate(wide, capsys)[2]  # batch 1 too
+    [store] = list(layout.table_stats_cache.iterdir())
+    entries = sorted(p for p in store.iterdir() if p.is_dir())
+    assert len(entries) == 3 and all((p / ".used").exists() for p in entries)
+    stale_namespace = layout.table_stats_cache / "0123456789abcdef0123"
+    recent_namespace = layout.table_stats_cache / "fedcba9876543210fedc"
+    for folder in (stale_namespace, recent_namespace):
+        folder.mkdir()
+    _age(stale_namespace, 31)
+    _age(recent_namespace, 29)
+    for entry in entries:
+        _age(entry, 31)
+    manifest, report, out = _validate(layout, capsys)
+    assert report.success, report.failures
+    assert "0 read (0 rows), 2 from their stored statistics; 1 stored entry unused for 30 days removed" in out
+    kept = sorted(p for p in store.iterdir() if p.is_dir())
+    assert len(kept) == 2 and set(kept) < set(entries)
+    assert not stale_namespace.exists() and recent_namespace.exists()
+    # the batch that was removed is read again, and stored again, when a run uses it
+    manifest, report, out = _validate(wide, capsys)
+    assert "1 read (1000 rows), 2 from their stored statistics" in out

@@ -14,7 +14,7 @@ and ``<id>.keys.npy`` (the sha256 of each row), both written under temporary nam
 synced and renamed (keys last: a pack is listed by its keys), so runs at once never see
 each other's half-written packs. Past MAX_PACKS packs, a run merges them into one (one run
 at a time: the others leave it to that one).
-A namespace no run has used for 30 days is removed (pipeline/cache_expiry.py).
+A namespace no run has used for 30 days is removed (pipeline/caches.py).
 The cache is only an optimisation: a pack that vanished, is malformed or cannot be read
 means decoding those files again (with a warning), and a cache that cannot be written
 (a full disk, a read-only cache) costs a warning, never the stage. The output is the
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from detector.decode import DecodeLimits
-from pipeline.cache_expiry import mark_used, remove_unused
+from pipeline.caches import MARK, remove_unused, switched_off
 from pipeline.io import atomic_path
 from pipeline.layout import Layout
 from pipeline.process import HOST, alive
@@ -389,14 +389,14 @@ def compact(folder: Path, shape: tuple[int, ...]) -> None:
 
 def cache_folder(layout: Layout, size: int, channels: int, limits: DecodeLimits) -> Path | None:
     """This run's namespace folder (None outside a DVC repository); marks it used and removes
-    the namespaces no run has used for cache_expiry.TTL_DAYS (old sizes, old decoders)."""
+    the namespaces no run has used for caches.TTL_DAYS (old sizes, old decoders)."""
     root = layout.preprocess_cache
-    if root is None or os.environ.get(CACHE_ENV, "").strip().lower() in ("off", "0", "false", "no"):
+    if root is None or switched_off(CACHE_ENV):
         return None
     folder = root / cache_namespace(size, channels, limits)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        mark_used(folder)
+        (folder / MARK).touch()
     except OSError as error:
         _warn(f"cannot use the decoded-image cache in {root}: {_why(error)}; every image is decoded")
         return folder if folder.is_dir() else None

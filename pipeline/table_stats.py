@@ -15,7 +15,7 @@ sample when first read) is computed again (with a warning), and one that cannot 
 costs a warning, never the stage. Entries are written into a temporary folder and renamed into
 place, so runs at once never see a half-written one. Each run marks the entries it used; an
 entry no run has used for 30 days (a batch that left the window, or was deleted or re-exported)
-is removed, and so is a namespace no run has used for as long (pipeline/cache_expiry.py)."""
+is removed, and so is a namespace no run has used for as long (pipeline/caches.py)."""
 from __future__ import annotations
 
 import hashlib
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.cache_expiry import mark_used, remove_unused
+from pipeline.caches import discard, mark_used, remove_unused, switched_off
 from pipeline.layout import Layout
 
 STORE_FORMAT = 1
@@ -89,24 +89,32 @@ def _load(folder: Path, batch: str, read_again):
     def sample() -> pd.DataFrame:
         try:
             return pd.read_parquet(sample_path)
+        except FileNotFoundError:  # another run found the entry unused for TTL_DAYS: nothing is wrong
+            _warn(f"the stored sample of batch {batch} was removed by another run while in use; reading the batch")
+            return read_again().sample
         except Exception as error:
             _warn(f"the stored sample of batch {batch} cannot be read ({error}); reading the batch")
-            shutil.rmtree(folder, ignore_errors=True)
+            discard(folder)
             return read_again().sample
 
     return BatchStats(batch, summary, hashes, load_sample=sample)
 
 
 def _use(folder: Path) -> None:
-    """Marks a stored entry (or the namespace) used by this run, so that cache_expiry keeps it
-    while runs use it. A folder that is not there (an entry that could not be stored) is left
-    so: one holding only the mark would keep the entry from ever being stored. One that cannot
-    be marked (a read-only cache) costs nothing."""
+    """Marks a stored entry used by this run, so that no run removes it while runs use it. Only
+    an entry that is there (a summary): a folder without one is no entry, and marking it would
+    keep it from expiring. One that cannot be marked (a read-only cache) costs nothing."""
+    if (folder / "summary.json").exists():
+        mark_used(folder)
+
+
+def _namespace(store: Path) -> bool:
+    """Makes this run's namespace and marks it used; whether it could (not on a read-only cache)."""
     try:
-        if folder.is_dir():
-            mark_used(folder)
+        store.mkdir(parents=True, exist_ok=True)
     except OSError:
-        pass
+        return False  # said when a batch's statistics cannot be stored
+    return mark_used(store)
 
 
 def _store(folder: Path, stats) -> None:
@@ -116,9 +124,15 @@ def _store(folder: Path, stats) -> None:
         (temporary / "summary.json").write_text(json.dumps(stats.summary))
         np.save(temporary / "keys.npy", stats.key_hashes)
         stats.sample.to_parquet(temporary / "sample.parquet", index=False)
-        os.rename(temporary, folder)
+        try:
+            os.rename(temporary, folder)
+        except OSError:
+            if (folder / "summary.json").exists():  # another run stored the same batch at once
+                return
+            discard(folder)  # no entry (what a removal cut short left): out of the way, once
+            os.rename(temporary, folder)
     except OSError as error:
-        if not folder.is_dir():  # another run storing the same batch at once is no problem
+        if not (folder / "summary.json").exists():
             _warn(f"cannot store the statistics of batch {stats.batch} in {folder.parent}: {error}; "
                   "the next run reads it again")
     except Exception as error:  # a sample pyarrow cannot write (mixed types): computed again next time
@@ -172,22 +186,19 @@ def snapshot_stats(layout: Layout, spec, text_columns: tuple[str, ...],
     from components.table_stats import batch_stats
     from components.tables import batch_files
 
-    root = layout.table_stats_cache
-    if os.environ.get(CACHE_ENV, "").strip().lower() in ("off", "0", "false", "no"):
-        root = None
+    root = None if switched_off(CACHE_ENV) else layout.table_stats_cache
     store = root / namespace(spec) if root is not None else None
-    if store is not None:
-        try:
-            store.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            pass  # said when a batch's statistics cannot be stored
-        _use(store)
-        remove_unused(root)  # namespaces of old code, old library versions, old column declarations
     grouped: dict[str, list[Path]] = {}
     for batch, path in batch_files(layout.raw):
         grouped.setdefault(batch, []).append(path)
     stats, unreadable = [], []
-    counts = {"batches": len(grouped), "older": 0, "read": 0, "stored": 0, "rows_read": 0, "expired": 0}
+    counts = {"batches": len(grouped), "older": 0, "read": 0, "stored": 0, "rows_read": 0,
+              "expired": 0, "expired_namespaces": 0}
+    # expiry only where this run could say it uses its namespace (not on a read-only cache): a
+    # run must never take its own namespace for unused
+    expiring = store is not None and _namespace(store)
+    if expiring:  # namespaces of old code, old library versions, old column declarations
+        counts["expired_namespaces"] = len(remove_unused(root))
 
     def one(batch: str, folder) -> bool:
         """Batch ``batch``'s statistics into ``stats`` (if it has rows) or its failure into
@@ -196,20 +207,23 @@ def snapshot_stats(layout: Layout, spec, text_columns: tuple[str, ...],
         if isinstance(folder, OSError):
             unreadable.append(f"{files[0].name}: cannot be read: {folder}")
             return True
+
+        def read():
+            return batch_stats(batch, _chunks(layout.raw, files, text_columns, spec.chunk_rows()), spec)
+
         if folder is not None and (folder / "summary.json").exists():
+            _use(folder)  # before it is loaded: no run removes it from here on
             try:
-                found = _load(folder, batch, lambda b=batch, f=files: batch_stats(
-                    b, _chunks(layout.raw, f, text_columns, spec.chunk_rows()), spec))
+                found = _load(folder, batch, read)
                 counts["stored"] += 1
-                _use(folder)
                 if found.rows:
                     stats.append(found)
                 return bool(found.rows)
             except Exception as error:  # a damaged entry: read the batch again
                 _warn(f"the stored statistics of batch {batch} cannot be read ({error}); reading the batch")
-                shutil.rmtree(folder, ignore_errors=True)
+                discard(folder)
         try:
-            found = batch_stats(batch, _chunks(layout.raw, files, text_columns, spec.chunk_rows()), spec)
+            found = read()
         except ValueError as error:
             unreadable.append(str(error))
             return True
@@ -217,14 +231,12 @@ def snapshot_stats(layout: Layout, spec, text_columns: tuple[str, ...],
         counts["rows_read"] += found.rows
         if folder is not None:
             _store(folder, found)
+            _use(folder)
             try:  # the stored copy from now on (keys memory-mapped, the sample read when used): the
                 # first run over a long history holds one batch's rows at a time, not all of them
-                found = _load(folder, batch, lambda b=batch, f=files: batch_stats(
-                    b, _chunks(layout.raw, f, text_columns, spec.chunk_rows()), spec))
+                found = _load(folder, batch, read)
             except Exception:
                 pass
-        if folder is not None:
-            _use(folder)
         if found.rows:  # an export of no rows adds nothing
             stats.append(found)
         return bool(found.rows)
@@ -238,6 +250,7 @@ def snapshot_stats(layout: Layout, spec, text_columns: tuple[str, ...],
         entries = _entries(store, layout.raw, {batch: grouped[batch] for batch in part})
         taken += sum(one(batch, entries.get(batch)) for batch in part)
     counts["older"] = len(pending)
-    counts["expired"] = len(remove_unused(store)) if store is not None else 0
+    if expiring:  # entries of batches no run reads any more (temporary folders of killed runs too, uncounted)
+        counts["expired"] = sum(not name.startswith(".") for name in remove_unused(store))
     stats.sort(key=lambda s: s.batch)
     return stats, unreadable, counts

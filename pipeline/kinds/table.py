@@ -112,7 +112,7 @@ def _table_manifest(layout: Layout):
     from components.splits import split_of
     from components.tables import key_hash
     from components.table_validation import validate_table_stats
-    from pipeline.cache_expiry import TTL_DAYS
+    from pipeline.caches import TTL_DAYS
     from pipeline.table_stats import snapshot_stats
 
     config = layout.config
@@ -122,8 +122,10 @@ def _table_manifest(layout: Layout):
                                                text_columns(config), window=rules.batches_used())
     older = (f", {counts['older']} older ones not read (beyond the drift window and table.train_batches before it)"
              if counts["older"] else "")
-    expired = (f"; {counts['expired']} stored {'entry' if counts['expired'] == 1 else 'entries'} unused for "
-               f"{TTL_DAYS} days removed" if counts["expired"] else "")
+    gone = [f"{n} {one if n == 1 else many}" for n, one, many in (
+        (counts["expired"], "stored batch", "stored batches"),
+        (counts["expired_namespaces"], "store of other code or columns", "stores of other code or columns")) if n]
+    expired = f"; removed as unused for {TTL_DAYS} days: {' and '.join(gone)}" if gone else ""
     print(f"validate: {counts['batches']} batches{older}, {counts['read']} read ({counts['rows_read']} rows), "
           f"{counts['stored']} from their stored statistics{expired}")
     report = validate_table_stats(stats, rules, unreadable)

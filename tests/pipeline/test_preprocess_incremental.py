@@ -324,22 +324,20 @@ def test_a_file_changed_after_validation_stops_the_stage_and_is_not_cached(tmp_p
     assert not layout.processed.exists() and _packs(cache) == []
 
 
+
 def test_a_namespace_no_run_used_for_30_days_is_removed(tmp_path):
     """An image size or decoder that no run uses any more leaves its namespace behind; it goes
-    once no run has used it for cache_expiry.TTL_DAYS, and the one in use stays however old."""
-    import os
-    import time
-
-    from pipeline.cache_expiry import TTL_DAYS
+    once no run has used it for caches.TTL_DAYS, and the one in use stays however old."""
+    from pipeline.caches import TTL_DAYS
+    from tests.cache_age import last_used_days_ago
 
     cache = tmp_path / "cache"
     preprocess.run(_workspace(tmp_path / "a", cache, ONE))
+    (old,) = (cache / "anomaly-preprocess").iterdir()
     preprocess.run(_workspace(tmp_path / "b", cache, ONE, image_size=24))
-    old, in_use = sorted((cache / "anomaly-preprocess").iterdir(), key=lambda p: p.stat().st_mtime)
-    then = time.time() - (TTL_DAYS + 1) * 86400
+    (in_use,) = set((cache / "anomaly-preprocess").iterdir()) - {old}
     for folder in (old, in_use):
-        for path in (folder / ".used", folder):
-            os.utime(path, (then, then))
+        last_used_days_ago(folder, TTL_DAYS + 1)
     counts = preprocess.run(_workspace(tmp_path / "c", cache, ONE, image_size=24))
     assert (counts["decoded"], counts["from_cache"]) == (0, 42)
     assert list((cache / "anomaly-preprocess").iterdir()) == [in_use]

@@ -15,6 +15,7 @@ from components.tables import generate_transactions
 from pipeline.config import parse
 from pipeline.kinds.table import _table_manifest
 from pipeline.layout import Layout
+from tests.cache_age import last_used_days_ago
 from tests.scratch import deep_update
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -212,25 +213,35 @@ def test_a_damaged_stored_sample_is_read_again_not_trusted(tmp_path, capsys):
     pd.testing.assert_frame_equal(first, again, check_dtype=False)
 
 
-def _age(folder: Path, days: float) -> None:
-    """Makes ``folder`` look last used ``days`` ago (its mark, and the folder itself)."""
-    import time
+def test_an_entry_another_run_removes_while_in_use_is_read_again_without_alarm(tmp_path, capsys):
+    """Another run may find an entry unused for 30 days just as this one loads it: the sample,
+    read later, is then gone. The batch is read again and the warning says why, not "damaged"."""
+    from pipeline.caches import discard
+    from pipeline.kinds.table import table_rules, text_columns
+    from pipeline.table_stats import snapshot_stats
 
-    then = time.time() - days * 86400
-    for path in (folder / ".used", folder):
-        if path.exists():
-            os.utime(path, (then, then))
+    layout = _layout(tmp_path)
+    _night(layout, 1)
+    spec = table_rules(layout.config).stats_spec(layout.config.table.rows_per_batch)
+    expected = snapshot_stats(layout, spec, text_columns(layout.config))[0][0].sample
+    [stored] = snapshot_stats(layout, spec, text_columns(layout.config))[0]     # loaded; its sample not yet read
+    [entry] = [p.parent for p in layout.table_stats_cache.rglob("summary.json")]
+    capsys.readouterr()
+    assert discard(entry)
+    pd.testing.assert_frame_equal(stored.sample, expected, check_dtype=False)  # read: object, stored: str
+    err = capsys.readouterr().err
+    assert "was removed by another run while in use; reading the batch" in err and "cannot be read" not in err
 
 
-def test_stored_batches_no_run_used_for_30_days_are_removed(tmp_path, capsys):
+def test_stored_batches_no_run_used_for_30_days_are_removed(tmp_path, capsys, monkeypatch):
     """The store does not grow for ever: an entry of a batch that left the window, and a
     namespace of old code or old declarations, go once no run has used them for 30 days;
-    what tonight uses stays, however old it was."""
+    what tonight uses stays, however old it was, its namespace included."""
     layout = _layout(tmp_path, train_batches=1, drift={"window": 1})   # the newest 2 batches are used
+    wide = _layout(tmp_path, train_batches=None, drift={"window": 1})  # every batch is used
     for night in range(1, 4):
         _night(layout, night, rows=1000)
     _validate(layout, capsys)
-    wide = _layout(tmp_path, train_batches=None, drift={"window": 1})
     assert "1 read (1000 rows), 2 from their stored statistics" in _validate(wide, capsys)[2]  # batch 1 too
     [store] = list(layout.table_stats_cache.iterdir())
     entries = sorted(p for p in store.iterdir() if p.is_dir())
@@ -239,16 +250,44 @@ def test_stored_batches_no_run_used_for_30_days_are_removed(tmp_path, capsys):
     recent_namespace = layout.table_stats_cache / "fedcba9876543210fedc"
     for folder in (stale_namespace, recent_namespace):
         folder.mkdir()
-    _age(stale_namespace, 31)
-    _age(recent_namespace, 29)
-    for entry in entries:
-        _age(entry, 31)
+    last_used_days_ago(recent_namespace, 29)
+    for folder in (stale_namespace, store, *entries):
+        last_used_days_ago(folder, 31)
+
+    # a cache this run cannot mark its namespace in: nothing is removed (it might be its own)
+    import pipeline.table_stats as table_stats
+
+    with monkeypatch.context() as patched:
+        patched.setattr(table_stats, "mark_used", lambda folder: False)
+        manifest, report, out = _validate(layout, capsys)
+    assert report.success and "removed" not in out and stale_namespace.exists()
+    assert len([p for p in store.iterdir() if p.is_dir()]) == 3
+
     manifest, report, out = _validate(layout, capsys)
     assert report.success, report.failures
-    assert "0 read (0 rows), 2 from their stored statistics; 1 stored entry unused for 30 days removed" in out
+    assert ("3 batches, 1 older ones not read (beyond the drift window and table.train_batches before it), "
+            "0 read (0 rows), 2 from their stored statistics; removed as unused for 30 days: 1 stored batch "
+            "and 1 store of other code or columns") in out
     kept = sorted(p for p in store.iterdir() if p.is_dir())
     assert len(kept) == 2 and set(kept) < set(entries)
-    assert not stale_namespace.exists() and recent_namespace.exists()
+    assert not stale_namespace.exists() and recent_namespace.exists() and store.is_dir()
     # the batch that was removed is read again, and stored again, when a run uses it
     manifest, report, out = _validate(wide, capsys)
     assert "1 read (1000 rows), 2 from their stored statistics" in out
+    assert len([p for p in store.iterdir() if p.is_dir()]) == 3
+
+
+def test_a_folder_that_is_no_entry_does_not_keep_a_batch_from_being_stored(tmp_path, capsys):
+    """A removal cut short can leave an entry's folder without its summary (a mark, a file or
+    two): the batch is read, the husk is moved out of the way and the entry stored, once."""
+    layout = _layout(tmp_path)
+    _night(layout, 1)
+    _validate(layout, capsys)
+    [entry] = [p.parent for p in layout.table_stats_cache.rglob("summary.json")]
+    for name in ("summary.json", "sample.parquet"):
+        (entry / name).unlink()
+    manifest, report, out = _validate(layout, capsys)
+    assert report.success and "1 read (1500 rows), 0 from their stored statistics" in out
+    assert (entry / "summary.json").exists() and (entry / "sample.parquet").exists()
+    manifest, report, out = _validate(layout, capsys)
+    assert "0 read (0 rows), 1 from their stored statistics" in out

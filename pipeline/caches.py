@@ -4,8 +4,9 @@ how a run says it used a folder, and when a folder no run uses is removed.
 preprocess's decoded-image cache (pipeline/decoded_cache.py) and validate's per-batch table
 statistics (pipeline/table_stats.py) live in the DVC cache folder the workspace uses: every run
 of a project shares them, and `dvc gc` leaves them alone. Both are keyed so that a change (a new
-image size, a new pandas, a batch that left the drift window) starts a new folder and leaves the
-old one behind, and nothing else would ever remove it. So each run marks the folders it uses
+image size, a new pandas, a re-exported file) starts a new folder and leaves the old one behind,
+and the table store keeps a folder for every batch it ever read, also once the batch has left
+the drift window: nothing else would ever remove them. So each run marks the folders it uses
 (a ``.used`` file, touched) and removes the ones no run has used for TTL_DAYS. A folder removed
 while still wanted costs reading its data again, never a result: both caches are optimisations,
 and a reader that finds its folder gone mid-read reads the source instead.
@@ -13,7 +14,8 @@ and a reader that finds its folder gone mid-read reads the source instead.
 A folder is removed by renaming it out of the way first (``.expired.<id>``) and deleting it
 after: a run marking it at that moment then marks the folder on its way out (or fails to find
 it), and can never leave a half-deleted folder holding only a fresh mark under the old name,
-which would block that entry from being stored again."""
+which would block that entry from being stored again. A folder a run marked between the check
+and the rename is put back."""
 from __future__ import annotations
 
 import os
@@ -52,14 +54,23 @@ def last_used(folder: Path) -> float:
         return folder.stat().st_mtime
 
 
-def discard(folder: Path) -> bool:
+def discard(folder: Path, unless_used_since: float | None = None) -> bool:
     """Removes ``folder``: renamed out of the way, then deleted; whether this call removed it
-    (not where another run did first, nor where it cannot be renamed)."""
+    (not where another run did first, nor where it cannot be renamed). With ``unless_used_since``,
+    a folder that a run marked after that time (between the caller's check and the rename) is
+    put back under its name instead."""
     away = folder.with_name(f"{GONE}{uuid.uuid4().hex}")
     try:
         os.rename(folder, away)
     except OSError:
         return False
+    if unless_used_since is not None:
+        try:
+            if last_used(away) >= unless_used_since:
+                os.rename(away, folder)
+                return False
+        except OSError:
+            pass  # its name is taken again, or it is unreadable: removed after all
     shutil.rmtree(away, ignore_errors=True)
     return True
 
@@ -85,6 +96,6 @@ def remove_unused(root: Path, ttl_days: float = TTL_DAYS) -> list[str]:
                 continue
         except OSError:
             continue
-        if discard(Path(child.path)):
+        if discard(Path(child.path), unless_used_since=horizon):
             removed.append(child.name)
     return removed

@@ -89,15 +89,22 @@ def _load(folder: Path, batch: str, read_again):
     def sample() -> pd.DataFrame:
         try:
             return pd.read_parquet(sample_path)
-        except FileNotFoundError:  # another run found the entry unused for TTL_DAYS: nothing is wrong
-            _warn(f"the stored sample of batch {batch} was removed by another run while in use; reading the batch")
-            return read_again().sample
         except Exception as error:
-            _warn(f"the stored sample of batch {batch} cannot be read ({error}); reading the batch")
-            discard(folder)
+            _unusable(folder, batch, "sample", error)
             return read_again().sample
 
     return BatchStats(batch, summary, hashes, load_sample=sample)
+
+
+def _unusable(folder: Path, batch: str, what: str, error: Exception) -> None:
+    """Says why a stored entry cannot be used, and moves a damaged one out of the way. An entry
+    that is gone altogether was removed by another run that found it unused for TTL_DAYS (in
+    the moment before this run marked it): nothing is wrong, and nothing is to be removed."""
+    if not os.path.lexists(folder):
+        _warn(f"the stored {what} of batch {batch} was removed by another run while in use; reading the batch")
+    else:
+        _warn(f"the stored {what} of batch {batch} cannot be read ({error}); reading the batch")
+        discard(folder)
 
 
 def _use(folder: Path) -> None:
@@ -129,7 +136,7 @@ def _store(folder: Path, stats) -> None:
         except OSError:
             if (folder / "summary.json").exists():  # another run stored the same batch at once
                 return
-            discard(folder)  # no entry (what a removal cut short left): out of the way, once
+            discard(folder)  # no entry (what a removal cut short left): out of the way
             os.rename(temporary, folder)
     except OSError as error:
         if not (folder / "summary.json").exists():
@@ -219,9 +226,8 @@ def snapshot_stats(layout: Layout, spec, text_columns: tuple[str, ...],
                 if found.rows:
                     stats.append(found)
                 return bool(found.rows)
-            except Exception as error:  # a damaged entry: read the batch again
-                _warn(f"the stored statistics of batch {batch} cannot be read ({error}); reading the batch")
-                discard(folder)
+            except Exception as error:  # read the batch again
+                _unusable(folder, batch, "statistics", error)
         try:
             found = read()
         except ValueError as error:

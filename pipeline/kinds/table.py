@@ -124,7 +124,8 @@ def _table_manifest(layout: Layout):
              if counts["older"] else "")
     gone = [f"{n} {one if n == 1 else many}" for n, one, many in (
         (counts["expired"], "stored batch", "stored batches"),
-        (counts["expired_namespaces"], "store of other code or columns", "stores of other code or columns")) if n]
+        (counts["expired_namespaces"], "store of other code, library versions or settings",
+         "stores of other code, library versions or settings")) if n]
     expired = f"; removed as unused for {TTL_DAYS} days: {' and '.join(gone)}" if gone else ""
     print(f"validate: {counts['batches']} batches{older}, {counts['read']} read ({counts['rows_read']} rows), "
           f"{counts['stored']} from their stored statistics{expired}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 from pipeline.caches import GONE, TTL_DAYS, discard, last_used, mark_used, remove_unused
 from tests.cache_age import last_used_days_ago
@@ -39,14 +40,43 @@ def test_only_folders_unused_for_the_horizon_are_removed(tmp_path):
     assert remove_unused(root, ttl_days=0) and sorted(p.name for p in root.iterdir()) == ["file", "link"]
 
 
-def test_a_mark_that_comes_while_a_folder_is_removed_leaves_nothing_under_its_name(tmp_path):
+def test_a_mark_that_comes_while_a_folder_is_deleted_leaves_nothing_under_its_name(tmp_path, monkeypatch):
+    """Another run marks the folder after its files are deleted and before the folder itself is:
+    had it been deleted in place, a folder holding only the fresh mark would stay under the
+    entry's name (no entry, never expiring, in the way of storing it again)."""
+    import shutil
+
+    import pipeline.caches as caches
+
     folder = tmp_path / "entry"
     folder.mkdir()
     (folder / "summary.json").write_text("{}")
-    assert discard(folder) and not folder.exists()
-    assert not mark_used(folder)                          # a run marking it now finds nothing
+    real_rmtree = shutil.rmtree
+
+    def rmtree_with_a_mark_midway(path, ignore_errors=False):
+        for inside in Path(path).iterdir():
+            inside.unlink()
+        mark_used(folder)                                 # the other run, by the entry's name
+        try:
+            os.rmdir(path)
+        except OSError:
+            real_rmtree(path, ignore_errors=True)
+
+    monkeypatch.setattr(caches.shutil, "rmtree", rmtree_with_a_mark_midway)
+    assert discard(folder)
     assert not folder.exists() and list(tmp_path.iterdir()) == []
     assert not discard(folder)                            # gone already: not this call's removal
+
+
+def test_a_folder_marked_after_the_check_is_put_back(tmp_path):
+    folder = tmp_path / "entry"
+    folder.mkdir()
+    assert mark_used(folder)
+    horizon = time.time() - TTL_DAYS * 86400
+    assert not discard(folder, unless_used_since=horizon)  # marked now, after the caller's check
+    assert folder.is_dir() and [p.name for p in tmp_path.iterdir()] == ["entry"]
+    last_used_days_ago(folder, TTL_DAYS + 1)
+    assert discard(folder, unless_used_since=horizon) and list(tmp_path.iterdir()) == []
 
 
 def test_a_root_that_is_not_there_removes_nothing(tmp_path):

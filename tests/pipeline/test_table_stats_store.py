@@ -267,7 +267,7 @@ def test_stored_batches_no_run_used_for_30_days_are_removed(tmp_path, capsys, mo
     assert report.success, report.failures
     assert ("3 batches, 1 older ones not read (beyond the drift window and table.train_batches before it), "
             "0 read (0 rows), 2 from their stored statistics; removed as unused for 30 days: 1 stored batch "
-            "and 1 store of other code or columns") in out
+            "and 1 store of other code, library versions or settings") in out
     kept = sorted(p for p in store.iterdir() if p.is_dir())
     assert len(kept) == 2 and set(kept) < set(entries)
     assert not stale_namespace.exists() and recent_namespace.exists() and store.is_dir()
@@ -291,3 +291,27 @@ def test_a_folder_that_is_no_entry_does_not_keep_a_batch_from_being_stored(tmp_p
     assert (entry / "summary.json").exists() and (entry / "sample.parquet").exists()
     manifest, report, out = _validate(layout, capsys)
     assert "0 read (0 rows), 1 from their stored statistics" in out
+
+
+def test_a_run_storing_a_batch_another_run_just_stored_leaves_that_entry_alone(tmp_path, capsys):
+    """Two runs at once read the same new batch: the second to store finds a whole entry in
+    place and keeps it (not moved away as if it were a husk), without a warning; a folder that
+    is no entry is never marked, so that it expires."""
+    from pipeline.kinds.table import table_rules, text_columns
+    from pipeline.table_stats import _store, _use, snapshot_stats
+
+    layout = _layout(tmp_path)
+    _night(layout, 1)
+    spec = table_rules(layout.config).stats_spec(layout.config.table.rows_per_batch)
+    [stats] = snapshot_stats(layout, spec, text_columns(layout.config))[0]
+    [entry] = [p.parent for p in layout.table_stats_cache.rglob("summary.json")]
+    inode = entry.stat().st_ino
+    capsys.readouterr()
+    _store(entry, stats)                                  # the second run's store of the same batch
+    assert entry.stat().st_ino == inode and capsys.readouterr().err == ""
+    assert sorted(p.name for p in entry.parent.iterdir()) == [".used", entry.name]  # no temporary left
+
+    husk = entry.parent / ("0" * 64)
+    husk.mkdir()
+    _use(husk)
+    assert list(husk.iterdir()) == []

@@ -324,7 +324,6 @@ def test_a_file_changed_after_validation_stops_the_stage_and_is_not_cached(tmp_p
     assert not layout.processed.exists() and _packs(cache) == []
 
 
-
 def test_a_namespace_no_run_used_for_30_days_is_removed(tmp_path):
     """An image size or decoder that no run uses any more leaves its namespace behind; it goes
     once no run has used it for caches.TTL_DAYS, and the one in use stays however old."""

@@ -37,6 +37,15 @@ def _night(layout: Layout, number: int, rows: int = 1500, parquet: bool = False)
     return path
 
 
+def _snapshot(layout: Layout) -> list:
+    """Each batch's statistics, straight from pipeline/table_stats.py (as validate gets them)."""
+    from pipeline.kinds.table import table_rules, text_columns
+    from pipeline.table_stats import snapshot_stats
+
+    spec = table_rules(layout.config).stats_spec(layout.config.table.rows_per_batch)
+    return snapshot_stats(layout, spec, text_columns(layout.config))[0]
+
+
 def _validate(layout: Layout, capsys) -> tuple[pd.DataFrame | None, object, str]:
     """(manifest, report, what was printed: standard output, then standard error)."""
     manifest, report = _table_manifest(layout)
@@ -217,14 +226,11 @@ def test_an_entry_another_run_removes_while_in_use_is_read_again_without_alarm(t
     """Another run may find an entry unused for 30 days just as this one loads it: the sample,
     read later, is then gone. The batch is read again and the warning says why, not "damaged"."""
     from pipeline.caches import discard
-    from pipeline.kinds.table import table_rules, text_columns
-    from pipeline.table_stats import snapshot_stats
 
     layout = _layout(tmp_path)
     _night(layout, 1)
-    spec = table_rules(layout.config).stats_spec(layout.config.table.rows_per_batch)
-    expected = snapshot_stats(layout, spec, text_columns(layout.config))[0][0].sample
-    [stored] = snapshot_stats(layout, spec, text_columns(layout.config))[0]     # loaded; its sample not yet read
+    expected = _snapshot(layout)[0].sample
+    [stored] = _snapshot(layout)                          # loaded; its sample not yet read
     [entry] = [p.parent for p in layout.table_stats_cache.rglob("summary.json")]
     capsys.readouterr()
     assert discard(entry)
@@ -297,13 +303,11 @@ def test_a_run_storing_a_batch_another_run_just_stored_leaves_that_entry_alone(t
     """Two runs at once read the same new batch: the second to store finds a whole entry in
     place and keeps it (not moved away as if it were a husk), without a warning; a folder that
     is no entry is never marked, so that it expires."""
-    from pipeline.kinds.table import table_rules, text_columns
-    from pipeline.table_stats import _store, _use, snapshot_stats
+    from pipeline.table_stats import _store, _use
 
     layout = _layout(tmp_path)
     _night(layout, 1)
-    spec = table_rules(layout.config).stats_spec(layout.config.table.rows_per_batch)
-    [stats] = snapshot_stats(layout, spec, text_columns(layout.config))[0]
+    [stats] = _snapshot(layout)
     [entry] = [p.parent for p in layout.table_stats_cache.rglob("summary.json")]
     inode = entry.stat().st_ino
     capsys.readouterr()
